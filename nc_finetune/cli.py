@@ -1,0 +1,139 @@
+"""The ``nc-finetune`` command line.
+
+Every subcommand takes a YAML recipe (a path, or the name of a built-in recipe in ``recipes/``) followed by
+optional ``dotted.key=value`` overrides. Bad input exits with status 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from nc_finetune import __version__
+from nc_finetune.errors import UserError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+_EPILOG = """\
+examples:
+  nc-finetune ls                                         # built-in recipes, backbones and datasets
+  nc-finetune validate recipes/probe-minilm-rotten-tomatoes.yaml
+  nc-finetune probe probe-minilm-rotten-tomatoes --out runs/minilm-probe
+  nc-finetune probe recipes/probe-effnet-lite0-fashion-mnist.yaml probe.samples_per_class=50 --out runs/p
+
+recipes are YAML files with sections backbone, data, probe (see recipes/*.yaml); any key can be overridden
+on the command line as section.key=value (values are parsed as YAML: 32, null, [0, 3], true).
+"""
+
+
+def resolve_recipe_path(name: str) -> Path:
+    """A recipe argument is a file path, or the stem of a built-in recipe in ``recipes/``."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    builtin = RECIPES_DIR / f"{name}.yaml"
+    if builtin.is_file():
+        return builtin
+    known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))) or "(none found)"
+    raise UserError(f"recipe '{name}' is neither a file nor a built-in recipe; built-in recipes: {known}")
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML file, or the name of a built-in recipe (see `nc-finetune ls`)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. probe.batch_size=32")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nc-finetune",
+        description="Measure layer-wise neural collapse of pretrained backbones on downstream data, "
+                    "and fine-tune only the blocks it points to.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"nc-finetune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("probe", help="one streaming pass: collapse metrics at every block -> probe.json, probe.png",
+                       description="Probe every block of the recipe's backbone on its downstream training data. "
+                                   "Writes DIR/probe.json (per-layer metrics + provenance), DIR/probe.png and "
+                                   "DIR/resolved.yaml, and prints the per-layer table.")
+    _add_recipe_args(p)
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="run directory")
+    p.add_argument("--overwrite", action="store_true", help="replace existing artefacts in DIR")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("validate", help="check a recipe (keys, types, allowed values) without loading anything")
+    _add_recipe_args(p)
+
+    sub.add_parser("ls", help="list built-in recipes, backbones and datasets")
+    return parser
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from nc_finetune.config import load_recipe
+    from nc_finetune.pipeline import run_probe_stage
+
+    recipe = load_recipe(resolve_recipe_path(args.recipe), args.overrides)
+    result = run_probe_stage(recipe, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    print(result.format_table())
+    m = result.meta
+    print(f"{m['samples']} samples in {m['seconds']:.1f} s ({m['samples_per_second']:.1f}/s); "
+          f"wrote {args.out / 'probe.json'} and {args.out / 'probe.png'}")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from nc_finetune.config import load_recipe
+
+    path = resolve_recipe_path(args.recipe)
+    load_recipe(path, args.overrides)
+    print(f"{path}: ok")
+    return 0
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    import yaml
+
+    from nc_finetune.backbones import BUILTIN_BACKBONES
+    from nc_finetune.data import BUILTIN_DATASETS
+
+    print("recipes (nc-finetune <command> NAME):")
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        try:
+            desc = (yaml.safe_load(path.read_text()) or {}).get("description", "")
+        except yaml.YAMLError:
+            desc = "(invalid YAML)"
+        print(f"  {path.stem:<40} {desc}")
+    print("built-in backbones (backbone.name; also timm:<model>, hf:<hub id or path>):")
+    for name, desc in BUILTIN_BACKBONES.items():
+        print(f"  {name:<40} {desc}")
+    print("built-in datasets (data.name; also hf:<hub id>, csv, json, parquet, imagefolder):")
+    for name, desc in BUILTIN_DATASETS.items():
+        print(f"  {name:<40} {desc}")
+    return 0
+
+
+_COMMANDS = {"probe": _cmd_probe, "validate": _cmd_validate, "ls": _cmd_ls}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``nc-finetune`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return _COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"nc-finetune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"nc-finetune {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""Recipes: a typed schema, YAML loading, dotted ``key=value`` overrides and validation.
+
+A recipe is data. It is read with ``yaml.safe_load`` and checked field by field against the dataclasses below;
+every problem is reported as a one-line :class:`~nc_finetune.errors.ConfigError` that names the offending key and
+the allowed values. The same schema serves every subcommand (``probe``, ``select``, ``run``, ``rank``), each of
+which reads only the sections it needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from nc_finetune.errors import ConfigError
+
+
+@dataclass
+class BackboneConfig:
+    """Which pretrained model to probe or fine-tune."""
+
+    name: str = "minilm-l6"
+    """Built-in short name (``minilm-l6``, ``efficientnet-lite0``), ``timm:<model>`` or ``hf:<hub id or path>``."""
+    pooling: Literal["auto", "cls", "mean"] = "auto"
+    """Token pooling for transformer outputs; ``auto`` uses the model family's convention. Feature maps use GAP."""
+    image_size: int | None = None
+    """Input resolution for image backbones; default from the model's pretrained config."""
+    max_length: int = 128
+    """Tokenizer truncation length for text backbones."""
+    pretrained: bool = True
+    """Load pretrained weights (``false`` gives the random-init control)."""
+
+
+@dataclass
+class DataConfig:
+    """The downstream classification dataset."""
+
+    name: str = "rotten-tomatoes"
+    """Built-in name, ``hf:<hub id>``, or a local format (``csv``, ``json``, ``parquet``, ``imagefolder``)."""
+    data_files: str | dict[str, str] | None = None
+    """Local files for ``csv``/``json``/``parquet``/``imagefolder`` (a path, or ``{split: path}``)."""
+    train_split: str = "train"
+    test_split: str = "test"
+    text_column: str | None = None
+    image_column: str | None = None
+    label_column: str = "label"
+    num_classes: int | None = None
+    """Optional check: the run fails early if the data has a different number of classes."""
+    max_train_samples: int | None = None
+    """Stratified, seeded subsample of the training split."""
+    max_eval_samples: int | None = None
+    """Stratified, seeded subsample of the test split."""
+    test_size: float = 0.2
+    """Held-out fraction when the source has no test split."""
+    seed: int = 0
+
+
+@dataclass
+class ProbeConfig:
+    """The layer-wise collapse probe: one streaming pass over the downstream training split."""
+
+    samples_per_class: int | None = 200
+    """Deterministic per-class subsample of the training split (``null`` = every sample)."""
+    batch_size: int = 64
+    layers: str | list[int] = "all"
+    """``all`` or a list of block indices (negative counts from the end)."""
+    ncc_samples: int = 4096
+    """Samples per layer kept (bounded reservoir) to score nearest-class-centre and linear-probe accuracy."""
+    linear_probe: bool = False
+    """Also fit a logistic-regression probe per layer (adds ``lp_accuracy``, and ``nc3`` on the last layer)."""
+    autocast: bool = False
+    """Run the forward under autocast (bf16 on CPU, fp16 on CUDA); statistics are always float64."""
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1`` ..."""
+    seed: int = 0
+
+
+@dataclass
+class Recipe:
+    """A complete recipe. Sections not used by a subcommand are validated but ignored."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    description: str = ""
+    """Free text shown by ``nc-finetune ls``."""
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Load, override and validate a recipe.
+
+    Args:
+        path: YAML file; ``None`` starts from the defaults.
+        overrides: ``dotted.key=value`` strings; each value is parsed as YAML (``3`` -> int, ``null`` -> None,
+            ``[1, 2]`` -> list).
+
+    Returns:
+        The validated recipe.
+
+    Raises:
+        ConfigError: unreadable file, invalid YAML, unknown key, wrong type or disallowed value.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            raise ConfigError(f"recipe {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        if loaded is None:
+            raise ConfigError(f"recipe {path} is empty; expected a mapping with sections {_field_names(Recipe)}")
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"recipe {path} must be a mapping of sections {_field_names(Recipe)}, "
+                              f"got {type(loaded).__name__}")
+        raw = loaded
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return from_dict(Recipe, raw, "")
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """Plain-dict form of a recipe (for ``resolved.yaml`` and JSON provenance)."""
+    return dataclasses.asdict(recipe)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """YAML text of a fully resolved recipe."""
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key=value, e.g. probe.batch_size=32")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    parts = key.split(".")
+    if not key or any(not p for p in parts):
+        raise ConfigError(f"override '{item}': empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text  # not YAML: keep the literal string, the schema decides whether a string is allowed
+    node = raw
+    for p in parts[:-1]:
+        child = node.get(p)
+        if child is None:
+            child = node[p] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{item}': '{p}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _field_names(cls: type) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls))
+
+
+def from_dict(cls: type, raw: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from ``raw``, checking every key and type (recursive)."""
+    where = prefix or "recipe"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"'{where}' must be a mapping with keys {_field_names(cls)}, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"unknown recipe key '{dotted}'; allowed keys{' in ' + prefix if prefix else ''}: "
+                              f"{_field_names(cls)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in raw:
+            dotted = f"{prefix}.{f.name}" if prefix else f.name
+            kwargs[f.name] = _coerce(hints[f.name], raw[f.name], dotted)
+    return cls(**kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Check ``value`` against type ``tp``; return the (possibly converted) value or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed:
+            return value
+        raise ConfigError(f"recipe key '{key}' must be one of {', '.join(map(str, allowed))}; got {value!r}")
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        literal_errors = [e for e in errors if "must be one of" in e]
+        if len(literal_errors) == 1 and len(errors) == 1:
+            raise ConfigError(literal_errors[0])
+        raise ConfigError(f"recipe key '{key}' must be {_type_name(tp)}; got {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"recipe key '{key}' must be a list of {_type_name(item_tp)}; got {value!r}")
+        return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"recipe key '{key}' must be a mapping; got {value!r}")
+        return {_coerce(key_tp, k, key): _coerce(val_tp, v, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Any:
+        return value
+    raise ConfigError(f"recipe key '{key}' must be {_type_name(tp)}; got {type(value).__name__} {value!r}")

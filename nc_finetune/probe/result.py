@@ -1,0 +1,88 @@
+"""ProbeResult: the per-layer collapse table plus provenance, with its JSON form (``probe.json``)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nc_finetune.utils.io import write_json_atomic
+
+# Columns shown by `format_table`, in order: (key, header, format).
+_TABLE_COLUMNS = (
+    ("nc1", "NC1", "{:.4g}"),
+    ("nc1_trace", "trace", "{:.4g}"),
+    ("cdnv", "CDNV", "{:.4g}"),
+    ("nc2", "NC2", "{:.3f}"),
+    ("ncc_accuracy", "NCC acc", "{:.3f}"),
+    ("lp_accuracy", "LP acc", "{:.3f}"),
+)
+
+
+@dataclass
+class ProbeResult:
+    """Collapse metrics for every tapped layer of one backbone on one dataset.
+
+    Attributes:
+        layers: One record per tapped layer in forward order, each with ``index``, ``name``, ``is_block``,
+            ``dim``, ``num_params`` and the metric keys (``nc1``, ``nc1_trace``, ``cdnv``, ``nc2``,
+            ``ncc_accuracy``, ...). NaN marks a degenerate layer.
+        fit: Equi-separation fit of ``log nc1`` against block depth: ``rho`` (per-block decay factor), ``r2``.
+        meta: Provenance: backbone, dataset, sample counts, seed, library versions, timing.
+    """
+
+    layers: list[dict[str, Any]]
+    fit: dict[str, float] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def metric(self, key: str, blocks_only: bool = True) -> list[float]:
+        """Values of one metric across layers (NaN where missing)."""
+        rows = self.blocks() if blocks_only else self.layers
+        return [float(r.get(key, math.nan)) if r.get(key) is not None else math.nan for r in rows]
+
+    def blocks(self) -> list[dict[str, Any]]:
+        """The records of tunable blocks (drops the final pooled-feature tap)."""
+        return [r for r in self.layers if r.get("is_block", True)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.meta, "fit": self.fit, "layers": self.layers}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ProbeResult:
+        meta = {k: v for k, v in d.items() if k not in ("fit", "layers")}
+        layers = [{k: (math.nan if v is None and k not in _NON_METRIC else v) for k, v in r.items()}
+                  for r in d["layers"]]
+        return cls(layers=layers, fit=dict(d.get("fit", {})), meta=meta)
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``probe.json`` atomically (NaN is stored as ``null``)."""
+        return write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> ProbeResult:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    def format_table(self) -> str:
+        """A plain-text per-layer table for the terminal."""
+        cols = [c for c in _TABLE_COLUMNS if any(c[0] in r for r in self.layers)]
+        header = ["#", "layer", "dim"] + [c[1] for c in cols]
+        rows = []
+        for r in self.layers:
+            cells = [str(r["index"]) if r.get("is_block", True) else "-", r["name"] or "(output)", str(r["dim"])]
+            for key, _, fmt in cols:
+                v = r.get(key)
+                cells.append("nan" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v))
+            rows.append(cells)
+        widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
+        lines = ["  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
+        lines += ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                  for row in rows]
+        if self.fit:
+            lines.append(f"equi-separation fit of log NC1 over blocks: rho = {self.fit.get('rho', math.nan):.3f} "
+                         f"per block, R^2 = {self.fit.get('r2', math.nan):.3f}")
+        return "\n".join(lines)
+
+
+_NON_METRIC = {"index", "name", "is_block", "dim", "num_params"}

@@ -1,0 +1,1 @@
+"""Reports: plots and pages rendered from a run directory's JSON artefacts."""
