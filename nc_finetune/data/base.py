@@ -148,8 +148,8 @@ def stratified_subsample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     """Pick ``n`` examples with per-class counts proportional to the class sizes, deterministically.
 
     Counts follow the largest-remainder rule (ties go to the lower class id). When ``n`` is at least the number of
-    classes present, every class keeps at least one example. Within a class the examples are a seeded random
-    choice; the result is shuffled with the seed.
+    classes present, a class rounded down to zero still gets one example, taken from the largest allocation. Within
+    a class the examples are a seeded random choice; the result is shuffled with the seed.
 
     Args:
         labels: Class id of every example, shape (N,).
@@ -168,18 +168,16 @@ def stratified_subsample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     sizes = np.array([len(pos) for _, pos in groups], dtype=np.int64)
     total = int(sizes.sum())
     n = min(n, total)
-    counts = np.zeros(len(groups), dtype=np.int64)
-    if n >= len(groups):
-        counts += 1
-    remaining, capacity = n - int(counts.sum()), sizes - counts
-    if remaining > 0:
-        quota = remaining * capacity / capacity.sum()
-        base = np.floor(quota).astype(np.int64)
-        order = np.argsort(-(quota - base), kind="stable")
-        base[order[: remaining - int(base.sum())]] += 1
-        counts += base
+    quota = n * sizes / total
+    counts = np.floor(quota).astype(np.int64)
+    order = np.argsort(-(quota - counts), kind="stable")
+    counts[order[: n - int(counts.sum())]] += 1
+    if n >= len(groups):  # a class rounded down to zero takes one example from the largest allocation
+        for k in np.flatnonzero(counts == 0):
+            counts[int(np.argmax(counts))] -= 1
+            counts[k] = 1
     rng = np.random.default_rng(seed)
-    picked = [rng.permutation(pos)[:c] for (_, pos), c in zip(groups, counts)]
+    picked = [rng.permutation(pos)[:c] for (_, pos), c in zip(groups, counts, strict=True)]
     out = np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
     return rng.permutation(out).astype(np.int64)
 
@@ -213,7 +211,9 @@ def validate_split(split: Split, num_classes: int, what: str, min_per_class: int
     bad = labels[(labels < 0) | (labels >= num_classes)]
     if len(bad):
         more = f"; {len(bad)} labels out of range in all" if len(bad) > 1 else ""
-        raise DataError(f"{what}: label {int(bad[0])} out of range [0, {num_classes}) (num_classes={num_classes}){more}")
+        raise DataError(
+            f"{what}: label {int(bad[0])} out of range [0, {num_classes}) (num_classes={num_classes}){more}"
+        )
     if min_per_class < 1:
         return
     counts = np.bincount(labels.astype(np.int64), minlength=num_classes)
