@@ -63,6 +63,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing artefacts in DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    p = sub.add_parser("select", help="probe, then choose blocks under a budget -> selection.json",
+                       description="Probe (reusing DIR/probe.json when it was made with the same probe settings) "
+                                   "and select blocks with selection.strategy under selection.max_blocks / "
+                                   "max_param_fraction. Writes DIR/selection.json and prints the rationale.")
+    _add_recipe_args(p)
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="run directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing selection.json")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("run", help="probe -> select -> adapt -> train -> summary.json",
+                       description="The whole pipeline. Writes resolved.yaml, probe.json/png, selection.json, "
+                                   "metrics.jsonl, checkpoint/, trainable.safetensors (and adapter/ for LoRA) and "
+                                   "summary.json to DIR. Multi-GPU: accelerate launch -m nc_finetune.cli run ...")
+    _add_recipe_args(p)
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="run directory (must be new unless --resume)")
+    p.add_argument("--resume", action="store_true", help="continue a killed run in DIR from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("eval", help="reload a finished run and score a split",
+                       description="Rebuild the model of a finished run from DIR (resolved.yaml, selection.json, "
+                                   "trainable.safetensors) and report accuracy on a split.")
+    p.add_argument("run_dir", type=Path, metavar="DIR")
+    p.add_argument("--split", default="test", choices=["test", "train"])
+    p.add_argument("--batch-size", type=int, default=None)
+
     p = sub.add_parser("validate", help="check a recipe (keys, types, allowed values) without loading anything")
     _add_recipe_args(p)
 
@@ -80,6 +105,40 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     m = result.meta
     print(f"{m['samples']} samples in {m['seconds']:.1f} s ({m['samples_per_second']:.1f}/s); "
           f"wrote {args.out / 'probe.json'} and {args.out / 'probe.png'}")
+    return 0
+
+
+def _cmd_select(args: argparse.Namespace) -> int:
+    from nc_finetune.config import load_recipe
+    from nc_finetune.pipeline import select_stage
+
+    recipe = load_recipe(resolve_recipe_path(args.recipe), args.overrides)
+    selection = select_stage(recipe, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    print(selection.explain())
+    print(f"wrote {args.out / 'selection.json'}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from nc_finetune.config import load_recipe
+    from nc_finetune.pipeline import run_stage
+
+    recipe = load_recipe(resolve_recipe_path(args.recipe), args.overrides)
+    s = run_stage(recipe, args.out, resume=args.resume, progress=not args.quiet)
+    print(f"{s['method']} on {s['dataset']}: test accuracy {s['test_accuracy']:.4f}; "
+          f"{s['trainable_params']:,} of {s['total_params']:,} parameters trained "
+          f"({100 * s['trainable_fraction']:.2f}%, head {s['head_params']:,}); "
+          f"{s['train_seconds']:.1f} s training, peak memory {s['peak_memory_mb']:.0f} MB")
+    print(f"blocks: {', '.join(b['name'] for b in s['selection']['blocks']) or '(head only)'}; "
+          f"wrote {args.out / 'summary.json'}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from nc_finetune.pipeline import eval_stage
+
+    r = eval_stage(args.run_dir, split=args.split, batch_size=args.batch_size)
+    print(f"{args.run_dir} {r['split']}: accuracy {r['accuracy']:.4f}, loss {r['loss']:.4f} on {r['samples']} samples")
     return 0
 
 
@@ -114,7 +173,8 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"probe": _cmd_probe, "validate": _cmd_validate, "ls": _cmd_ls}
+_COMMANDS = {"probe": _cmd_probe, "select": _cmd_select, "run": _cmd_run, "eval": _cmd_eval,
+             "validate": _cmd_validate, "ls": _cmd_ls}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,12 +81,82 @@ class ProbeConfig:
 
 
 @dataclass
+class SelectionConfig:
+    """Which blocks to adapt, chosen from the probe (or a baseline rule) under a budget."""
+
+    strategy: Literal["knee", "stall", "last_k", "random_k", "all", "manual", "auto_rgn"] = "knee"
+    """NC-guided: ``knee``, ``stall``; baselines: ``last_k``, ``random_k``, ``all``, ``manual``, ``auto_rgn``."""
+    max_blocks: int | None = 1
+    """Budget in blocks."""
+    max_param_fraction: float | None = None
+    """Budget as a fraction of the backbone's parameters."""
+    blocks: list[int | str] | None = None
+    """For ``manual``: block indices or names."""
+    stall_fraction: float = 0.1
+    """For ``stall``: the remaining blocks must add less than this share of the total log-NC1 reduction."""
+    rgn_batches: int = 5
+    """For ``auto_rgn``: mini-batches used to measure relative gradient norms."""
+    seed: int = 0
+    """For ``random_k``."""
+
+
+@dataclass
+class AdaptConfig:
+    """How the selected blocks are adapted."""
+
+    method: Literal["linear_probe", "finetune", "lora", "scl", "full"] = "finetune"
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    scl_wiring: Literal["add", "concat", "replace"] = "add"
+    freeze_bn: bool = True
+    """Keep BatchNorm running statistics frozen inside trainable blocks."""
+
+
+@dataclass
+class TrainConfig:
+    """The training loop (accelerate: one CPU, one GPU, or many via ``accelerate launch``/torchrun)."""
+
+    epochs: int = 1
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides ``epochs`` when reached first)."""
+    batch_size: int = 32
+    """Per-process micro-batch size."""
+    eval_batch_size: int = 128
+    lr: float = 1.0e-4
+    """Learning rate of the adapted backbone parameters."""
+    head_lr: float | None = None
+    """Learning rate of the head (and skip projection); default: ``lr``."""
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    grad_accum_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    precision: Literal["no", "bf16", "fp16"] = "no"
+    val_fraction: float = 0.0
+    """Held-out share of the training split for early stopping (0: no validation split)."""
+    early_stopping_patience: int | None = None
+    """Evaluations without validation improvement before stopping (needs ``val_fraction`` > 0)."""
+    augment: bool = False
+    """Random horizontal flips for images (disables the prefix cache)."""
+    cache_prefix: Literal["auto", "on", "off"] = "auto"
+    """Cache the frozen prefix's outputs (``auto``: whenever it is valid)."""
+    log_every: int = 10
+    checkpoint_every: int = 100
+    """Optimizer steps between checkpoints (and one at every epoch end)."""
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
 class Recipe:
     """A complete recipe. Sections not used by a subcommand are validated but ignored."""
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     data: DataConfig = field(default_factory=DataConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     description: str = ""
     """Free text shown by ``nc-finetune ls``."""
 
@@ -244,6 +314,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value

@@ -99,3 +99,235 @@ def run_probe_stage(recipe: Recipe, out: Path | None, *, overwrite: bool = False
         result.save(out / "probe.json")
         plot_probe(result, out / "probe.png")
     return result
+
+
+RUN_ARTEFACTS = ["summary.json", "checkpoint", "metrics.jsonl", "selection.json", "probe.json"]
+NEEDS_PROBE = ("knee", "stall")
+
+
+def check_resume_matches(out: Path, recipe: Recipe) -> None:
+    """A ``--resume`` must continue the same recipe: compare with the run's ``resolved.yaml``.
+
+    Raises:
+        UserError: no run there, or the recipes differ (names the first differing key).
+    """
+    import yaml
+
+    path = out / "resolved.yaml"
+    if not path.is_file():
+        raise UserError(f"--resume: {out} holds no run (no resolved.yaml)")
+    before = yaml.safe_load(path.read_text(encoding="utf-8"))
+    now = recipe_to_dict(recipe)
+    diff = _first_difference(before, now)
+    if diff is not None:
+        raise UserError(f"--resume: {out} was started with a different recipe ({diff}); "
+                        f"resume with the same recipe and overrides, or use another --out")
+
+
+def _first_difference(a: object, b: object, prefix: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            d = _first_difference(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))
+            if d is not None:
+                return d
+        return None
+    return None if a == b else f"{prefix}: {a!r} then, {b!r} now"
+
+
+def run_select_stage(recipe: Recipe, backbone, probe_result, prepared: PreparedData, num_classes: int):
+    """Choose blocks per ``recipe.selection``; Auto-RGN measures gradients on a temporary full classifier."""
+    from nc_finetune.adapt import build_classifier
+    from nc_finetune.select import auto_rgn_scores, select_blocks
+    from nc_finetune.utils.env import seed_everything
+
+    s = recipe.selection
+    total = backbone.num_params() + backbone.feature_dim * num_classes + num_classes
+    head = backbone.feature_dim * num_classes + num_classes
+    rgn = None
+    if s.strategy == "auto_rgn":
+        seed_everything(recipe.train.seed)
+        tmp = build_classifier(backbone, num_classes, method="full", block_names=[])
+        split = prepared.data.train
+        rng = np.random.default_rng(recipe.selection.seed)
+        bs = 64  # as in the surgical fine-tuning code
+        batches = []
+        for _ in range(s.rgn_batches):
+            idx = rng.choice(len(split), size=min(bs, len(split)), replace=False)
+            batches.append((backbone.prepare(split.subset(idx).inputs),
+                            _labels_tensor(np.asarray(split.labels)[idx])))
+        rgn = auto_rgn_scores(tmp.model, backbone.blocks, batches, num_batches=s.rgn_batches)
+        tmp.model.requires_grad_(True)
+        del tmp
+    return select_blocks(probe_result if s.strategy in NEEDS_PROBE else probe_result, backbone.blocks,
+                         strategy=s.strategy, max_blocks=s.max_blocks, max_param_fraction=s.max_param_fraction,
+                         manual=s.blocks, seed=s.seed, head_params=head, total_params=total, rgn_scores=rgn,
+                         stall_fraction=s.stall_fraction)
+
+
+def _labels_tensor(labels: np.ndarray):
+    import torch
+
+    return torch.as_tensor(labels, dtype=torch.long)
+
+
+def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool = True,
+              stop_after_steps: int | None = None) -> dict:
+    """The whole pipeline: probe -> select -> adapt -> train -> report, artefacts in ``out``.
+
+    Args:
+        recipe: Validated recipe.
+        out: Run directory.
+        resume: Continue a killed run from ``out/checkpoint`` (same recipe required).
+        progress: tqdm bars.
+        stop_after_steps: Test hook (simulated kill after this many steps).
+
+    Returns:
+        The summary written to ``summary.json``.
+    """
+    from nc_finetune.adapt import build_classifier
+    from nc_finetune.data import stratified_split
+    from nc_finetune.probe.result import ProbeResult
+    from nc_finetune.select import Selection
+    from nc_finetune.train.loop import TrainData, Trainer
+    from nc_finetune.utils.env import library_versions, seed_everything
+    from nc_finetune.utils.io import write_json_atomic
+
+    out = Path(out)
+    if resume:
+        check_resume_matches(out, recipe)
+    else:
+        existing = [n for n in RUN_ARTEFACTS if (out / n).exists()]
+        if existing:
+            raise UserError(f"{out} already holds a run ({', '.join(existing)}); continue it with --resume "
+                            f"or choose another --out")
+    prepared = prepare_data(recipe)  # validates the data before any model is built
+    data = prepared.data
+    K = data.num_classes
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "resolved.yaml", dump_recipe(recipe))
+
+    seed_everything(recipe.train.seed)
+    backbone = load_recipe_backbone(recipe)
+    if resume and (out / "probe.json").exists():
+        probe_result = ProbeResult.load(out / "probe.json")
+    else:
+        probe_result = run_probe_stage(recipe, out, overwrite=True, progress=progress, prepared=prepared,
+                                       backbone=backbone)
+    if resume and (out / "selection.json").exists():
+        selection = Selection.load(out / "selection.json")
+    else:
+        selection = run_select_stage(recipe, backbone, probe_result, prepared, K)
+        selection.save(out / "selection.json")
+
+    a = recipe.adapt
+    block_names = [b["name"] for b in selection.blocks]
+    dims = {r["name"]: r["dim"] for r in probe_result.layers}
+    seed_everything(recipe.train.seed)  # the head / LoRA init must not depend on what ran before
+    adapted = build_classifier(backbone, K, method=a.method, block_names=block_names,
+                               skip_dim=dims.get(block_names[-1]) if block_names else None, wiring=a.scl_wiring,
+                               lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
+                               freeze_bn=a.freeze_bn)
+    t = recipe.train
+    train_split, val_split = data.train, None
+    if t.val_fraction > 0:
+        tr_idx, val_idx = stratified_split(np.asarray(data.train.labels), t.val_fraction, t.seed)
+        train_split, val_split = data.train.subset(tr_idx), data.train.subset(val_idx)
+    trainer = Trainer(adapted, backbone, TrainData(train=train_split, test=data.test, val=val_split), t, out,
+                      progress=progress, stop_after_steps=stop_after_steps)
+    summary = trainer.fit(resume=resume)
+    if trainer.rank == 0:
+        _save_final_weights(adapted, out)
+    summary.update({
+        "method": a.method,
+        "backbone": recipe.backbone.name,
+        "dataset": data.name,
+        "train_samples": len(train_split),
+        "selection": selection.to_dict(),
+        "recipe": recipe_to_dict(recipe),
+        "versions": library_versions(),
+    })
+    if trainer.rank == 0:
+        write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def _save_final_weights(adapted, out: Path) -> None:
+    """peft adapter format for LoRA (loads with plain peft), trainable weights as safetensors otherwise."""
+    from nc_finetune.train.checkpoint import save_weights
+
+    if adapted.method == "lora":
+        adapted.model.save_pretrained(str(out / "adapter"))
+    save_weights(out / "trainable.safetensors", adapted.trainable_state_dict())
+
+
+def select_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress: bool = True):
+    """Probe (or reuse ``out/probe.json`` made with the same recipe) and select; write ``selection.json``."""
+    from nc_finetune.probe.result import ProbeResult
+
+    check_out_dir(out, ["selection.json"], overwrite)
+    prepared = prepare_data(recipe)
+    backbone = load_recipe_backbone(recipe)
+    probe_path = out / "probe.json"
+    reuse = probe_path.exists() and ProbeResult.load(probe_path).meta.get("recipe", {}).get("probe") == \
+        recipe_to_dict(recipe)["probe"]
+    if reuse:
+        probe_result = ProbeResult.load(probe_path)
+    else:
+        probe_result = run_probe_stage(recipe, out, overwrite=True, progress=progress, prepared=prepared,
+                                       backbone=backbone)
+    selection = run_select_stage(recipe, backbone, probe_result, prepared, prepared.data.num_classes)
+    selection.save(out / "selection.json")
+    return selection
+
+
+def eval_stage(run_dir: Path, split: str = "test", batch_size: int | None = None) -> dict:
+    """Rebuild a finished run from its artefacts and score one split.
+
+    Args:
+        run_dir: Directory of a finished ``nc-finetune run``.
+        split: ``test`` or ``train``.
+        batch_size: Evaluation batch size (default: the recipe's ``train.eval_batch_size``).
+
+    Returns:
+        ``{"accuracy", "loss", "samples", "split"}``.
+    """
+    import yaml
+    from safetensors.torch import load_file
+
+    from nc_finetune.adapt import build_classifier
+    from nc_finetune.config import from_dict
+    from nc_finetune.probe.result import ProbeResult
+    from nc_finetune.select import Selection
+    from nc_finetune.train.loop import TrainData, Trainer
+
+    run_dir = Path(run_dir)
+    needed = ["resolved.yaml", "selection.json", "probe.json", "trainable.safetensors"]
+    missing = [n for n in needed if not (run_dir / n).exists()]
+    if missing:
+        raise UserError(f"{run_dir} is not a finished run: missing {', '.join(missing)}")
+    recipe = from_dict(Recipe, yaml.safe_load((run_dir / "resolved.yaml").read_text(encoding="utf-8")), "")
+    if batch_size:
+        recipe.train.eval_batch_size = batch_size
+    recipe.train.cache_prefix = "off"
+    data = prepare_data(recipe).data
+    backbone = load_recipe_backbone(recipe)
+    selection = Selection.load(run_dir / "selection.json")
+    dims = {r["name"]: r["dim"] for r in ProbeResult.load(run_dir / "probe.json").layers}
+    names = [b["name"] for b in selection.blocks]
+    a = recipe.adapt
+    adapted = build_classifier(backbone, data.num_classes, method=a.method, block_names=names,
+                               skip_dim=dims.get(names[-1]) if names else None, wiring=a.scl_wiring,
+                               lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
+                               freeze_bn=a.freeze_bn)
+    weights = load_file(str(run_dir / "trainable.safetensors"))
+    unexpected = set(weights) - set(adapted.model.state_dict())
+    if unexpected:
+        raise UserError(f"{run_dir}/trainable.safetensors does not fit the rebuilt model ({sorted(unexpected)[0]})")
+    adapted.model.load_state_dict(weights, strict=False)
+    splits = {"test": data.test, "train": data.train}
+    if split not in splits:
+        raise UserError(f"eval --split must be one of {', '.join(splits)}; got {split!r}")
+    trainer = Trainer(adapted, backbone, TrainData(train=data.train, test=data.test), recipe.train, run_dir,
+                      progress=False)
+    adapted.model.to(trainer.device)
+    return {"split": split, **trainer.evaluate(split, splits[split])}

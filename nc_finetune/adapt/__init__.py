@@ -1,0 +1,251 @@
+"""Adapt: turn a backbone and a block selection into a classifier where only the chosen parts train.
+
+Modes (``adapt.method``):
+
+* ``linear_probe``: backbone frozen, new linear head trained.
+* ``finetune``: the selected blocks and the head train (optionally with BatchNorm statistics frozen).
+* ``lora``: peft LoRA on every linear/conv module inside the selected blocks (explicit ``target_modules``),
+  the head trained in full (``modules_to_save``).
+* ``scl``: SCL-FT. The selected blocks train and the pooled output of the deepest selected block reaches the
+  head through a skip connection: ``add`` (h = h_L + P z_l), ``concat`` (h = [h_L; P z_l]) or ``replace``
+  (h = P z_l; blocks after l are never run). P is the identity when dimensions match (``add``) and a learned
+  linear map otherwise.
+* ``full``: every parameter trains.
+
+Frozen modules are kept in eval mode during training (no dropout, no BatchNorm drift), which also makes the frozen
+prefix deterministic so its outputs can be cached (see :mod:`nc_finetune.train.cache`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from nc_finetune.errors import ConfigError
+
+METHODS = {
+    "linear_probe": "head only (backbone frozen)",
+    "finetune": "selected blocks + head",
+    "lora": "peft LoRA on the linear/conv modules of the selected blocks + head",
+    "scl": "SCL-FT: selected blocks + skip connection from the deepest one to the head",
+    "full": "every parameter",
+}
+WIRINGS = ("add", "concat", "replace")
+_NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+class _StopForward(Exception):
+    """Raised after the skip block when ``wiring == 'replace'``: later blocks are not needed."""
+
+
+class Classifier(nn.Module):
+    """Backbone features -> (optional SCL skip) -> linear head.
+
+    Args:
+        backbone_model: Module mapping prepared inputs to pooled features (B, D_L).
+        feature_dim: D_L.
+        num_classes: K.
+        pool: Function pooling a block's raw output to (B, D) given the batch inputs.
+        skip_block: Qualified name (inside ``backbone_model``) of the SCL skip block, or ``None``.
+        skip_dim: Pooled dimension of the skip block's output.
+        wiring: ``add`` | ``concat`` | ``replace``.
+    """
+
+    def __init__(self, backbone_model: nn.Module, feature_dim: int, num_classes: int,
+                 pool: Callable[[Any, dict], torch.Tensor] | None = None, skip_block: str | None = None,
+                 skip_dim: int | None = None, wiring: str = "add") -> None:
+        super().__init__()
+        self.backbone = backbone_model
+        self.skip_block = skip_block
+        self.wiring = wiring
+        self._pool = pool
+        self._inputs: dict | None = None
+        self._skip_out: torch.Tensor | None = None
+        head_in = feature_dim
+        if skip_block is not None:
+            if wiring not in WIRINGS:
+                raise ConfigError(f"adapt.scl_wiring must be one of {', '.join(WIRINGS)}; got {wiring!r}")
+            assert skip_dim is not None and pool is not None
+            # P: identity when it can be (add with equal dims), else a learned projection to D_L.
+            self.skip_proj = nn.Identity() if (wiring == "add" and skip_dim == feature_dim) else \
+                nn.Linear(skip_dim, feature_dim)
+            head_in = 2 * feature_dim if wiring == "concat" else feature_dim
+            self.backbone.get_submodule(skip_block).register_forward_hook(self._capture_skip)
+        self.head = nn.Linear(head_in, num_classes)
+
+    def _capture_skip(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._skip_out = self._pool(output, self._inputs)  # (B, D_l)
+        if self.wiring == "replace":
+            raise _StopForward
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        if self.skip_block is None:
+            return self.head(self.backbone(**inputs))
+        self._inputs, self._skip_out = inputs, None
+        try:
+            h_last = self.backbone(**inputs)  # (B, D_L)
+        except _StopForward:
+            h_last = None
+        z = self.skip_proj(self._skip_out)  # (B, D_L)
+        self._inputs = self._skip_out = None
+        if self.wiring == "add":
+            h = h_last + z
+        elif self.wiring == "concat":
+            h = torch.cat([h_last, z], dim=1)
+        else:
+            h = z
+        return self.head(h)
+
+
+@dataclass
+class AdaptedModel:
+    """A classifier ready to train, plus what trains and how to put it in train mode.
+
+    Attributes:
+        model: The module to optimise (a ``peft.PeftModel`` for ``lora``).
+        method: The adapt mode.
+        trainable_modules: Qualified names (in ``model``) of modules that run in train mode.
+        first_trainable_block: Qualified name of the shallowest trainable backbone block (``None`` when the whole
+            backbone trains or none of it does); everything before it is a frozen, cacheable prefix.
+        frozen_bn: Keep BatchNorm layers in eval mode even inside trainable modules.
+    """
+
+    model: nn.Module
+    method: str
+    trainable_modules: list[str]
+    first_trainable_block: str | None
+    backbone_prefix: str
+    frozen_bn: bool = True
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def train_mode(self) -> None:
+        """Frozen parts in eval mode, trainable modules in train mode (BatchNorm per ``frozen_bn``)."""
+        if self.method == "full":
+            self.model.train()
+        else:
+            self.model.eval()
+            for name in self.trainable_modules:
+                self.model.get_submodule(name).train()
+        if self.frozen_bn:
+            for m in self.model.modules():
+                if isinstance(m, _NORM_TYPES):
+                    m.eval()
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable/total *parameters* (not buffers), with the head on its own."""
+        total = sum(p.numel() for p in self.model.parameters())
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        head = sum(p.numel() for n, p in self.model.named_parameters() if p.requires_grad and _is_head(n))
+        return {"trainable_params": trainable, "total_params": total, "head_params": head}
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the parameters that train (and the BatchNorm buffers of trainable modules)."""
+        names = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        state = self.model.state_dict()
+        out = {n: state[n] for n in names if n in state}
+        if not self.frozen_bn or self.method == "full":
+            for mod_name in self.trainable_modules or [""]:
+                prefix = f"{mod_name}." if mod_name else ""
+                out.update({k: v for k, v in state.items() if k.startswith(prefix) and "running_" in k})
+        return out
+
+
+def _is_head(param_name: str) -> bool:
+    parts = param_name.split(".")
+    return "head" in parts or "skip_proj" in parts
+
+
+def build_classifier(backbone, num_classes: int, *, method: str, block_names: list[str], skip_dim: int | None = None,
+                     wiring: str = "add", lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
+                     freeze_bn: bool = True) -> AdaptedModel:
+    """Build the classifier for ``method`` and freeze everything that must not train.
+
+    Call :func:`nc_finetune.utils.env.seed_everything` first: the head (and LoRA matrices) are initialised here.
+
+    Args:
+        backbone: A :class:`~nc_finetune.backbones.Backbone` (its model is used in place).
+        num_classes: K.
+        method: One of :data:`METHODS`.
+        block_names: Selected blocks (names inside ``backbone.model``); ignored by ``linear_probe``/``full``.
+        skip_dim: Pooled dim of the deepest selected block (``scl`` only).
+        wiring: SCL wiring.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA alpha.
+        lora_dropout: LoRA dropout.
+        freeze_bn: Keep BatchNorm running statistics frozen in trainable blocks.
+
+    Raises:
+        ConfigError: unknown method, empty selection, or a block name that matches no module.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"adapt.method must be one of {', '.join(METHODS)}; got {method!r}")
+    if method in ("finetune", "lora", "scl") and not block_names:
+        raise ConfigError(f"adapt.method={method} needs at least one selected block")
+    known = dict(backbone.model.named_modules())
+    for name in block_names:
+        if name not in known:
+            raise ConfigError(f"selected block '{name}' is not a module of {backbone.spec}")
+    order = {b.name: b.index for b in backbone.blocks}
+    blocks = sorted(block_names, key=lambda n: order.get(n, 0)) if method not in ("linear_probe", "full") else []
+    skip = blocks[-1] if method == "scl" else None
+    model = Classifier(backbone.model, backbone.feature_dim, num_classes, pool=backbone.pool, skip_block=skip,
+                       skip_dim=skip_dim, wiring=wiring)
+    model.requires_grad_(method == "full")
+    model.head.requires_grad_(True)
+    trainable = ["head"]
+    if skip is not None:
+        model.skip_proj.requires_grad_(True)
+        trainable.append("skip_proj")
+    prefix = "backbone."
+    if method in ("finetune", "scl"):
+        for name in blocks:
+            model.get_submodule(prefix + name).requires_grad_(True)
+        trainable += [prefix + n for n in blocks]
+    if method == "full":
+        trainable = [""]
+    first = prefix + blocks[0] if blocks else None
+    if method == "lora":
+        import peft
+
+        target = _lora_targets(model, [prefix + n for n in blocks])
+        config = peft.LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target,
+                                 modules_to_save=["head"])
+        model = peft.get_peft_model(model, config)
+        wrap = "base_model.model."
+        trainable = [wrap + "head"] + [wrap + prefix + n for n in blocks]
+        first = wrap + prefix + blocks[0]
+        prefix = wrap + prefix
+    adapted = AdaptedModel(model=model, method=method, trainable_modules=trainable, first_trainable_block=first,
+                           backbone_prefix=prefix.rstrip("."), frozen_bn=freeze_bn and method != "full",
+                           info={"blocks": blocks, "skip_block": skip, "wiring": wiring if skip else None})
+    return adapted
+
+
+def _lora_targets(model: nn.Module, block_names: list[str]) -> list[str]:
+    """Every linear/conv module inside the selected blocks, by exact qualified name (depthwise convs excluded)."""
+    adaptable = (nn.Linear, nn.Conv2d, nn.Conv1d)
+    targets = []
+    for name in block_names:
+        found = [f"{name}.{n}" for n, m in model.get_submodule(name).named_modules()
+                 if n and isinstance(m, adaptable) and getattr(m, "groups", 1) == 1]  # peft: no grouped convs
+        if not found:
+            raise ConfigError(f"block '{name}' has no linear or conv module for LoRA")
+        targets += found
+    return sorted(targets)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Temporarily put ``model`` in eval mode, restoring each module's previous mode."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, t in modes.items():
+            m.training = t

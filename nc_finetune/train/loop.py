@@ -1,0 +1,355 @@
+"""The training loop, on accelerate: one CPU, one GPU, or many processes through ``accelerate launch``/torchrun.
+
+AdamW with linear warmup and cosine decay, gradient accumulation, clipping, autocast, evaluation after every
+epoch, early stopping on a validation split, ``metrics.jsonl`` logging, atomic checkpoints, and exact resume.
+The data order is a pure function of (seed, epoch), and the RNG states are checkpointed, so a resumed run
+replays the uninterrupted one step for step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from nc_finetune.adapt import AdaptedModel, eval_mode
+from nc_finetune.config import TrainConfig
+from nc_finetune.data import Split
+from nc_finetune.errors import UserError
+from nc_finetune.train.cache import PrefixCache
+from nc_finetune.train.checkpoint import load_checkpoint, save_checkpoint, save_weights, set_rng_state
+from nc_finetune.utils.io import write_text_atomic
+
+
+class StopTraining(Exception):
+    """Raised by the ``stop_after_steps`` test hook to simulate a kill right after a checkpoint."""
+
+
+@dataclass
+class TrainData:
+    """Splits used by the trainer (``val`` optional)."""
+
+    train: Split
+    test: Split
+    val: Split | None = None
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters: head (``head_lr``) vs the rest (``lr``); no decay on biases/norms."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_head = "head" in name.split(".") or "skip_proj" in name.split(".")
+        groups.setdefault((is_head, p.ndim <= 1), []).append(p)
+    param_groups = []
+    for (is_head, no_decay), params in sorted(groups.items()):
+        lr = (cfg.head_lr if cfg.head_lr is not None else cfg.lr) if is_head else cfg.lr
+        param_groups.append({"params": params, "lr": lr, "weight_decay": 0.0 if no_decay else cfg.weight_decay})
+    if not param_groups:
+        raise UserError("nothing to train: every parameter is frozen")
+    return torch.optim.AdamW(param_groups)
+
+
+def warmup_cosine(total_steps: int, warmup_ratio: float):
+    """LR multiplier: linear warmup over ``warmup_ratio`` of the steps, then cosine decay to 0."""
+    warmup = int(round(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def epoch_batches(n: int, batch_size: int, world: int, rank: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """This rank's micro-batches for one epoch: a seeded permutation cut into global batches of
+    ``batch_size * world``, each split evenly over ranks (a tail smaller than ``world`` samples is dropped)."""
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    out = []
+    for start in range(0, n, batch_size * world):
+        chunk = perm[start:start + batch_size * world]
+        if len(chunk) < world:
+            break
+        out.append(np.array_split(chunk, world)[rank])
+    return out
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated on CUDA, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+class Trainer:
+    """Trains an :class:`~nc_finetune.adapt.AdaptedModel` and writes metrics and checkpoints to ``out``.
+
+    Args:
+        adapted: Model with its trainable set.
+        backbone: The backbone (for ``prepare``).
+        data: Train / val / test splits.
+        cfg: Training configuration.
+        out: Run directory (``metrics.jsonl``, ``checkpoint/``, ``best.safetensors``).
+        progress: tqdm bars on rank 0.
+        stop_after_steps: Test hook: raise :class:`StopTraining` once this many optimizer steps are done and
+            checkpointed (simulates a kill).
+    """
+
+    def __init__(self, adapted: AdaptedModel, backbone, data: TrainData, cfg: TrainConfig, out: Path, *,
+                 progress: bool = True, stop_after_steps: int | None = None) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        self.adapted, self.backbone, self.data, self.cfg, self.out = adapted, backbone, data, cfg, Path(out)
+        self.progress = progress
+        self.stop_after_steps = stop_after_steps
+        cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+        precision = cfg.precision
+        if precision == "fp16" and cpu:
+            precision = "bf16"  # fp16 autocast is GPU-only
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=precision,
+                                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+        self.device = self.accelerator.device
+        self.world = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        self.cache: PrefixCache | None = None
+
+    # -- data ---------------------------------------------------------------------------------------------------
+    def _inputs(self, split_name: str, split: Split, idx: np.ndarray, train: bool) -> dict[str, torch.Tensor]:
+        if self.cache is not None:
+            return self.cache.batch(split_name, idx.tolist(), self.device)
+        raw = split.subset(idx).inputs
+        return {k: v.to(self.device) for k, v in self.backbone.prepare(raw, train=train).items()}
+
+    def _setup_cache(self) -> dict[str, Any]:
+        cfg, a = self.cfg, self.adapted
+        target = a.first_trainable_block if a.method != "linear_probe" else a.backbone_prefix
+        reason = None
+        if cfg.cache_prefix == "off":
+            reason = "train.cache_prefix=off"
+        elif cfg.augment:
+            reason = "augmentation makes the prefix non-deterministic"
+        elif a.method == "full" or target is None:
+            reason = "no frozen prefix"
+        if reason:
+            return {"enabled": False, "reason": reason}
+        start = time.perf_counter()
+        cache = PrefixCache(self.adapted.model, target, a.backbone_prefix)
+        splits = {"train": self.data.train, "test": self.data.test}
+        if self.data.val is not None:
+            splits["val"] = self.data.val
+        bs = cfg.eval_batch_size
+        with eval_mode(self.adapted.model):
+            for name, split in splits.items():
+                batches = (self.backbone.prepare(split.inputs[i:i + bs]) for i in range(0, len(split), bs))
+                cache.build(name, batches, self.device)
+        probe_idx = np.arange(min(len(self.data.train), 8))
+        raw_inputs = self.backbone.prepare(self.data.train.subset(probe_idx).inputs)
+        if not cache.verify("train", raw_inputs, probe_idx.tolist(), self.device):
+            if cfg.cache_prefix == "on":
+                raise UserError("train.cache_prefix=on but the cached prefix does not reproduce the model's "
+                                "forward for this architecture; use train.cache_prefix=auto or off")
+            return {"enabled": False, "reason": "cached path differs from the real forward"}
+        self.cache = cache
+        return {"enabled": True, "target": target, "prefix_modules": cache.prefix,
+                "megabytes": cache.nbytes / 2**20, "build_seconds": time.perf_counter() - start}
+
+    # -- evaluation ---------------------------------------------------------------------------------------------
+    def evaluate(self, split_name: str, split: Split) -> dict[str, float]:
+        """Accuracy and mean CE loss on a split (sharded over ranks, summed)."""
+        model = self.adapted.model
+        correct = total = loss_sum = 0.0
+        idx_all = np.arange(self.rank, len(split), self.world)
+        bs = self.cfg.eval_batch_size
+        with torch.no_grad(), eval_mode(model), self._replay():
+            for start in range(0, len(idx_all), bs):
+                idx = idx_all[start:start + bs]
+                inputs = self._inputs(split_name, split, idx, train=False)
+                y = torch.as_tensor(np.asarray(split.labels)[idx], device=self.device)
+                with self.accelerator.autocast():
+                    logits = model(**inputs)
+                loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+                correct += float((logits.argmax(1) == y).sum())
+                total += len(idx)
+        t = torch.tensor([correct, total, loss_sum], dtype=torch.float64, device=self.device)
+        t = self.accelerator.reduce(t, reduction="sum") if self.world > 1 else t
+        return {"accuracy": float(t[0] / t[1]), "loss": float(t[2] / t[1]), "samples": int(t[1])}
+
+    def _replay(self):
+        import contextlib
+
+        return self.cache.replay() if self.cache is not None else contextlib.nullcontext()
+
+    # -- logging ------------------------------------------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.rank == 0:
+            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _truncate_log(self, step: int) -> None:
+        """On resume, drop log lines written after the checkpoint so the log matches an uninterrupted run."""
+        path = self.out / "metrics.jsonl"
+        if self.rank != 0 or not path.exists():
+            return
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        # A checkpoint at an epoch end is written after that epoch's evaluation lines, which are kept.
+        write_text_atomic(path, "".join(line + "\n" for line in keep))
+
+    # -- main loop ----------------------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train; return the summary (test accuracy, parameter counts, time, peak memory, cache info)."""
+        cfg, acc = self.cfg, self.accelerator
+        self.out.mkdir(parents=True, exist_ok=True)
+        model = self.adapted.model.to(self.device)
+        cache_info = self._setup_cache()
+        optimizer = make_optimizer(model, cfg)
+        n_train = len(self.data.train)
+        micro_per_epoch = len(epoch_batches(n_train, cfg.batch_size, self.world, self.rank, cfg.seed, 0))
+        steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.grad_accum_steps))
+        total_steps = steps_per_epoch * cfg.epochs
+        if cfg.max_steps is not None:
+            total_steps = min(total_steps, cfg.max_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, cfg.warmup_ratio))
+        model, optimizer = acc.prepare(model, optimizer)
+
+        # Everything needed to continue exactly where a checkpoint left off (saved as position.json).
+        pos = {"epoch": 0, "micro": 0, "step": 0, "best_val": None, "bad_evals": 0, "train_seconds": 0.0,
+               "epoch_seconds": [], "running": []}
+        ckpt_dir = self.out / "checkpoint"
+        if resume:
+            weights, state, pos = load_checkpoint(ckpt_dir)
+            missing = set(weights) - set(acc.unwrap_model(model).state_dict())
+            if missing:
+                raise UserError(f"checkpoint in {ckpt_dir} does not match this model (e.g. {sorted(missing)[0]})")
+            acc.unwrap_model(model).load_state_dict(weights, strict=False)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"])
+            self._truncate_log(pos["step"])
+        elif self.rank == 0 and (self.out / "metrics.jsonl").exists():
+            (self.out / "metrics.jsonl").unlink()
+
+        def checkpoint() -> None:
+            if self.rank == 0:
+                weights = self.adapted.trainable_state_dict()
+                save_checkpoint(ckpt_dir, weights, optimizer.state_dict(), scheduler.state_dict(), pos)
+            acc.wait_for_everyone()
+
+        bar = tqdm(total=total_steps, initial=pos["step"], desc="train", unit="step",
+                   disable=not self.progress or self.rank != 0, leave=False)
+        stopped_early = False
+        running = pos["running"]  # losses since the last log line (a list shared with `pos`)
+        try:
+            while pos["epoch"] < cfg.epochs and pos["step"] < total_steps and not stopped_early:
+                epoch = pos["epoch"]
+                batches = epoch_batches(n_train, cfg.batch_size, self.world, self.rank, cfg.seed, epoch)
+                self.adapted.train_mode()
+                t0 = time.perf_counter()
+                with self._replay():
+                    while pos["micro"] < len(batches) and pos["step"] < total_steps:
+                        idx = batches[pos["micro"]]
+                        inputs = self._inputs("train", self.data.train, idx, train=cfg.augment)
+                        y = torch.as_tensor(np.asarray(self.data.train.labels)[idx], device=self.device)
+                        sync = (pos["micro"] + 1) % cfg.grad_accum_steps == 0 or pos["micro"] + 1 == len(batches)
+                        ctx = acc.no_sync(model) if not sync and self.world > 1 else _null()
+                        with ctx, acc.autocast():
+                            loss = F.cross_entropy(model(**inputs).float(), y)
+                            acc.backward(loss / cfg.grad_accum_steps)
+                        running.append(float(loss))
+                        pos["micro"] += 1
+                        if not sync:
+                            continue
+                        if cfg.max_grad_norm is not None:
+                            acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                cfg.max_grad_norm)
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        pos["step"] += 1
+                        bar.update(1)
+                        if pos["step"] % cfg.log_every == 0 or pos["step"] == total_steps:
+                            self._log({"step": pos["step"], "epoch": epoch, "loss": float(np.mean(running)),
+                                       "lr": scheduler.get_last_lr()[-1]})
+                            bar.set_postfix(loss=f"{np.mean(running):.4f}")
+                            running.clear()
+                        if pos["step"] % cfg.checkpoint_every == 0 and pos["micro"] < len(batches):
+                            pos["train_seconds"] += time.perf_counter() - t0
+                            t0 = time.perf_counter()
+                            checkpoint()
+                            if self.stop_after_steps is not None and pos["step"] >= self.stop_after_steps:
+                                raise StopTraining
+                pos["train_seconds"] += time.perf_counter() - t0
+                pos["epoch_seconds"].append(time.perf_counter() - t0)
+                stopped_early = self._end_of_epoch(epoch, pos)
+                pos["epoch"] += 1
+                pos["micro"] = 0
+                checkpoint()
+                if self.stop_after_steps is not None and pos["step"] >= self.stop_after_steps:
+                    raise StopTraining
+        finally:
+            bar.close()
+
+        if (self.out / "best.safetensors").exists():
+            from safetensors.torch import load_file
+
+            acc.unwrap_model(model).load_state_dict(load_file(str(self.out / "best.safetensors")), strict=False)
+        test = self.evaluate("test", self.data.test)
+        counts = self.adapted.parameter_counts()
+        summary = {
+            "test_accuracy": test["accuracy"],
+            "test_loss": test["loss"],
+            "test_samples": test["samples"],
+            **counts,
+            "trainable_fraction": counts["trainable_params"] / counts["total_params"],
+            "train_seconds": pos["train_seconds"],
+            "seconds_per_epoch": pos["train_seconds"] / max(1, len(pos["epoch_seconds"])),
+            "steps": pos["step"],
+            "epochs_run": pos["epoch"],
+            "stopped_early": stopped_early,
+            "peak_memory_mb": peak_memory_mb(self.device),
+            "device": str(self.device),
+            "world_size": self.world,
+            "prefix_cache": cache_info,
+        }
+        self._log({"step": pos["step"], "epoch": pos["epoch"], "split": "final_test", **test})
+        return summary
+
+    def _end_of_epoch(self, epoch: int, pos: dict[str, Any]) -> bool:
+        """Evaluate val/test, track the best validation model; return True to stop early."""
+        cfg = self.cfg
+        if self.data.val is not None:
+            val = self.evaluate("val", self.data.val)
+            self._log({"step": pos["step"], "epoch": epoch, "split": "val", **val})
+            if pos["best_val"] is None or val["accuracy"] > pos["best_val"]:
+                pos["best_val"], pos["bad_evals"] = val["accuracy"], 0
+                if self.rank == 0:
+                    save_weights(self.out / "best.safetensors", self.adapted.trainable_state_dict())
+            else:
+                pos["bad_evals"] += 1
+        test = self.evaluate("test", self.data.test)
+        self._log({"step": pos["step"], "epoch": epoch, "split": "test", **test})
+        patience = cfg.early_stopping_patience
+        return patience is not None and self.data.val is not None and pos["bad_evals"] >= patience
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
