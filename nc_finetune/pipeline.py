@@ -146,7 +146,7 @@ def run_select_stage(recipe: Recipe, backbone, probe_result, prepared: PreparedD
     rgn = None
     if s.strategy == "auto_rgn":
         seed_everything(recipe.train.seed)
-        tmp = build_classifier(backbone, num_classes, method="full", block_names=[])
+        tmp = build_classifier(backbone, num_classes, method="full")
         split = prepared.data.train
         rng = np.random.default_rng(recipe.selection.seed)
         bs = 64  # as in the surgical fine-tuning code
@@ -223,7 +223,7 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
     block_names = [b["name"] for b in selection.blocks]
     dims = {r["name"]: r["dim"] for r in probe_result.layers}
     seed_everything(recipe.train.seed)  # the head / LoRA init must not depend on what ran before
-    adapted = build_classifier(backbone, K, method=a.method, block_names=block_names,
+    adapted = build_classifier(backbone, K, method=a.method, selection=selection,
                                skip_dim=dims.get(block_names[-1]) if block_names else None, wiring=a.scl_wiring,
                                lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
                                freeze_bn=a.freeze_bn)
@@ -315,7 +315,7 @@ def eval_stage(run_dir: Path, split: str = "test", batch_size: int | None = None
     dims = {r["name"]: r["dim"] for r in ProbeResult.load(run_dir / "probe.json").layers}
     names = [b["name"] for b in selection.blocks]
     a = recipe.adapt
-    adapted = build_classifier(backbone, data.num_classes, method=a.method, block_names=names,
+    adapted = build_classifier(backbone, data.num_classes, method=a.method, selection=selection,
                                skip_dim=dims.get(names[-1]) if names else None, wiring=a.scl_wiring,
                                lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
                                freeze_bn=a.freeze_bn)

@@ -160,7 +160,7 @@ def _is_head(param_name: str) -> bool:
     return "head" in parts or "skip_proj" in parts
 
 
-def build_classifier(backbone, num_classes: int, *, method: str, block_names: list[str], skip_dim: int | None = None,
+def build_classifier(backbone, num_classes: int, *, method: str, selection=None, skip_dim: int | None = None,
                      wiring: str = "add", lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
                      freeze_bn: bool = True) -> AdaptedModel:
     """Build the classifier for ``method`` and freeze everything that must not train.
@@ -171,7 +171,7 @@ def build_classifier(backbone, num_classes: int, *, method: str, block_names: li
         backbone: A :class:`~nc_finetune.backbones.Backbone` (its model is used in place).
         num_classes: K.
         method: One of :data:`METHODS`.
-        block_names: Selected blocks (names inside ``backbone.model``); ignored by ``linear_probe``/``full``.
+        selection: The :class:`~nc_finetune.select.Selection` of blocks; ignored by ``linear_probe``/``full``.
         skip_dim: Pooled dim of the deepest selected block (``scl`` only).
         wiring: SCL wiring.
         lora_r: LoRA rank.
@@ -184,6 +184,7 @@ def build_classifier(backbone, num_classes: int, *, method: str, block_names: li
     """
     if method not in METHODS:
         raise ConfigError(f"adapt.method must be one of {', '.join(METHODS)}; got {method!r}")
+    block_names = [b["name"] for b in selection.blocks] if selection is not None else []
     if method in ("finetune", "lora", "scl") and not block_names:
         raise ConfigError(f"adapt.method={method} needs at least one selected block")
     known = dict(backbone.model.named_modules())
@@ -212,31 +213,15 @@ def build_classifier(backbone, num_classes: int, *, method: str, block_names: li
     if method == "lora":
         import peft
 
-        target = _lora_targets(model, [prefix + n for n in blocks])
-        config = peft.LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target,
-                                 modules_to_save=["head"])
-        model = peft.get_peft_model(model, config)
+        kwargs = selection.lora_kwargs(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, head="head")
+        model = peft.get_peft_model(model, peft.LoraConfig(**kwargs))
         wrap = "base_model.model."
         trainable = [wrap + "head"] + [wrap + prefix + n for n in blocks]
         first = wrap + prefix + blocks[0]
         prefix = wrap + prefix
-    adapted = AdaptedModel(model=model, method=method, trainable_modules=trainable, first_trainable_block=first,
-                           backbone_prefix=prefix.rstrip("."), frozen_bn=freeze_bn and method != "full",
-                           info={"blocks": blocks, "skip_block": skip, "wiring": wiring if skip else None})
-    return adapted
-
-
-def _lora_targets(model: nn.Module, block_names: list[str]) -> list[str]:
-    """Every linear/conv module inside the selected blocks, by exact qualified name (depthwise convs excluded)."""
-    adaptable = (nn.Linear, nn.Conv2d, nn.Conv1d)
-    targets = []
-    for name in block_names:
-        found = [f"{name}.{n}" for n, m in model.get_submodule(name).named_modules()
-                 if n and isinstance(m, adaptable) and getattr(m, "groups", 1) == 1]  # peft: no grouped convs
-        if not found:
-            raise ConfigError(f"block '{name}' has no linear or conv module for LoRA")
-        targets += found
-    return sorted(targets)
+    return AdaptedModel(model=model, method=method, trainable_modules=trainable, first_trainable_block=first,
+                        backbone_prefix=prefix.rstrip("."), frozen_bn=freeze_bn and method != "full",
+                        info={"blocks": blocks, "skip_block": skip, "wiring": wiring if skip else None})
 
 
 @contextlib.contextmanager

@@ -76,9 +76,11 @@ class ProbeResult:
                 cells.append("nan" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v))
             rows.append(cells)
         widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
-        lines = ["  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
-        lines += ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-                  for row in rows]
+        def fmt_row(cells: list[str]) -> str:
+            return "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+
+        lines = [fmt_row(header)] + [fmt_row(row) for row in rows]
         if self.fit:
             lines.append(f"equi-separation fit of log NC1 over blocks: rho = {self.fit.get('rho', math.nan):.3f} "
                          f"per block, R^2 = {self.fit.get('r2', math.nan):.3f}")

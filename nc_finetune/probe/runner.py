@@ -63,7 +63,8 @@ def resolve_taps(backbone: Backbone, layers: str | Sequence[int] = "all") -> lis
         chosen = []
         for i in layers:
             if not -n <= i < n:
-                raise ConfigError(f"probe.layers: block index {i} does not exist; {backbone.spec} has blocks 0..{n - 1}")
+                raise ConfigError(f"probe.layers: block index {i} does not exist; "
+                                  f"{backbone.spec} has blocks 0..{n - 1}")
             chosen.append(i % n)
         chosen = sorted(set(chosen))
     taps = [Tap(b.index, b.name, True, b.num_params) for b in backbone.blocks if b.index in chosen]
@@ -187,9 +188,14 @@ def probe(
         model.train(was_training)
     seconds = time.perf_counter() - start
 
+    if world > 1:  # a rank that saw no sample still needs each layer's dimension to join the all-reduce
+        dims = torch.tensor([stats[t.name].dim if t.name in stats else 0 for t in taps], device=dev)
+        dist.all_reduce(dims, op=dist.ReduceOp.MAX)
+        for tap, d in zip(taps, dims.tolist(), strict=True):
+            stats.setdefault(tap.name, ClassStats(num_classes, int(d), device=dev))
     records = []
     for tap in taps:
-        st = stats.get(tap.name) or ClassStats(num_classes, 1, device=dev)
+        st = stats[tap.name]
         st.all_reduce()
         name = tap.name or "output"
         rec: dict[str, Any] = {"index": tap.index, "name": tap.name or "output", "is_block": tap.is_block,

@@ -182,8 +182,10 @@ class Selection:
         for name in self.module_names:
             if name not in modules:
                 raise ConfigError(_missing_module_message(model, name))
+            # Grouped (depthwise) convs are left out: peft's LoRA needs r divisible by the group count.
             found = [n for n, m in modules.items()
-                     if (n == name or n.startswith(name + ".")) and isinstance(m, adaptable)]
+                     if (n == name or n.startswith(name + ".")) and isinstance(m, adaptable)
+                     and getattr(m, "groups", 1) == 1]
             if not found:
                 kinds = ", ".join(sorted({type(m).__name__ for m in modules[name].modules()}))
                 raise ConfigError(f"selected block '{name}' contains no Linear/Conv2d/Conv1D module that LoRA can "

@@ -106,7 +106,7 @@ class PrefixCache:
             for inputs in inputs_list:
                 inputs = {k: v.to(device) for k, v in inputs.items()}
                 if not self.prefix:
-                    self.prefix, _ = _trace_prefix(self.model, self.target, lambda: self.model(**inputs))
+                    self.prefix, _ = _trace_prefix(self.model, self.target, lambda b=inputs: self.model(**b))
                 x = self._capture(inputs).cpu()
                 cpu_inputs = {k: v.cpu() for k, v in inputs.items()}
                 lengths = cpu_inputs["attention_mask"].sum(1).tolist() if "attention_mask" in cpu_inputs else None

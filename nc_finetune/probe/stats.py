@@ -1,0 +1,333 @@
+"""Streaming, additive sufficient statistics for the collapse metrics of one layer.
+
+:class:`ClassStats` keeps per-class counts and sums, one pooled scatter matrix and per-class squared norms, all in
+float64 and all relative to a per-layer ``shift`` (the mean of the first batch). Subtracting the shift before
+accumulating protects the second moments against catastrophic cancellation when the features carry a large constant
+offset. The statistics are additive: batches, processes (``all_reduce``) and saved partial runs (``merge``) combine
+exactly.
+
+:class:`FeatureReservoir` keeps a bounded, uniformly sampled subset of the raw features for the metrics that need
+samples rather than moments (nearest-class-centre accuracy, a linear probe).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from nc_finetune.errors import DataError
+
+_F64 = torch.float64
+
+
+class ClassStats:
+    """Additive second-order statistics of the features of one layer, per class.
+
+    All quantities are float64 and taken relative to ``shift`` (x̃ = x − shift):
+
+    * ``counts`` (K,): samples per class;
+    * ``sums`` (K, D): per-class Σ x̃;
+    * ``scatter`` (D, D): Σ x̃ x̃^T pooled over all samples;
+    * ``sq_norms`` (K,): per-class Σ ‖x̃‖²;
+    * ``shift`` (D,): set from the mean of the first non-empty update;
+    * ``nonfinite``: number of samples skipped because a feature was NaN or infinite.
+
+    Args:
+        num_classes: K.
+        dim: Feature dimension D.
+        device: Where the statistics live; features passed to :meth:`update` are moved there.
+    """
+
+    def __init__(self, num_classes: int, dim: int, device: torch.device | str | None = None) -> None:
+        if num_classes < 1 or dim < 1:
+            raise ValueError(f"ClassStats needs num_classes >= 1 and dim >= 1, got {num_classes} and {dim}")
+        self.num_classes = int(num_classes)
+        self.dim = int(dim)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        kw = {"dtype": _F64, "device": self.device}
+        self.counts = torch.zeros(num_classes, **kw)  # (K,)
+        self.sums = torch.zeros(num_classes, dim, **kw)  # (K, D)
+        self.scatter = torch.zeros(dim, dim, **kw)  # (D, D)
+        self.sq_norms = torch.zeros(num_classes, **kw)  # (K,)
+        self.shift = torch.zeros(dim, **kw)  # (D,)
+        self.shift_set = False
+        # A device tensor, so that update() never waits for the device; read it through `nonfinite`.
+        self._nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)
+
+    # ------------------------------------------------------------------ accumulation
+
+    @property
+    def nonfinite(self) -> int:
+        """Number of samples skipped because they had a non-finite feature."""
+        return int(self._nonfinite.item())
+
+    @property
+    def total(self) -> float:
+        """N, the number of accumulated (finite) samples."""
+        return float(self.counts.sum().item())
+
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Accumulate one batch.
+
+        Samples with a non-finite feature are counted in ``nonfinite`` and otherwise ignored. The update does not
+        synchronise with the device, so it can run inside forward hooks. Labels are range-checked only when they
+        arrive on the CPU (on an accelerator an out-of-range label trips a device assert instead).
+
+        Args:
+            features: (B, D) tensor of any floating dtype.
+            labels: (B,) integer class labels in [0, K).
+
+        Raises:
+            ValueError: On shape mismatches.
+            DataError: On labels out of range (CPU labels only).
+        """
+        if features.ndim != 2 or features.shape[1] != self.dim:
+            raise ValueError(f"features must have shape (B, {self.dim}), got {tuple(features.shape)}")
+        if labels.shape != (features.shape[0],):
+            raise ValueError(f"labels must have shape ({features.shape[0]},), got {tuple(labels.shape)}")
+        if features.shape[0] == 0:
+            return
+        if labels.device.type == "cpu":
+            lo, hi = int(labels.min()), int(labels.max())
+            if lo < 0 or hi >= self.num_classes:
+                raise DataError(f"labels must lie in [0, {self.num_classes}), got values in [{lo}, {hi}]")
+        x = features.detach().to(device=self.device, dtype=_F64)  # (B, D)
+        y = labels.detach().to(device=self.device, dtype=torch.long)  # (B,)
+        finite = torch.isfinite(x).all(dim=1)  # (B,)
+        if not self.shift_set:
+            # Mean of the finite rows (0 if there are none); computed without a host sync.
+            kept = torch.where(finite[:, None], x, 0.0)
+            self.shift = kept.sum(0) / finite.sum().clamp(min=1)  # (D,)
+            self.shift_set = True
+        x = torch.where(finite[:, None], x - self.shift, 0.0)  # (B, D); skipped rows contribute nothing
+        self.counts.index_add_(0, y, finite.to(_F64))
+        self.sums.index_add_(0, y, x)
+        self.sq_norms.index_add_(0, y, x.square().sum(1))
+        self.scatter.addmm_(x.T, x)  # one (D, B) @ (B, D) matmul in float64
+        self._nonfinite += (~finite).sum()
+
+    def reshift(self, new_shift: torch.Tensor) -> ClassStats:
+        """Re-express the statistics relative to ``new_shift`` (exact up to rounding). In place; returns self.
+
+        With δ = c_old − c_new and s = Σ (x − c_old):
+        Σ (x − c_new)(x − c_new)^T = S + s δ^T + δ s^T + n δ δ^T.
+        """
+        new_shift = new_shift.detach().to(device=self.device, dtype=_F64).reshape(self.dim)  # (D,)
+        if self.shift_set:
+            delta = self.shift - new_shift  # (D,)
+            s = self.sums.sum(0)  # (D,)
+            n = self.counts.sum()
+            self.scatter += torch.outer(s, delta) + torch.outer(delta, s) + n * torch.outer(delta, delta)
+            self.sq_norms += 2.0 * (self.sums @ delta) + self.counts * delta.dot(delta)  # uses the old sums
+            self.sums += self.counts[:, None] * delta
+        self.shift = new_shift.clone()
+        self.shift_set = True
+        return self
+
+    def merge(self, other: ClassStats) -> ClassStats:
+        """Add the statistics of ``other`` (left unchanged) into self. In place; returns self.
+
+        Different shifts are handled exactly: ``other`` is re-expressed relative to self's shift first.
+        """
+        if (other.num_classes, other.dim) != (self.num_classes, self.dim):
+            raise ValueError(
+                f"cannot merge ClassStats of shape (K={other.num_classes}, D={other.dim}) "
+                f"into (K={self.num_classes}, D={self.dim})"
+            )
+        self._nonfinite += other._nonfinite.to(self.device)
+        if not other.shift_set:
+            return self  # other holds no samples
+        if not self.shift_set:
+            self.shift = other.shift.to(self.device).clone()
+            self.shift_set = True
+        tmp = ClassStats.from_state_dict(other.state_dict(), device=self.device).reshift(self.shift)
+        self.counts += tmp.counts
+        self.sums += tmp.sums
+        self.scatter += tmp.scatter
+        self.sq_norms += tmp.sq_norms
+        return self
+
+    def all_reduce(self, group: dist.ProcessGroup | None = None) -> ClassStats:
+        """Sum the statistics over all processes of ``group``; a no-op when torch.distributed is not initialised.
+
+        The ranks first agree on a common shift (the count-weighted mean of their shifts; ranks without samples
+        take no part in it), re-shift, then sum. Every rank ends up with the global statistics, so call this once.
+        Returns self.
+        """
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        n = self.counts.sum()
+        buf = torch.cat([self.shift * n, n.reshape(1)])  # (D + 1,)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+        if buf[-1] > 0:
+            self.reshift(buf[:-1] / buf[-1])
+        for t in (self.counts, self.sums, self.scatter, self.sq_norms, self._nonfinite):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        return self
+
+    # ------------------------------------------------------------------ derived quantities (float64)
+
+    def _shifted_means(self) -> torch.Tensor:
+        """Class means minus the shift, (K, D); NaN rows for empty classes."""
+        return self.sums / self.counts[:, None]
+
+    def _shifted_global_mean(self) -> torch.Tensor:
+        """Global (sample-weighted) mean minus the shift, (D,)."""
+        return self.sums.sum(0) / self.counts.sum()
+
+    def class_means(self) -> torch.Tensor:
+        """μ_k, (K, D); NaN rows for empty classes."""
+        return self._shifted_means() + self.shift
+
+    def global_mean(self) -> torch.Tensor:
+        """μ_G, the mean over all N samples, (D,)."""
+        return self._shifted_global_mean() + self.shift
+
+    def centered_means(self) -> torch.Tensor:
+        """M̄ as rows: μ_k − μ_G, (K, D). (The shift cancels, so no large offset enters the difference.)"""
+        return self._shifted_means() - self._shifted_global_mean()
+
+    def within_cov(self) -> torch.Tensor:
+        """Σ_W = (1/N) Σ_k Σ_i (h − μ_k)(h − μ_k)^T, (D, D)."""
+        inv_n = torch.where(self.counts > 0, 1.0 / self.counts.clamp(min=1.0), 0.0)  # (K,); empty classes add 0
+        cov = (self.scatter - self.sums.T @ (inv_n[:, None] * self.sums)) / self.counts.sum()  # (D, D)
+        return 0.5 * (cov + cov.T)
+
+    def between_cov(self) -> torch.Tensor:
+        """Σ_B = (1/K) M̄ M̄^T (unweighted over classes), (D, D)."""
+        m = self.centered_means()  # (K, D)
+        return m.T @ m / self.num_classes
+
+    def class_variances(self) -> torch.Tensor:
+        """Per-class Var_k = E‖h − μ_k‖², (K,); NaN for empty classes."""
+        m = self._shifted_means()  # (K, D)
+        return (self.sq_norms / self.counts - m.square().sum(1)).clamp(min=0.0)
+
+    # ------------------------------------------------------------------ persistence
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Plain tensors (suitable for ``torch.save``)."""
+        return {
+            "counts": self.counts.clone(),
+            "sums": self.sums.clone(),
+            "scatter": self.scatter.clone(),
+            "sq_norms": self.sq_norms.clone(),
+            "shift": self.shift.clone(),
+            "shift_set": torch.tensor(self.shift_set),
+            "nonfinite": self._nonfinite.clone(),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], device: torch.device | str | None = None) -> ClassStats:
+        """Rebuild from :meth:`state_dict` output."""
+        num_classes, dim = state["sums"].shape
+        out = cls(num_classes, dim, device=device)
+        for name in ("counts", "sums", "scatter", "sq_norms", "shift"):
+            setattr(out, name, state[name].to(device=out.device, dtype=_F64).clone())
+        out.shift_set = bool(state["shift_set"])
+        out._nonfinite = state["nonfinite"].to(device=out.device, dtype=torch.int64).clone()
+        return out
+
+
+class FeatureReservoir:
+    """A bounded uniform sample of (feature, label) pairs of one layer (reservoir sampling, Algorithm R).
+
+    Memory is ``capacity × D`` float32 whatever N is. The random choices come from a CPU ``torch.Generator`` seeded
+    by ``seed`` and never depend on the feature values, so the content is deterministic for a given seed and batch
+    sequence, and filling it needs no host sync. When ``capacity >= N`` it holds every sample, in order. Rows are
+    stored as given (non-finite rows included).
+
+    Args:
+        capacity: Maximum number of stored samples.
+        seed: Seed of the sampling generator.
+        device: Storage device; defaults to the device of the first batch.
+    """
+
+    def __init__(self, capacity: int, seed: int = 0, device: torch.device | str | None = None) -> None:
+        if capacity < 1:
+            raise ValueError(f"FeatureReservoir capacity must be >= 1, got {capacity}")
+        self.capacity = int(capacity)
+        self.device = torch.device(device) if device is not None else None
+        self.seen = 0  # samples offered so far
+        self._gen = torch.Generator().manual_seed(int(seed))
+        self._x: torch.Tensor | None = None  # (capacity, D) float32, allocated on the first add
+        self._y: torch.Tensor | None = None  # (capacity,) int64
+
+    def add(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Offer a batch of (B, D) features with (B,) labels."""
+        if features.ndim != 2 or labels.shape != (features.shape[0],):
+            raise ValueError(
+                f"expected features (B, D) and labels (B,), got {tuple(features.shape)} and {tuple(labels.shape)}"
+            )
+        b = features.shape[0]
+        if b == 0:
+            return
+        if self._x is None:
+            self.device = self.device or features.device
+            self._x = torch.empty(self.capacity, features.shape[1], dtype=torch.float32, device=self.device)
+            self._y = torch.empty(self.capacity, dtype=torch.long, device=self.device)
+        x = features.detach().to(device=self.device, dtype=torch.float32)  # (B, D)
+        y = labels.detach().to(device=self.device, dtype=torch.long)  # (B,)
+
+        # Phase 1: fill the empty slots in order.
+        n_fill = min(b, max(self.capacity - self.seen, 0))
+        if n_fill:
+            self._x[self.seen : self.seen + n_fill] = x[:n_fill]
+            self._y[self.seen : self.seen + n_fill] = y[:n_fill]
+        # Phase 2: sample t (0-based) replaces slot j ~ U{0..t} if j < capacity.
+        rest = b - n_fill
+        if rest:
+            t = torch.arange(self.seen + n_fill, self.seen + b, dtype=_F64)  # (rest,)
+            j = (torch.rand(rest, generator=self._gen, dtype=_F64) * (t + 1)).floor().long()  # (rest,)
+            src = torch.arange(n_fill, b)[j < self.capacity]
+            slot = j[j < self.capacity]
+            # Several rows may hit the same slot: the later one wins, as in the sequential algorithm.
+            last = {int(s): int(r) for s, r in zip(slot, src, strict=True)}
+            if last:
+                slot_t = torch.tensor(list(last.keys()), device=self.device)
+                src_t = torch.tensor(list(last.values()), device=self.device)
+                self._x[slot_t] = x[src_t]
+                self._y[slot_t] = y[src_t]
+        self.seen += b
+
+    def __len__(self) -> int:
+        return min(self.seen, self.capacity)
+
+    @property
+    def features(self) -> torch.Tensor:
+        """Stored features, (n, D) float32 with n = min(seen, capacity)."""
+        if self._x is None:
+            return torch.empty(0, 0)
+        return self._x[: len(self)]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """Stored labels, (n,) int64."""
+        if self._y is None:
+            return torch.empty(0, dtype=torch.long)
+        return self._y[: len(self)]
+
+    def ncc_correct(self, class_means: torch.Tensor, chunk: int = 4096) -> tuple[int, int]:
+        """Nearest-class-centre (Euclidean) predictions on the stored samples.
+
+        Args:
+            class_means: (K, D) class means (float64 recommended).
+            chunk: Rows scored at a time (bounds memory at ``chunk × K``).
+
+        Returns:
+            (number of correct predictions, number of stored samples).
+        """
+        n = len(self)
+        if n == 0:
+            return 0, 0
+        mu = class_means.detach().to(device=self.device, dtype=_F64)  # (K, D)
+        centre = mu.mean(0)  # (D,); a common origin keeps the dot products small when features carry an offset
+        mu_c = mu - centre  # (K, D)
+        mu_sq = mu_c.square().sum(1)  # (K,)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        for start in range(0, n, chunk):
+            xc = self._x[start : start + chunk].to(_F64) - centre  # (c, D)
+            # argmin_k ‖x − μ_k‖² = argmin_k (‖μ_k‖² − 2 x·μ_k); ‖x‖² is common to all k.
+            pred = (mu_sq[None, :] - 2.0 * xc @ mu_c.T).argmin(1)  # (c,)
+            correct += (pred == self._y[start : start + chunk]).sum()
+        return int(correct.item()), n
