@@ -203,6 +203,12 @@ def pool_output(
     raise ValueError(f"cannot pool a block output with shape {tuple(x.shape)}; expected 2-D, 3-D or 4-D")
 
 
+def first_line(exc: BaseException) -> str:
+    """First line of an exception message (library errors can span many lines), or its type name."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def finalize_model(model: nn.Module) -> nn.Module:
     """Return ``model`` on CPU, float32, in eval mode (the state every loader hands out)."""
     return model.to(device="cpu", dtype=torch.float32).eval()

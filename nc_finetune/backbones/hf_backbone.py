@@ -19,6 +19,7 @@ from nc_finetune.backbones.base import (
     Backbone,
     check_pooling,
     finalize_model,
+    first_line,
     make_block_infos,
     pool_tokens,
 )
@@ -160,10 +161,9 @@ def _hf_call(fn: Any, ref: str, what: str, **kwargs: Any) -> Any:
     try:
         return fn(ref, **kwargs)
     except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
-            f"cannot load the {what} of hf:{ref}: {first} (expected a local save_pretrained directory, or a hub id "
-            "that is cached or reachable)"
+            f"cannot load the {what} of hf:{ref}: {first_line(e)} "
+            "(expected a local save_pretrained directory, or a hub id that is cached or reachable)"
         ) from e
 
 
@@ -238,7 +238,7 @@ def _image_processor(ref: str, cache_dir: str | None) -> Any | None:
     try:
         return AutoImageProcessor.from_pretrained(ref, cache_dir=cache_dir)
     except (OSError, ValueError, KeyError) as e:
-        logger.warning("hf:%s has no usable image processor (%s)", ref, str(e).strip().splitlines()[0] if e else e)
+        logger.warning("hf:%s has no usable image processor (%s)", ref, first_line(e))
         return None
 
 

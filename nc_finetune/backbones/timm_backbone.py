@@ -25,7 +25,14 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from nc_finetune.backbones.base import Backbone, check_pooling, count_params, finalize_model, make_block_infos
+from nc_finetune.backbones.base import (
+    Backbone,
+    check_pooling,
+    count_params,
+    finalize_model,
+    first_line,
+    make_block_infos,
+)
 from nc_finetune.backbones.preprocess import ImagePreprocessor, timm_image_config
 from nc_finetune.errors import ConfigError, UserError
 
@@ -91,9 +98,8 @@ def load_timm_backbone(
     try:
         model = timm.create_model(name, **kwargs)
     except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
-            f"could not load pretrained weights for timm model {name!r}: {first} "
+            f"could not load pretrained weights for timm model {name!r}: {first_line(e)} "
             "(offline? fill the hub cache once online, or use pretrained=False)"
         ) from e
     if state_dict is not None:

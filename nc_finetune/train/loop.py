@@ -270,7 +270,7 @@ class Trainer:
                         with ctx, acc.autocast():
                             loss = F.cross_entropy(model(**inputs).float(), y)
                             acc.backward(loss / cfg.grad_accum_steps)
-                        running.append(float(loss))
+                        running.append(loss.item())
                         pos["micro"] += 1
                         if not sync:
                             continue

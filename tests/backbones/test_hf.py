@@ -164,3 +164,14 @@ def test_unsupported_and_missing_hf_models(tmp_path: Path) -> None:
         load_backbone(f"hf:{tmp_path}", pretrained=False)
     with pytest.raises(UserError, match="cannot load"):
         load_backbone(f"hf:{tmp_path / 'does-not-exist'}")
+
+
+def test_vit_without_image_processor_uses_config_defaults(tmp_path: Path) -> None:
+    config = transformers.ViTConfig(
+        image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    transformers.ViTModel(config).save_pretrained(tmp_path)
+    bb = load_backbone(f"hf:{tmp_path}")
+    assert bb.preprocess.config.size == (16, 16) and bb.preprocess.config.mean == (0.5, 0.5, 0.5)
+    with torch.no_grad():
+        assert bb.model(**bb.prepare([np.zeros((20, 20), np.uint8)])).shape == (1, 16)
