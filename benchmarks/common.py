@@ -98,7 +98,7 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align:
         The table text, one line per row, no trailing newline.
     """
     align = align or ["l"] + ["r"] * (len(headers) - 1)
-    cells = [[str(c) for c in r] for r in rows]
+    cells = [[str(c).replace("|", "\\|").replace("\n", " ") for c in r] for r in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
 
     def fmt(row: Sequence[str]) -> str:
@@ -119,14 +119,20 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def fmt_stat(values: Sequence[float], spec: str = ".2f", suffix: str = "") -> str:
-    """``mean`` for one value, ``mean ± std`` for several, ``n/a`` when there is nothing finite."""
+    """``mean`` for one value (or several equal ones), ``mean ± std`` otherwise, ``n/a`` when nothing is finite.
+
+    Args:
+        values: The samples (``None`` / NaN ignored).
+        spec: Format spec of the mean (a ``+`` sign flag is not applied to the std).
+        suffix: Appended after the last number (e.g. ``"x"``).
+    """
     vals = [v for v in values if v is not None and not math.isnan(float(v))]
     if not vals:
         return "n/a"
     m, s = mean_std(vals)
-    if len(vals) == 1:
+    if len(set(vals)) == 1:
         return f"{m:{spec}}{suffix}"
-    return f"{m:{spec}} ± {s:{spec}}{suffix}"
+    return f"{m:{spec}} ± {s:{spec.replace('+', '')}}{suffix}"
 
 
 def median(values: Sequence[float]) -> float:

@@ -27,7 +27,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -73,6 +72,18 @@ def _load(recipe_name: str, overrides: list[str]):
     prepared = prepare_data(recipe)
     backbone = load_recipe_backbone(recipe)
     return recipe, prepared, backbone
+
+
+def validate_recipe(recipe_name: str, overrides: list[str]) -> None:
+    """Load and validate the recipe with its overrides (nothing heavy is loaded).
+
+    Raises:
+        UserError: unknown recipe, bad key or value.
+    """
+    from nc_finetune.cli import resolve_recipe_path
+    from nc_finetune.config import load_recipe
+
+    load_recipe(resolve_recipe_path(recipe_name), overrides)
 
 
 def _sync(device) -> None:
@@ -171,20 +182,49 @@ def time_case(recipe_name: str, overrides: list[str], repeats: int) -> dict[str,
         "forward_median_s": f_med,
         "probe_median_s": p_med,
         "ratio": safe_ratio(p_med, f_med),
+        "ratio_of_minimums": safe_ratio(min(prb), min(fwd)),
+        "paired_ratios": [safe_ratio(p, f) for f, p in zip(fwd, prb, strict=True)],
     }
 
 
-def _peak_mb(device) -> float:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+def _rss_mb() -> float:
+    """Peak RSS of this process so far (``ru_maxrss``), in MB."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
+def _current_rss_mb() -> float:
+    """Current resident set size (``VmRSS``), in MB; NaN where ``/proc`` is unavailable."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (which ``ru_maxrss`` reads) to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def memory_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one workload (``forward`` or ``probe``) in this fresh process and report its peak memory."""
+    """Run one workload (``forward`` or ``probe``) in this fresh process and report its peak memory.
+
+    CPU: the RSS high-water mark is reset once the model and data are loaded, so ``peak_mb`` (``ru_maxrss`` read
+    after the pass) is the peak *during the pass*, model and data included, free of the one-off loading spike;
+    ``process_peak_mb`` is the whole process's peak. CUDA: ``torch.cuda.max_memory_allocated`` over the pass (model
+    weights included). ``compute_mb`` is the pass's own memory: the peak minus what was resident just before it.
+    """
+    import gc
+
     import torch
 
     from nc_finetune.utils.env import resolve_device
@@ -194,19 +234,30 @@ def memory_worker(spec: dict[str, Any]) -> dict[str, Any]:
     device = resolve_device(recipe.probe.device)
     split, k = prepared.probe_split, prepared.data.num_classes
     backbone.model.eval().to(device)
+    gc.collect()
+    load_peak = _rss_mb()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    before = _peak_mb(device)  # model + data loaded, nothing computed yet
+        before, reset_ok = torch.cuda.memory_allocated(device) / 2**20, True
+    else:
+        before, reset_ok = _current_rss_mb(), _reset_peak_rss()
     if spec["mode"] == "forward":
         seconds, _ = _timed(lambda: plain_forward(backbone, split, recipe.probe.batch_size, device,
                                                   recipe.probe.autocast))
     else:
         seconds, _ = _timed(lambda: run_probe(backbone, split, k, recipe, device))
-    peak = _peak_mb(device)
-    return {"mode": spec["mode"], "samples": len(split), "device": str(device),
-            "metric": "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS (ru_maxrss)",
-            "peak_mb": peak, "before_mb": before, "delta_mb": peak - before, "seconds": seconds}
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        metric = "torch.cuda.max_memory_allocated"
+    else:
+        peak = _rss_mb()
+        metric = "peak RSS during the pass (ru_maxrss after a high-water reset)" if reset_ok else \
+            "peak RSS of the process (ru_maxrss; high-water reset unavailable)"
+    return {"mode": spec["mode"], "samples": len(split), "device": str(device), "metric": metric,
+            "peak_mb": peak, "before_mb": before, "compute_mb": peak - before if reset_ok else float("nan"),
+            "process_peak_mb": max(load_peak, _rss_mb()), "load_peak_rss_mb": load_peak,
+            "peak_reset": reset_ok, "seconds": seconds}
 
 
 def measure_memory(recipe_name: str, overrides: list[str], mode: str, threads: int) -> dict[str, Any]:
@@ -234,17 +285,33 @@ def timing_table(results: list[dict[str, Any]]) -> str:
     for r in results:
         t = r.get("timing")
         if not t or "error" in t:
-            rows.append([r["case"], "failed", "", "", "", "", "", ""])
+            rows.append([r["case"], "failed"] + [""] * 7)
             continue
         rows.append([r["case"], t["samples"], t["batch_size"], t["device"],
                      f"{_f(t['forward_median_s'], '.3f')}", f"{_f(t['probe_median_s'], '.3f')}",
                      f"{_f(t['ratio'], '.3f')}", check(t["ratio"] <= TARGET_WALL_RATIO if t["ratio"] == t["ratio"]
-                                                       else None)])
+                                                       else None), f"{_f(t['ratio_of_minimums'], '.3f')}"])
     return markdown_table(["case", "samples", "batch", "device", "forward s (median)", "probe s (median)",
-                           "probe/forward", f"target <= {TARGET_WALL_RATIO:.2f}"], rows)
+                           "probe/forward", f"target <= {TARGET_WALL_RATIO:.2f}", "ratio of minimums"], rows)
+
+
+def summarize_memory(mem: dict[str, Any]) -> None:
+    """Add the probe/forward ratios per size and the N -> 10N growth to ``mem`` (in place; skips failed cells)."""
+    cells = [mem[s][m] for s in ("small", "large") for m in ("forward", "probe")]
+    if any("error" in c for c in cells):
+        return
+    for size in ("small", "large"):
+        m = mem[size]
+        m["ratio"] = safe_ratio(m["probe"]["peak_mb"], m["forward"]["peak_mb"])
+        m["compute_ratio"] = safe_ratio(m["probe"]["compute_mb"], m["forward"]["compute_mb"])
+    mem["growth"] = {
+        f"{mode}_{key}": safe_ratio(mem["large"][mode][key], mem["small"][mode][key])
+        for mode in ("forward", "probe") for key in ("peak_mb", "compute_mb")
+    }
 
 
 def memory_tables(results: list[dict[str, Any]]) -> tuple[str, str]:
+    """The peak-memory table (probe vs forward at N and 10N) and the N -> 10N growth table."""
     rows, growth = [], []
     for r in results:
         mem = r.get("memory")
@@ -254,20 +321,22 @@ def memory_tables(results: list[dict[str, Any]]) -> tuple[str, str]:
             m = mem[size]
             f, p = m["forward"], m["probe"]
             if "error" in f or "error" in p:
-                rows.append([r["case"], m["per_class"], "failed", "", "", "", "", "", ""])
+                rows.append([r["case"], m["per_class"], "failed"] + [""] * 6)
                 continue
-            ratio = safe_ratio(p["peak_mb"], f["peak_mb"])
+            ratio = m.get("ratio", float("nan"))
             rows.append([r["case"], m["per_class"], f["samples"], _f(f["peak_mb"], ".0f"), _f(p["peak_mb"], ".0f"),
                          _f(ratio, ".3f"), check(ratio <= TARGET_MEMORY_RATIO if ratio == ratio else None),
-                         _f(f["delta_mb"], ".1f"), _f(p["delta_mb"], ".1f")])
-        g = mem.get("growth", {})
-        growth.append([r["case"], f"{mem['small']['per_class']} -> {mem['large']['per_class']}",
-                       _f(g.get("forward_peak"), ".3f"), _f(g.get("probe_peak"), ".3f"),
-                       _f(g.get("forward_delta_mb"), "+.1f"), _f(g.get("probe_delta_mb"), "+.1f")])
+                         _f(f["compute_mb"], ".1f"), _f(p["compute_mb"], ".1f")])
+        if "growth" in mem:
+            g, s, big = mem["growth"], mem["small"], mem["large"]
+            growth.append([r["case"], f"{s['per_class']} -> {big['per_class']}",
+                           _f(g["forward_peak_mb"], ".3f"), _f(g["probe_peak_mb"], ".3f"),
+                           f"{_f(s['forward']['compute_mb'], '.1f')} -> {_f(big['forward']['compute_mb'], '.1f')}",
+                           f"{_f(s['probe']['compute_mb'], '.1f')} -> {_f(big['probe']['compute_mb'], '.1f')}"])
     t1 = markdown_table(["case", "per class", "samples", "forward peak MB", "probe peak MB", "probe/forward",
                          f"target <= {TARGET_MEMORY_RATIO:.2f}", "forward compute MB", "probe compute MB"], rows)
-    t2 = markdown_table(["case", "per class", "forward peak x", "probe peak x", "forward compute MB change",
-                         "probe compute MB change"], growth)
+    t2 = markdown_table(["case", "per class", "forward peak x", "probe peak x", "forward compute MB",
+                         "probe compute MB"], growth)
     return t1, t2
 
 
@@ -314,6 +383,7 @@ def case_recipe(case: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.cases = list(dict.fromkeys(args.cases))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.memory_worker is not None:
         result = memory_worker(json.loads(args.memory_worker))
@@ -332,6 +402,14 @@ def main(argv: list[str] | None = None) -> int:
     common_over = [f"probe.linear_probe={str(args.linear_probe).lower()}", f"probe.device={args.device}"]
     if args.batch_size:
         common_over.append(f"probe.batch_size={args.batch_size}")
+
+    for case in args.cases:  # fail in a second on a typo, not after the first case
+        for n in (args.samples_per_class, args.n_small, args.n_large):
+            over = common_over + extra + ([f"probe.samples_per_class={n}"] if n else [])
+            try:
+                validate_recipe(case_recipe(case), over)
+            except Exception as e:
+                raise SystemExit(f"{case}: {e}") from None
 
     info = machine_info()
     cmd = command_line()
@@ -358,15 +436,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[{case}] peak memory: {mode} at {n}/class (fresh process) ...", file=sys.stderr,
                           flush=True)
                     mem[size][mode] = measure_memory(recipe, over, mode, threads)
-            with contextlib.suppress(KeyError, TypeError):
-                mem["growth"] = {
-                    "forward_peak": safe_ratio(mem["large"]["forward"]["peak_mb"], mem["small"]["forward"]["peak_mb"]),
-                    "probe_peak": safe_ratio(mem["large"]["probe"]["peak_mb"], mem["small"]["probe"]["peak_mb"]),
-                    "forward_delta_mb": mem["large"]["forward"]["delta_mb"] - mem["small"]["forward"]["delta_mb"],
-                    "probe_delta_mb": mem["large"]["probe"]["delta_mb"] - mem["small"]["probe"]["delta_mb"],
-                }
-                for size in ("small", "large"):
-                    mem[size]["ratio"] = safe_ratio(mem[size]["probe"]["peak_mb"], mem[size]["forward"]["peak_mb"])
+            summarize_memory(mem)
             entry["memory"] = mem
         results.append(entry)
 
@@ -374,17 +444,17 @@ def main(argv: list[str] | None = None) -> int:
     print(timing_table(results))
     lp = "with" if args.linear_probe else "without"
     print(f"\nprobe = every block + final feature, all metrics, {lp} the linear probe; both include "
-          f"backbone.prepare (tokenisation / resizing) and the same host-to-device copies.\n")
+          f"backbone.prepare (tokenisation / resizing) and the same host-to-device copies. The ratio of minimums "
+          f"is less sensitive to other load on the machine; all repeats are in the JSON.\n")
     if not args.skip_memory:
         t1, t2 = memory_tables(results)
-        metric = "torch.cuda.max_memory_allocated" if any(
-            r.get("memory", {}).get("small", {}).get("forward", {}).get("device", "").startswith("cuda")
-            for r in results) else "peak RSS (ru_maxrss)"
-        print(f"### Peak memory ({metric}, one fresh process per cell)\n")
+        metrics = {c["metric"] for r in results for s in ("small", "large")
+                   for c in (r.get("memory", {}).get(s, {}).get(m, {}) for m in ("forward", "probe")) if "metric" in c}
+        print(f"### Peak memory ({'; '.join(sorted(metrics)) or 'n/a'}; one fresh process per cell)\n")
         print(t1)
-        print("\ncompute MB = peak minus the process's peak once the model and data were loaded "
-              "(the memory of the pass itself).\n")
-        print("### Growth from N to 10N samples per class (a streaming probe should stay flat)\n")
+        print("\npeak = model + data + the pass (the one-off loading spike excluded; the whole-process peak is in "
+              "the JSON as process_peak_mb); compute MB = peak minus what was resident just before the pass.\n")
+        print("### Growth from --n-small to --n-large per class (N -> 10N; a streaming probe should stay flat)\n")
         print(t2)
         print()
 

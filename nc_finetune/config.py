@@ -276,6 +276,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return from_dict(tp, value, key)
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans: map them back to the word
+            words = ("on", "true", "yes") if value else ("off", "false", "no")
+            value = next((w for w in words if w in allowed), value)
         if value in allowed:
             return value
         raise ConfigError(f"recipe key '{key}' must be one of {', '.join(map(str, allowed))}; got {value!r}")

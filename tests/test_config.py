@@ -30,6 +30,11 @@ def test_defaults_and_overrides(tmp_path):
     assert r.data.max_train_samples is None
 
 
+def test_yaml_booleans_map_back_to_on_off():
+    assert load_recipe(None, ["train.cache_prefix=off"]).train.cache_prefix == "off"
+    assert load_recipe(None, ["train.cache_prefix=on"]).train.cache_prefix == "on"
+
+
 def test_int_is_accepted_for_float(tmp_path):
     assert load_recipe(None, ["train.lr=1"]).train.lr == 1.0
 
