@@ -88,6 +88,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["test", "train"])
     p.add_argument("--batch-size", type=int, default=None)
 
+    p = sub.add_parser("report", help="render report.md (+ PNGs) for a probe, run, rank or ufm directory",
+                       description="Render a self-contained Markdown page with PNGs from a run directory's JSON "
+                                   "artefacts: per-layer curves, the chosen blocks and why, training curves, costs.")
+    p.add_argument("run_dir", type=Path, metavar="DIR")
+    p.add_argument("--out", type=Path, default=None, help="output directory or .md path (default: DIR/report.md)")
+
+    p = sub.add_parser("ufm", help="train the unconstrained feature model and compare with its closed-form optimum",
+                       description="Train the unconstrained feature model (Zhu et al. 2021) with L-BFGS and show NC1, "
+                                   "NC2, NC3 falling to the closed-form global optimum. Refuses parameters with "
+                                   "K*sqrt(n*lambda_w*lambda_h) >= 1, where the optimum is W = H = 0.")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="writes DIR/ufm.json and DIR/ufm.png")
+    p.add_argument("--classes", type=int, default=4, help="K (default 4)")
+    p.add_argument("--per-class", type=int, default=5, help="n samples per class (default 5)")
+    p.add_argument("--dim", type=int, default=8, help="feature dimension d (default 8)")
+    p.add_argument("--lambda-w", type=float, default=5e-3)
+    p.add_argument("--lambda-h", type=float, default=5e-3)
+    p.add_argument("--lambda-b", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-iter", type=int, default=2000)
+
     p = sub.add_parser("validate", help="check a recipe (keys, types, allowed values) without loading anything")
     _add_recipe_args(p)
 
@@ -142,6 +162,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from nc_finetune.report.render import render_report
+
+    print(f"wrote {render_report(args.run_dir, args.out)}")
+    return 0
+
+
+def _cmd_ufm(args: argparse.Namespace) -> int:
+    from nc_finetune.report.ufm_report import format_ufm, run_ufm
+
+    summary = run_ufm(args.out, num_classes=args.classes, n_per_class=args.per_class, dim=args.dim,
+                      lambda_w=args.lambda_w, lambda_h=args.lambda_h, lambda_b=args.lambda_b, seed=args.seed,
+                      max_iter=args.max_iter)
+    print(format_ufm(summary))
+    print(f"wrote {args.out / 'ufm.json'} and {args.out / 'ufm.png'}")
+    return 0
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from nc_finetune.config import load_recipe
 
@@ -173,8 +211,20 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _silence_library_progress_bars() -> None:
+    """``--quiet``: also turn off the progress bars that datasets / transformers / huggingface_hub write to stderr
+    (through the environment for libraries not imported yet, through their switches for those already imported)."""
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    switches = (("datasets", "disable_progress_bars"), ("transformers.utils.logging", "disable_progress_bar"),
+                ("huggingface_hub.utils", "disable_progress_bars"))
+    for module, switch in switches:
+        if module in sys.modules:
+            getattr(sys.modules[module], switch)()
+
+
 _COMMANDS = {"probe": _cmd_probe, "select": _cmd_select, "run": _cmd_run, "eval": _cmd_eval,
-             "validate": _cmd_validate, "ls": _cmd_ls}
+             "report": _cmd_report, "ufm": _cmd_ufm, "validate": _cmd_validate, "ls": _cmd_ls}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if getattr(args, "quiet", False):
+        _silence_library_progress_bars()
     try:
         return _COMMANDS[args.command](args)
     except UserError as e:
