@@ -123,6 +123,7 @@ def probe(
     seed: int = 0,
     progress: bool = True,
     meta: dict[str, Any] | None = None,
+    transfer_scores: bool = False,
 ) -> ProbeResult:
     """Measure collapse at every tapped block in one pass over ``split``.
 
@@ -139,6 +140,10 @@ def probe(
         seed: Reservoir sampling seed.
         progress: Show a tqdm bar (rank 0 only).
         meta: Extra provenance merged into ``ProbeResult.meta``.
+        transfer_scores: Also add the transferability scores of
+            :func:`nc_finetune.transfer.scores.scores_from_stats` per layer: ``logme`` and ``hscore`` from the global
+            (all-reduced) statistics, and the raw NCTI terms from the layer's reservoir. Under ``torch.distributed``
+            the reservoir terms are computed from each rank's *local* reservoir (not reduced), so they differ by rank.
 
     Returns:
         The per-layer table.
@@ -209,6 +214,10 @@ def probe(
         rec.update(metrics_from_stats(st, weight=weight if with_w else None, bias=bias if with_w else None, name=name))
         correct, total = res.ncc_correct(st.class_means())
         rec["ncc_accuracy"] = _all_sum_ratio(correct, total, dev)
+        if transfer_scores:
+            from nc_finetune.transfer.scores import scores_from_stats  # lazy: only this option needs it
+
+            rec.update(scores_from_stats(st, res.features, res.labels))  # reservoir (NCTI) terms: rank-local
         records.append(rec)
 
     block_nc1 = [r["nc1"] for r in records if r["is_block"]]
