@@ -88,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["test", "train"])
     p.add_argument("--batch-size", type=int, default=None)
 
+    p = sub.add_parser("rank", help="rank candidate backbones and their layers by downstream collapse -> rank.json",
+                       description="Probe every backbone in rank.candidates on the recipe's data (one pass each: "
+                                   "NC1, trace ratio, CDNV, LogME, H-score, NCTI terms, size) and correlate each "
+                                   "score with the ground truth (rank.finetune runs, or the linear probe): Kendall "
+                                   "tau and weighted tau. Writes DIR/rank.json, DIR/rank.png, DIR/candidates/.")
+    _add_recipe_args(p)
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing rank.json")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
     p = sub.add_parser("report", help="render report.md (+ PNGs) for a probe, run, rank or ufm directory",
                        description="Render a self-contained Markdown page with PNGs from a run directory's JSON "
                                    "artefacts: per-layer curves, the chosen blocks and why, training curves, costs.")
@@ -162,6 +172,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rank(args: argparse.Namespace) -> int:
+    from nc_finetune.config import load_recipe
+    from nc_finetune.pipeline import rank_stage
+
+    recipe = load_recipe(resolve_recipe_path(args.recipe), args.overrides)
+    report = rank_stage(recipe, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    truth = report["truth_key"]
+    print(f"{len(report['rows'])} candidates on {report['dataset']}; ground truth: {truth}")
+    for row in report["rows"]:
+        print(f"  {row['name']:<36} {truth} {row.get(truth, float('nan')):.4f}  nc1 {row.get('nc1', float('nan')):.4g}"
+              f"  logme {row.get('logme', float('nan')):.4g}  params {row['params']:,}")
+    for score, c in report["correlations"].items():
+        print(f"  {score:<14} Kendall tau {c['kendall_tau']:+.3f}  weighted tau {c['weighted_tau']:+.3f}")
+    print(f"wrote {args.out / 'rank.json'} and {args.out / 'rank.png'}")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from nc_finetune.report.render import render_report
 
@@ -224,7 +251,7 @@ def _silence_library_progress_bars() -> None:
 
 
 _COMMANDS = {"probe": _cmd_probe, "select": _cmd_select, "run": _cmd_run, "eval": _cmd_eval,
-             "report": _cmd_report, "ufm": _cmd_ufm, "validate": _cmd_validate, "ls": _cmd_ls}
+             "rank": _cmd_rank, "report": _cmd_report, "ufm": _cmd_ufm, "validate": _cmd_validate, "ls": _cmd_ls}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -148,6 +148,17 @@ class TrainConfig:
 
 
 @dataclass
+class RankConfig:
+    """``nc-finetune rank``: rank candidate backbones (and each one's layers) by downstream collapse."""
+
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    """Backbone sections (``{name: efficientnet-lite0, pretrained: false}``), each with an optional ``label``."""
+    finetune: bool = False
+    """Ground truth: train every candidate with this recipe's selection/adapt/train sections and use its test
+    accuracy; otherwise the held-out linear-probe accuracy of the probe (``probe.linear_probe``) is the truth."""
+
+
+@dataclass
 class Recipe:
     """A complete recipe. Sections not used by a subcommand are validated but ignored."""
 
@@ -157,6 +168,7 @@ class Recipe:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    rank: RankConfig = field(default_factory=RankConfig)
     description: str = ""
     """Free text shown by ``nc-finetune ls``."""
 

@@ -134,6 +134,26 @@ def _first_difference(a: object, b: object, prefix: str = "") -> str | None:
     return None if a == b else f"{prefix}: {a!r} then, {b!r} now"
 
 
+def check_selection_feasible(recipe: Recipe, backbone, num_classes: int) -> None:
+    """Fail on an unknown manual block or a budget that no block fits before the probe is paid for.
+
+    Neither depends on the ranking, so a rank-free strategy with the same budget raises the same error that the
+    real selection would raise after probing (and the run directory is not left holding a probe).
+
+    Raises:
+        ConfigError: as :func:`~nc_finetune.select.select_blocks`.
+    """
+    from nc_finetune.select import select_blocks
+
+    s = recipe.selection
+    if s.strategy == "all":  # budgets do not apply
+        return
+    head = backbone.feature_dim * num_classes + num_classes
+    select_blocks(None, backbone.blocks, strategy="manual" if s.strategy == "manual" else "last_k",
+                  max_blocks=s.max_blocks, max_param_fraction=s.max_param_fraction, manual=s.blocks,
+                  head_params=head, total_params=backbone.num_params() + head)
+
+
 def run_select_stage(recipe: Recipe, backbone, probe_result, prepared: PreparedData, num_classes: int):
     """Choose blocks per ``recipe.selection``; Auto-RGN measures gradients on a temporary full classifier."""
     from nc_finetune.adapt import build_classifier
@@ -188,6 +208,7 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
     from nc_finetune.data import stratified_split
     from nc_finetune.probe.result import ProbeResult
     from nc_finetune.select import Selection
+    from nc_finetune.train.checkpoint import has_checkpoint
     from nc_finetune.train.loop import TrainData, Trainer
     from nc_finetune.utils.env import library_versions, seed_everything
     from nc_finetune.utils.io import write_json_atomic
@@ -208,6 +229,8 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
 
     seed_everything(recipe.train.seed)
     backbone = load_recipe_backbone(recipe)
+    if not (resume and (out / "selection.json").exists()):
+        check_selection_feasible(recipe, backbone, K)
     if resume and (out / "probe.json").exists():
         probe_result = ProbeResult.load(out / "probe.json")
     else:
@@ -220,11 +243,10 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
         selection.save(out / "selection.json")
 
     a = recipe.adapt
-    block_names = [b["name"] for b in selection.blocks]
-    dims = {r["name"]: r["dim"] for r in probe_result.layers}
+    skip_dim = scl_skip_dim(recipe, backbone, selection, probe_result, data.train)
     seed_everything(recipe.train.seed)  # the head / LoRA init must not depend on what ran before
-    adapted = build_classifier(backbone, K, method=a.method, selection=selection,
-                               skip_dim=dims.get(block_names[-1]) if block_names else None, wiring=a.scl_wiring,
+    adapted = build_classifier(backbone, K, method=a.method, selection=selection, skip_dim=skip_dim,
+                               wiring=a.scl_wiring,
                                lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
                                freeze_bn=a.freeze_bn)
     t = recipe.train
@@ -234,7 +256,8 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
         train_split, val_split = data.train.subset(tr_idx), data.train.subset(val_idx)
     trainer = Trainer(adapted, backbone, TrainData(train=train_split, test=data.test, val=val_split), t, out,
                       progress=progress, stop_after_steps=stop_after_steps)
-    summary = trainer.fit(resume=resume)
+    # A run killed before its first checkpoint has nothing to continue from: it trains from the start.
+    summary = trainer.fit(resume=resume and has_checkpoint(out / "checkpoint"))
     if trainer.rank == 0:
         _save_final_weights(adapted, out)
     summary.update({
@@ -249,6 +272,32 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
     if trainer.rank == 0:
         write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+def scl_skip_dim(recipe: Recipe, backbone, selection, probe_result, split) -> int | None:
+    """Pooled width of the SCL skip block (the deepest selected one): from the probe, or, when ``probe.layers`` left
+    that block out, from one no-grad forward of a training sample. ``None`` for the other methods."""
+    import torch
+
+    names = [b["name"] for b in selection.blocks]
+    if recipe.adapt.method != "scl" or not names:
+        return None
+    dims = {r["name"]: r["dim"] for r in probe_result.layers}
+    if names[-1] in dims:
+        return int(dims[names[-1]])
+    inputs = backbone.prepare(split.subset([0]).inputs)
+    pooled: dict[str, int] = {}
+
+    def capture(_module, _args, out) -> None:  # must return None: a returned value would replace the output
+        pooled.setdefault("dim", int(backbone.pool(out, inputs).shape[1]))
+
+    hook = backbone.model.get_submodule(names[-1]).register_forward_hook(capture)
+    try:
+        with torch.no_grad():
+            backbone.model(**inputs)
+    finally:
+        hook.remove()
+    return pooled["dim"]
 
 
 def _save_final_weights(adapted, out: Path) -> None:
@@ -267,6 +316,7 @@ def select_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress
     check_out_dir(out, ["selection.json"], overwrite)
     prepared = prepare_data(recipe)
     backbone = load_recipe_backbone(recipe)
+    check_selection_feasible(recipe, backbone, prepared.data.num_classes)
     probe_path = out / "probe.json"
     reuse = probe_path.exists() and ProbeResult.load(probe_path).meta.get("recipe", {}).get("probe") == \
         recipe_to_dict(recipe)["probe"]
@@ -312,11 +362,10 @@ def eval_stage(run_dir: Path, split: str = "test", batch_size: int | None = None
     data = prepare_data(recipe).data
     backbone = load_recipe_backbone(recipe)
     selection = Selection.load(run_dir / "selection.json")
-    dims = {r["name"]: r["dim"] for r in ProbeResult.load(run_dir / "probe.json").layers}
-    names = [b["name"] for b in selection.blocks]
+    skip_dim = scl_skip_dim(recipe, backbone, selection, ProbeResult.load(run_dir / "probe.json"), data.train)
     a = recipe.adapt
-    adapted = build_classifier(backbone, data.num_classes, method=a.method, selection=selection,
-                               skip_dim=dims.get(names[-1]) if names else None, wiring=a.scl_wiring,
+    adapted = build_classifier(backbone, data.num_classes, method=a.method, selection=selection, skip_dim=skip_dim,
+                               wiring=a.scl_wiring,
                                lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
                                freeze_bn=a.freeze_bn)
     weights = load_file(str(run_dir / "trainable.safetensors"))
@@ -331,3 +380,87 @@ def eval_stage(run_dir: Path, split: str = "test", batch_size: int | None = None
                       progress=False)
     adapted.model.to(trainer.device)
     return {"split": split, **trainer.evaluate(split, splits[split])}
+
+
+_SCORE_KEYS = ("nc1", "nc1_trace", "cdnv", "ncc_accuracy", "lp_accuracy", "logme", "hscore", "ncti_seli_raw",
+               "ncti_ncc_raw", "ncti_vc_raw")
+
+
+def rank_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress: bool = True) -> dict:
+    """Rank ``recipe.rank.candidates`` (and each one's layers) by collapse and transferability scores.
+
+    Every candidate is probed once on the same probe subset with ``transfer_scores`` on, so NC1, trace ratio,
+    CDNV, LogME and H-score come from one streaming pass (NCTI from the per-layer reservoir); the parameter count is
+    the static size baseline. Ground truth is the test accuracy of a training run per candidate
+    (``rank.finetune``) or the probe's held-out linear-probe accuracy. Writes ``rank.json``, ``rank.png`` and
+    ``candidates/<label>/`` (probe.json/png, and run/ when fine-tuning).
+
+    Returns:
+        The content of ``rank.json``.
+    """
+    import dataclasses
+    import re
+
+    from nc_finetune.config import BackboneConfig, from_dict
+    from nc_finetune.errors import ConfigError
+    from nc_finetune.probe.runner import probe
+    from nc_finetune.report.plots import plot_probe
+    from nc_finetune.transfer.ranking import plot_rank, rank_table
+    from nc_finetune.utils.env import library_versions, seed_everything
+    from nc_finetune.utils.io import write_json_atomic
+
+    out = Path(out)
+    check_out_dir(out, ["rank.json", "rank.png"], overwrite)
+    cands: list[tuple[str, BackboneConfig]] = []
+    for i, raw in enumerate(recipe.rank.candidates):
+        raw = dict(raw)
+        label = raw.pop("label", None)
+        cfg = from_dict(BackboneConfig, raw, f"rank.candidates[{i}]")
+        cands.append((str(label) if label else cfg.name + ("" if cfg.pretrained else " (random init)"), cfg))
+    if len(cands) < 2:
+        raise ConfigError("rank.candidates needs at least 2 backbone sections, e.g. "
+                          "[{name: efficientnet-lite0}, {name: efficientnet-lite0, pretrained: false}]")
+    labels = [c[0] for c in cands]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"rank.candidates: labels must be unique (got {labels}); add a 'label' to each")
+    if not recipe.rank.finetune and not recipe.probe.linear_probe:
+        raise ConfigError("rank needs a ground truth: set rank.finetune=true or probe.linear_probe=true")
+
+    prepared = prepare_data(recipe)
+    data = prepared.data
+    p = recipe.probe
+    rows, layers = [], {}
+    for label, cfg in cands:
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-")
+        cand_recipe = dataclasses.replace(recipe, backbone=cfg)
+        seed_everything(p.seed)
+        backbone = load_recipe_backbone(cand_recipe)
+        result = probe(backbone, prepared.probe_split, data.num_classes, batch_size=p.batch_size,
+                       ncc_samples=p.ncc_samples, linear_probe=p.linear_probe, autocast=p.autocast, device=p.device,
+                       seed=p.seed, progress=progress, transfer_scores=True,
+                       meta={"dataset": data.name, "candidate": label})
+        cand_dir = out / "candidates" / slug
+        cand_dir.mkdir(parents=True, exist_ok=True)
+        result.save(cand_dir / "probe.json")
+        plot_probe(result, cand_dir / "probe.png")
+        last = result.layers[-1]
+        row = {"name": label, "backbone": cfg.name, "pretrained": cfg.pretrained, "params": backbone.num_params(),
+               "probe_seconds": result.meta["seconds"], **{k: last[k] for k in _SCORE_KEYS if k in last}}
+        if recipe.rank.finetune:
+            summary = run_stage(cand_recipe, cand_dir / "run", progress=progress)
+            row["finetune_accuracy"] = summary["test_accuracy"]
+        rows.append(row)
+        layer_rows, size = [], 0
+        for rec in result.blocks():
+            size += rec["num_params"]  # a model truncated after this block
+            layer_rows.append({"name": rec["name"], "num_params": size,
+                               **{k: rec[k] for k in _SCORE_KEYS if k in rec}})
+        layers[label] = {"rows": layer_rows, **rank_table(layer_rows, "lp_accuracy" if p.linear_probe else None)}
+    truth = "finetune_accuracy" if recipe.rank.finetune else "lp_accuracy"
+    table = rank_table(rows, truth)
+    report = {"dataset": data.name, "num_classes": data.num_classes, "probe_samples": len(prepared.probe_split),
+              **table, "truth_key": truth, "rows": rows, "layers": layers, "recipe": recipe_to_dict(recipe),
+              "versions": library_versions()}
+    write_json_atomic(out / "rank.json", report)
+    plot_rank(rows, truth, out / "rank.png", title=f"{len(rows)} backbones on {data.name}: scores vs {truth}")
+    return report

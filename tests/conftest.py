@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny randomly initialised models built in-process, tiny datasets, tiny recipes. Nothing from a hub."""
+"""Shared fixtures: tiny random models built in-process, tiny datasets and recipes. Nothing comes from a hub."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Tiny models on a shared 2-core machine: one intra-op thread is faster and does not stall when the cores are busy.
+torch.set_num_threads(1)
 
 WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "ran", "fast", "slow", "red", "big"]
 #: Words that mark each class of the tiny text data (so the classes are learnable, not just noise).
@@ -111,11 +114,12 @@ def load_cnn(seed: int = 0):
 
 
 def train_config(**overrides):
-    """A TrainConfig for tiny CPU runs (override anything)."""
+    """A TrainConfig for tiny runs (override anything); on the CPU unless NC_TEST_DEVICE names another device."""
     from nc_finetune.config import TrainConfig
 
     kw = {"epochs": 2, "batch_size": 4, "eval_batch_size": 8, "lr": 1e-2, "head_lr": 1e-2, "warmup_ratio": 0.0,
-          "log_every": 1, "checkpoint_every": 100, "device": "cpu", "cache_prefix": "off"}
+          "log_every": 1, "checkpoint_every": 100, "device": os.environ.get("NC_TEST_DEVICE", "cpu"),
+          "cache_prefix": "off"}
     kw.update(overrides)
     return TrainConfig(**kw)
 
@@ -179,3 +183,24 @@ def make_recipe(bert: Path, csv: dict[str, str], **extra):
     from nc_finetune.config import load_recipe
 
     return load_recipe(None, recipe_overrides(bert, csv, **extra))
+
+
+#: Overrides of the shared finished run: NC-guided (knee) selection of one block, finetune, 2 epochs x 6 steps.
+FINISHED_RUN = {"selection.strategy": "knee", "selection.max_blocks": 1, "selection.blocks": "null"}
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, bert_dir: Path, text_csv: dict[str, str]) -> dict:
+    """One tiny end-to-end ``run_stage`` shared by the pipeline and CLI tests. Never modify it: copy it first."""
+    from nc_finetune.pipeline import run_stage
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    overrides = recipe_overrides(bert_dir, text_csv, **FINISHED_RUN)
+    recipe = make_recipe(bert_dir, text_csv, **FINISHED_RUN)
+    summary = run_stage(recipe, out, progress=False)
+    return {"out": out, "recipe": recipe, "overrides": overrides, "summary": summary}
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (relative path -> content), to show that a refused command touched nothing."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

@@ -326,8 +326,8 @@ class FeatureReservoir:
         mu_sq = mu_c.square().sum(1)  # (K,)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         for start in range(0, n, chunk):
-            xc = self._x[start : start + chunk].to(_F64) - centre  # (c, D)
+            xc = self._x[start : min(start + chunk, n)].to(_F64) - centre  # (c, D)
             # argmin_k ‖x − μ_k‖² = argmin_k (‖μ_k‖² − 2 x·μ_k); ‖x‖² is common to all k.
             pred = (mu_sq[None, :] - 2.0 * xc @ mu_c.T).argmin(1)  # (c,)
-            correct += (pred == self._y[start : start + chunk]).sum()
+            correct += (pred == self._y[start : min(start + chunk, n)]).sum()
         return int(correct.item()), n

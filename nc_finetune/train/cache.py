@@ -116,7 +116,8 @@ class PrefixCache:
                         t = cpu_inputs["attention_mask"].shape[1]
                         sample_in = {k: (v[i, :n] if v.dim() >= 2 and v.shape[1] == t else v[i])
                                      for k, v in cpu_inputs.items()}
-                        sample_x = x[i, :n].clone() if x.dim() >= 2 and x.shape[1] == t else x[i].clone()
+                        # only a token tensor (B, T, D) is trimmed; a pooled (B, D) output is kept whole even if D == T
+                        sample_x = x[i, :n].clone() if x.dim() >= 3 and x.shape[1] == t else x[i].clone()
                     else:
                         sample_in = {k: v[i].clone() for k, v in cpu_inputs.items()}
                         sample_x = x[i].clone()

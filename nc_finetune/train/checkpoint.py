@@ -70,6 +70,12 @@ def save_weights(path: Path, weights: dict[str, torch.Tensor]) -> None:
     atomic_write(path, lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp))
 
 
+def has_checkpoint(path: Path) -> bool:
+    """Whether :func:`load_checkpoint` finds a complete checkpoint at ``path`` (or its ``.old`` predecessor)."""
+    path = Path(path)
+    return (path / META).is_file() or (path.with_name(path.name + ".old") / META).is_file()
+
+
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """Load (weights, trainer state, position) from a checkpoint directory.
 

@@ -206,8 +206,10 @@ class Trainer:
         path = self.out / "metrics.jsonl"
         if self.rank != 0 or not path.exists():
             return
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        # A checkpoint at an epoch end is written after that epoch's evaluation lines, which are kept.
+        rows = [(line, json.loads(line)) for line in path.read_text().splitlines() if line]
+        # A checkpoint at an epoch end is written after that epoch's evaluation lines, which are kept; the final test
+        # line comes after the last checkpoint and is written again by the resumed run.
+        keep = [line for line, r in rows if r.get("step", 0) <= step and r.get("split") != "final_test"]
         write_text_atomic(path, "".join(line + "\n" for line in keep))
 
     # -- main loop ----------------------------------------------------------------------------------------------
@@ -228,8 +230,8 @@ class Trainer:
         model, optimizer = acc.prepare(model, optimizer)
 
         # Everything needed to continue exactly where a checkpoint left off (saved as position.json).
-        pos = {"epoch": 0, "micro": 0, "step": 0, "best_val": None, "bad_evals": 0, "train_seconds": 0.0,
-               "epoch_seconds": [], "running": []}
+        pos = {"epoch": 0, "micro": 0, "step": 0, "best_val": None, "bad_evals": 0, "stopped_early": False,
+               "train_seconds": 0.0, "epoch_seconds": [], "running": []}
         ckpt_dir = self.out / "checkpoint"
         if resume:
             weights, state, pos = load_checkpoint(ckpt_dir)
@@ -241,8 +243,9 @@ class Trainer:
             scheduler.load_state_dict(state["scheduler"])
             set_rng_state(state["rng"])
             self._truncate_log(pos["step"])
-        elif self.rank == 0 and (self.out / "metrics.jsonl").exists():
-            (self.out / "metrics.jsonl").unlink()
+        elif self.rank == 0:  # a fresh run: no log lines or best model of an earlier run in this directory
+            for stale in ("metrics.jsonl", "best.safetensors"):
+                (self.out / stale).unlink(missing_ok=True)
 
         def checkpoint() -> None:
             if self.rank == 0:
@@ -252,7 +255,7 @@ class Trainer:
 
         bar = tqdm(total=total_steps, initial=pos["step"], desc="train", unit="step",
                    disable=not self.progress or self.rank != 0, leave=False)
-        stopped_early = False
+        stopped_early = bool(pos.get("stopped_early", False))  # a resumed run that had stopped early stays stopped
         running = pos["running"]  # losses since the last log line (a list shared with `pos`)
         try:
             while pos["epoch"] < cfg.epochs and pos["step"] < total_steps and not stopped_early:
@@ -295,7 +298,7 @@ class Trainer:
                                 raise StopTraining
                 pos["train_seconds"] += time.perf_counter() - t0
                 pos["epoch_seconds"].append(time.perf_counter() - t0)
-                stopped_early = self._end_of_epoch(epoch, pos)
+                stopped_early = pos["stopped_early"] = self._end_of_epoch(epoch, pos)
                 pos["epoch"] += 1
                 pos["micro"] = 0
                 checkpoint()

@@ -249,3 +249,17 @@ def test_ncc_correct_matches_bruteforce() -> None:
     dist = ((xs[:, None, :] - means[None, :, :]) ** 2).sum(-1)
     assert total == 300 and correct == int((dist.argmin(1) == y).sum())
     assert 0 < correct < 300
+
+
+def test_ncc_ignores_the_unfilled_part_of_the_reservoir():
+    # A reservoir larger than the stream must score only the samples it holds, whatever the spare rows contain.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(12, 5, generator=g)
+    y = torch.arange(12) % 3
+    res = FeatureReservoir(capacity=100)
+    res.add(x, y)
+    means = torch.stack([x[y == k].mean(0) for k in range(3)]).double()
+    res._x[12:] = 1e3  # garbage that a bug reading past the stored rows would score as correct
+    res._y[12:] = torch.cdist(torch.full((1, 5), 1e3, dtype=torch.float64), means).argmin()
+    pred = torch.cdist(x.double(), means).argmin(1)
+    assert res.ncc_correct(means) == (int((pred == y).sum()), 12)
