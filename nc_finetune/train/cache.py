@@ -156,21 +156,32 @@ class PrefixCache:
         return self.current
 
     def verify(self, name: str, inputs: dict[str, torch.Tensor], indices: Sequence[int], device: torch.device,
-               atol: float = 1e-4) -> bool:
-        """True when the cached path gives the same logits as the real forward on these samples."""
+               rtol: float | None = None) -> bool:
+        """True when the cached path gives the same logits as the real forward on these samples.
+
+        The check is a relative error of the logits, ``‖real − cached‖ / ‖real‖ ≤ rtol``. The default ``rtol`` is
+        1e-4 on CPU and 2e-2 on CUDA, where TF32 convolutions and batch-size-dependent kernels make the two forwards
+        differ at the 1e-3 level although both are equally accurate; a prefix the cache cannot replay differs at
+        order 1.
+        """
         from nc_finetune.adapt import eval_mode
 
+        if rtol is None:
+            rtol = 2e-2 if device.type == "cuda" else 1e-4
         with torch.no_grad(), eval_mode(self.model):
-            real = self.model(**{k: v.to(device) for k, v in inputs.items()})
+            real = self.model(**{k: v.to(device) for k, v in inputs.items()}).float()
             cached_inputs = self.batch(name, indices, device)
             with self.replay():
-                cached = self.model(**cached_inputs)
-        scale = max(1.0, float(real.abs().max()))
-        ok = real.shape == cached.shape and bool(torch.allclose(real, cached, atol=atol * scale, rtol=1e-4))
-        if not ok:
-            log.warning("prefix cache does not reproduce the model's forward (max diff %.3g); training uncached",
-                        float((real - cached).abs().max()) if real.shape == cached.shape else float("nan"))
-        return ok
+                cached = self.model(**cached_inputs).float()
+        if real.shape != cached.shape:
+            log.warning("prefix cache gives logits of shape %s, the model %s; training uncached",
+                        tuple(cached.shape), tuple(real.shape))
+            return False
+        err = float((real - cached).norm() / real.norm().clamp_min(1e-12))
+        if err > rtol:
+            log.warning("prefix cache does not reproduce the model's forward (relative error %.3g > %.3g); "
+                        "training uncached", err, rtol)
+        return err <= rtol
 
 
 def _pad_stack(tensors: list[torch.Tensor]) -> torch.Tensor:
