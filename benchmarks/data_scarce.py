@@ -1,0 +1,420 @@
+"""Evidence (d): how do NC-selected adaptation methods hold up when labelled data is scarce?
+
+For each task, training-set size and seed, every mode runs as its own fresh process
+(``python -m nc_finetune.cli run <recipe> <overrides> --out <workdir>/<task>/<size>/seed<s>/<mode> --quiet``) and its
+``summary.json`` is read back. Sizes (``--sizes``) are samples per class: ``data.max_train_samples = n·K`` (a
+stratified, seeded subsample), and ``full`` = the recipe's own ``data.max_train_samples`` (EfficientNet-Lite0 /
+Fashion-MNIST: 10000 = 1000 per class; MiniLM / Rotten Tomatoes: 8000 = 4000 per class). The probe that drives the
+NC selection is drawn from the same subsample (``probe.samples_per_class`` caps it; at 10 per class it sees those
+10), so the selection never looks at data the training could not use. Modes:
+
+* ``scl``          -- SCL-FT: the NC-selected blocks fine-tuned with an additive skip from the deepest one to the
+                      head (``adapt.method=scl adapt.scl_wiring=add``).
+* ``nc-finetune``  -- the NC-selected blocks fine-tuned (the recipe's strategy and budget).
+* ``nc-lora``      -- LoRA on the NC-selected blocks.
+* ``full``         -- every parameter trains.
+* ``linear_probe`` -- head only.
+
+Step-matching rule (every size sees about the same number of optimizer steps, so a small set is not simply
+under-trained): with ``T`` = ``--steps-target`` (default: the recipe's own step count at full size, i.e.
+``ceil(N_full / batch) · epochs``: 157 · 2 = 314 for EfficientNet, 250 · 1 = 250 for MiniLM),
+``steps_per_epoch = ceil(ceil(N / batch) / grad_accum)`` and
+
+    epochs = clamp(ceil(T / steps_per_epoch), 1, max_epochs),   train.max_steps = T,
+
+so a run makes ``min(T, epochs · steps_per_epoch)`` steps and the full size runs exactly as the recipe does. The
+cap ``max_epochs`` (``--max-epochs``; per-task default: EfficientNet 160, never binding at 10 per class; MiniLM
+40, binding only at 10 per class: 20 reviews = 1 step per epoch, so 40 of 250 steps) bounds the cost of the test
+evaluation that the trainer runs after every epoch; where it binds the run makes fewer than ``T`` steps, and the
+table marks it. The learning-rate schedule (warm-up + cosine) spans the run's own steps. A ``--set`` of
+``train.epochs``, ``train.max_steps`` or ``train.batch_size`` changes the default ``T`` (the recipe's steps at full
+size); the rule's keys then replace ``data.max_train_samples``, ``train.epochs`` and ``train.max_steps``.
+
+Each seed sets ``train.seed`` and ``selection.seed``; the subsample stays the same for every seed unless
+``--resample-data`` (then ``data.seed`` = the seed too, which also redraws the test subsample).
+
+Reported per task: accuracy (mean ± std over seeds) of every mode at every size, its difference from ``full``
+fine-tuning at the same size and from the same mode at full size (both paired per seed), and the PNG of accuracy
+against samples per class (log x), one line per mode.
+
+Examples:
+    # the real CPU run (EfficientNet-Lite0 on Fashion-MNIST; runs kept, an interrupted run continues)
+    python benchmarks/data_scarce.py --seeds 0 1 2 --workdir runs/bench-data-scarce
+    # also MiniLM on Rotten Tomatoes
+    python benchmarks/data_scarce.py --tasks effnet-fm minilm-rt --seeds 0 1 2 --workdir runs/bench-data-scarce
+    # a smoke run (seconds)
+    python benchmarks/data_scarce.py --sizes 3 6 --modes scl linear_probe --seeds 0 --set train.max_steps=2 \\
+        --set data.max_eval_samples=30 --set probe.samples_per_class=10 --out /tmp/ds-smoke.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from common import (
+    REPO_ROOT,
+    command_line,
+    default_out,
+    fmt_stat,
+    machine_info,
+    markdown_table,
+    mean_std,
+    parse_overrides,
+    print_header,
+    write_results,
+)
+from finetune_efficiency import _recipe_dict, cache_override
+from layer_selection import accuracies, blocks_label, paired, run_plan, subprocess_env, validate_plan
+
+NAME = "data_scarce"
+TASKS: dict[str, dict[str, Any]] = {
+    "effnet-fm": {"recipe": "effnet-lite0-fashion-mnist", "num_classes": 10, "max_epochs": 160,
+                  "overrides": ["data.max_eval_samples=1000"],
+                  "about": "EfficientNet-Lite0 (64 px) on Fashion-MNIST"},
+    "minilm-rt": {"recipe": "minilm-rotten-tomatoes", "num_classes": 2, "max_epochs": 40,
+                  "overrides": ["data.max_eval_samples=1000"],
+                  "about": "MiniLM-L6 (max_length 64, mean pooling) on Rotten Tomatoes"},
+}
+MODES: dict[str, list[str]] = {
+    "scl": ["adapt.method=scl", "adapt.scl_wiring=add"],
+    "nc-finetune": ["adapt.method=finetune"],
+    "nc-lora": ["adapt.method=lora"],
+    "full": ["adapt.method=full"],
+    "linear_probe": ["adapt.method=linear_probe"],
+}
+REFERENCE = "full"
+FULL = "full"
+
+
+# --------------------------------------------------------------------------------------------------- the plan
+
+
+def parse_size(text: str) -> int | str:
+    """``10`` -> 10 samples per class; ``full`` -> the recipe's size."""
+    if text == FULL:
+        return FULL
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a size is a number of samples per class or 'full'; got {text!r}") from None
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"need at least 2 samples per class (the probe needs 2); got {n}")
+    return n
+
+
+def size_label(size: int | str) -> str:
+    return FULL if size == FULL else f"n{size}"
+
+
+def available_train(resolved: dict[str, Any]) -> int:
+    """Training samples the task's dataset holds (before any ``max_train_samples``)."""
+    from nc_finetune.data import load_data
+
+    d = resolved["data"]
+    data = load_data(d["name"], train_split=d["train_split"], test_split=d["test_split"],
+                     text_column=d["text_column"], image_column=d["image_column"], label_column=d["label_column"],
+                     data_files=d["data_files"], max_train_samples=None, max_eval_samples=None, seed=d["seed"],
+                     test_size=d["test_size"])
+    return len(data.train)
+
+
+def steps_per_epoch(n_train: int, train: dict[str, Any]) -> int:
+    """Optimizer steps of one epoch over ``n_train`` samples (one process), after the validation split."""
+    n = n_train - round(n_train * train["val_fraction"]) if train["val_fraction"] > 0 else n_train
+    return max(1, math.ceil(math.ceil(max(1, n) / train["batch_size"]) / train["grad_accum_steps"]))
+
+
+def recipe_steps(n_train: int, train: dict[str, Any]) -> int:
+    """Steps the recipe itself makes at ``n_train`` samples (its epochs, capped by its max_steps)."""
+    total = steps_per_epoch(n_train, train) * train["epochs"]
+    return min(total, train["max_steps"]) if train["max_steps"] else total
+
+
+def schedule(n_train: int, train: dict[str, Any], target: int, max_epochs: int) -> dict[str, int]:
+    """The step-matching rule: ``epochs = clamp(ceil(T / steps_per_epoch), 1, max_epochs)``, ``max_steps = T``."""
+    spe = steps_per_epoch(n_train, train)
+    epochs = min(max_epochs, max(1, math.ceil(target / spe)))
+    return {"steps_per_epoch": spe, "epochs": epochs, "max_steps": target, "steps": min(target, epochs * spe)}
+
+
+# --------------------------------------------------------------------------------------------------- statistics
+
+
+def size_rows(runs_by: dict[tuple[Any, str], dict[int, dict[str, Any]]], sizes: list[Any], modes: list[str],
+              plan_info: dict[Any, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (size, mode): accuracy over seeds and the paired differences to full FT and to the full-size run.
+
+    Args:
+        runs_by: ``{(size, mode): {seed: slim summary}}`` of one task (failed runs absent).
+        sizes: Sizes in the order to report.
+        modes: Modes in the order to report.
+        plan_info: Per size the planned ``n_train``, ``per_class``, ``epochs``, ``steps`` ...
+    """
+    rows = []
+    for size in sizes:
+        ref = accuracies(runs_by.get((size, REFERENCE), {}))
+        for mode in modes:
+            runs = runs_by.get((size, mode), {})
+            if not runs:
+                continue
+            acc = accuracies(runs)
+            at_full = accuracies(runs_by.get((FULL, mode), {}))
+            rows.append({
+                "size": size, "mode": mode, **plan_info[size],
+                "seeds": sorted(runs),
+                "blocks": blocks_label(list(runs.values())),
+                "accuracy_pct": [acc[s] for s in sorted(acc)],
+                "delta_vs_full_ft_points": paired(acc, ref) if mode != REFERENCE else [],
+                "delta_vs_full_data_points": paired(acc, at_full) if size != FULL and at_full else [],
+                "steps_run": [r["steps"] for r in runs.values()],
+                "epochs_run": [r["epochs_run"] for r in runs.values()],
+                "train_samples": [r["train_samples"] for r in runs.values()],
+                "trainable_pct": [100 * r["trainable_params"] / r["total_params"] for r in runs.values()],
+                "train_seconds": [r.get("train_seconds") for r in runs.values()],
+            })
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------- reporting
+
+
+def _size_name(size: Any, info: dict[str, Any]) -> str:
+    return f"full ({info['per_class']:g}/class)" if size == FULL else f"{size}/class"
+
+
+def pivot_table(rows: list[dict[str, Any]], sizes: list[Any], modes: list[str],
+                plan_info: dict[Any, dict[str, Any]]) -> str:
+    """Modes x sizes: test accuracy mean ± std."""
+    cell = {(r["size"], r["mode"]): fmt_stat(r["accuracy_pct"], ".2f") for r in rows}
+    headers = ["mode"] + [_size_name(s, plan_info[s]) for s in sizes]
+    out = [[m] + [cell.get((s, m), "n/a") for s in sizes] for m in modes]
+    return markdown_table(headers, out)
+
+
+def detail_table(rows: list[dict[str, Any]], failures: list[str], target: int) -> str:
+    out = []
+    for r in rows:
+        steps = fmt_stat(r["steps_run"], ".0f")
+        if mean_std(r["steps_run"])[0] < target:
+            steps += " (cap)"
+        d_ft = "(ref)" if r["mode"] == REFERENCE else fmt_stat(r["delta_vs_full_ft_points"], "+.2f")
+        d_data = "(ref)" if r["size"] == FULL else fmt_stat(r["delta_vs_full_data_points"], "+.2f")
+        out.append([_size_name(r["size"], r), str(r["n_train"]), r["mode"], r["blocks"],
+                    fmt_stat(r["epochs_run"], ".0f"), steps, fmt_stat(r["accuracy_pct"], ".2f"), d_ft, d_data,
+                    fmt_stat(r["trainable_pct"], ".3g")])
+    for f in failures:
+        out.append(["", "", f"FAILED {f[:100]}"] + [""] * 7)
+    headers = ["size", "N train", "mode", "blocks", "epochs", "steps", "test acc %", "Δ vs full FT (pts)",
+               "Δ vs full data (pts)", "trainable %"]
+    return markdown_table(headers, out, align=["l", "r", "l", "l"] + ["r"] * 6)
+
+
+def plot_tasks(tables: dict[str, list[dict[str, Any]]], modes: list[str], path: Path) -> Path | None:
+    """Accuracy (mean ± std over seeds) against samples per class (log x), one line per mode, a panel per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nc_finetune.utils.io import atomic_write
+
+    tasks = [t for t, rows in tables.items() if rows]
+    if not tasks:
+        return None
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(6.5, 5.4 * len(tasks)), 4.3), squeeze=False)
+    styles = {"scl": ("tab:red", "*"), "nc-finetune": ("tab:orange", "o"), "nc-lora": ("tab:purple", "s"),
+              "full": ("black", "D"), "linear_probe": ("tab:gray", "v")}
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for mode in modes:
+            pts = sorted((r["per_class"], *mean_std(r["accuracy_pct"])) for r in tables[task] if r["mode"] == mode)
+            if not pts:
+                continue
+            color, marker = styles.get(mode, (None, "o"))
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[0 if math.isnan(p[2]) else p[2] for p in pts],
+                        marker=marker, ms=7 if marker == "*" else 5, capsize=3, lw=1.4, color=color, label=mode)
+        ax.set_xscale("log")
+        ticks = sorted({r["per_class"] for r in tables[task]})
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{x:g}" for x in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("training samples per class (log)")
+        ax.set_ylabel("test accuracy % (mean ± std over seeds)")
+        ax.set_title(task, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Data-scarce fine-tuning: accuracy vs training-set size (step-matched)", fontsize=11)
+    fig.tight_layout()
+
+    def _save(tmp: str) -> None:
+        fig.savefig(tmp, dpi=110, format="png")
+
+    try:
+        return atomic_write(path, _save)
+    finally:
+        plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------- main
+
+
+def task_listing() -> str:
+    lines = ["tasks (recipe + per-task defaults; --set is applied after them):"]
+    for name, t in TASKS.items():
+        lines.append(f"  {name:<10} {t['about']}; K = {t['num_classes']}, max_epochs {t['max_epochs']}\n"
+                     f"  {'':<10} {t['recipe']} {' '.join(t['overrides'])}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python benchmarks/data_scarce.py",
+        description=__doc__[:__doc__.index("Examples:")].rstrip(),
+        epilog=task_listing() + "\n\n" + __doc__[__doc__.index("Examples:"):],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", default=["effnet-fm"], choices=list(TASKS), metavar="TASK",
+                   help=f"tasks, of {', '.join(TASKS)} (default: effnet-fm)")
+    p.add_argument("--sizes", nargs="+", type=parse_size, default=[10, 100, FULL], metavar="N",
+                   help="training samples per class, or 'full' for the recipe's data.max_train_samples "
+                        "(default: 10 100 full)")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), metavar="MODE",
+                   help=f"modes, of {', '.join(MODES)} (default: all; Δ vs full FT needs {REFERENCE})")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="SEED",
+                   help="seeds; each sets train.seed and selection.seed (default: 0 1 2)")
+    p.add_argument("--resample-data", action="store_true",
+                   help="also set data.seed to the seed: each seed draws its own training (and test) subsample")
+    p.add_argument("--steps-target", type=int, default=None,
+                   help="T of the step-matching rule (default: the recipe's own steps at full size)")
+    p.add_argument("--max-epochs", type=int, default=None,
+                   help="cap of the rule's epochs (default per task: effnet-fm 160, minilm-rt 40)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe override shared by every run, after the task defaults, repeatable "
+                        "(e.g. --set data.max_eval_samples=500)")
+    p.add_argument("--cache-prefix", choices=["off", "auto", "on", "recipe"], default="recipe",
+                   help="train.cache_prefix of every run (default 'recipe', i.e. auto)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                   help="sets train.device and probe.device (default: the recipe's, i.e. auto)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OMP/MKL threads of each run (default: unset, torch uses all cores)")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="keep the run directories here (TASK/SIZE/seedS/MODE); a finished identical run found there "
+                        "is reused, so an interrupted benchmark continues (default: a temporary directory, deleted)")
+    p.add_argument("--out", type=Path, default=default_out(NAME),
+                   help=f"JSON of the raw results (default {default_out(NAME).relative_to(REPO_ROOT)}); the figure "
+                        "goes next to it with the suffix .png")
+    p.add_argument("--list-tasks", action="store_true", help="print the tasks and their defaults, then exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate every run's recipe, print the runs (and the step schedule) and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list_tasks:
+        print(task_listing())
+        return 0
+    args.tasks, args.sizes, args.modes, args.seeds = (list(dict.fromkeys(x))
+                                                      for x in (args.tasks, args.sizes, args.modes, args.seeds))
+    extra = parse_overrides(args.overrides)
+    shared: list[str] = []
+    if args.device is not None:
+        shared += [f"train.device={args.device}", f"probe.device={args.device}"]
+    if args.cache_prefix != "recipe":
+        shared.append(cache_override(args.cache_prefix))
+    env = subprocess_env(args.threads)
+
+    plan: list[dict[str, Any]] = []
+    schedules: dict[str, dict[Any, dict[str, Any]]] = {}
+    targets: dict[str, int] = {}
+    for task in args.tasks:
+        t = TASKS[task]
+        base_over = [*t["overrides"], *shared, *extra]
+        try:
+            base = _recipe_dict(t["recipe"], base_over)
+        except Exception as e:
+            raise SystemExit(f"{t['recipe']} {' '.join(base_over)}: {e}") from None
+        available = available_train(base)
+        k = t["num_classes"]
+        full_n = min(base["data"]["max_train_samples"] or available, available)
+        target = args.steps_target or recipe_steps(full_n, base["train"])
+        max_epochs = args.max_epochs or t["max_epochs"]
+        targets[task] = target
+        schedules[task] = {}
+        for size in args.sizes:
+            n_train = full_n if size == FULL else min(size * k, available)
+            sch = schedule(n_train, base["train"], target, max_epochs)
+            schedules[task][size] = {"n_train": n_train, "per_class": n_train / k, **sch}
+            size_over = [f"data.max_train_samples={n_train}", f"train.epochs={sch['epochs']}",
+                         f"train.max_steps={target}", f"data.num_classes={k}"]
+            for seed in args.seeds:
+                seeded = [f"train.seed={seed}", f"selection.seed={seed}"]
+                if args.resample_data:
+                    seeded.append(f"data.seed={seed}")
+                for mode in args.modes:
+                    plan.append({"task": task, "recipe": t["recipe"], "size": size, "seed": seed, "mode": mode,
+                                 "overrides": [*t["overrides"], *seeded, *shared, *extra, *size_over, *MODES[mode]],
+                                 "path": f"{task}/{size_label(size)}/seed{seed}/{mode}"})
+    validate_plan(plan)
+    if args.dry_run:
+        for task, by_size in schedules.items():
+            for size, v in by_size.items():
+                print(f"{task} {_size_name(size, v)}: N={v['n_train']}, {v['steps_per_epoch']} steps/epoch -> "
+                      f"{v['epochs']} epochs, {v['steps']} of T={targets[task]} steps")
+        for item in plan:
+            print(f"{item['path']}: {item['recipe']} {' '.join(item['overrides'])}")
+        return 0
+
+    info = machine_info()
+    cmd = command_line()
+    print_header("Data-scarce fine-tuning: NC-selected adaptation vs full fine-tuning and the linear probe", info,
+                 cmd)
+    runs = run_plan(plan, args.workdir, env, prefix=NAME)
+
+    tables: dict[str, list[dict[str, Any]]] = {}
+    for task in args.tasks:
+        mine = [r for r in runs if r["task"] == task]
+        runs_by: dict[tuple[Any, str], dict[int, dict[str, Any]]] = {}
+        failures = []
+        for r in mine:
+            if "result" in r:
+                runs_by.setdefault((r["size"], r["mode"]), {})[r["seed"]] = r["result"]
+            else:
+                failures.append(f"{size_label(r['size'])} {r['mode']} (seed {r['seed']}): {r['error']}")
+        tables[task] = size_rows(runs_by, args.sizes, args.modes, schedules[task])
+        resolved = next(p["resolved"] for p in plan if p["task"] == task)
+        sel = resolved["selection"]
+        print(f"### {task}: {TASKS[task]['about']}\n")
+        print(f"- recipe `{TASKS[task]['recipe']}` + `{' '.join(TASKS[task]['overrides'] + shared + extra)}`; NC "
+              f"selection {sel['strategy']} (max_blocks {sel['max_blocks']}, max_param_fraction "
+              f"{sel['max_param_fraction']}); probe.samples_per_class {resolved['probe']['samples_per_class']} "
+              f"(capped by the subsample); batch {resolved['train']['batch_size']}; seeds "
+              f"{' '.join(map(str, args.seeds))}{' (data resampled per seed)' if args.resample_data else ''}")
+        sched = "; ".join(f"{_size_name(s, v)}: N={v['n_train']}, {v['steps_per_epoch']} steps/epoch -> "
+                          f"{v['epochs']} epochs, {v['steps']} steps" for s, v in schedules[task].items())
+        print(f"- step matching, T = {targets[task]}: {sched}\n")
+        print(pivot_table(tables[task], args.sizes, args.modes, schedules[task]))
+        print()
+        print(detail_table(tables[task], failures, targets[task]))
+        print()
+
+    print("Δ vs full FT = accuracy minus full fine-tuning's at the same size; Δ vs full data = accuracy minus the "
+          "same mode's at full size; both paired per seed (mean ± std). steps (cap) = the max_epochs cap held the "
+          "run below T steps.\n")
+    png = plot_tasks(tables, args.modes, args.out.with_suffix(".png"))
+    payload = {"benchmark": NAME, "command": cmd, "machine": info,
+               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+               "tasks": {t: TASKS[t] for t in args.tasks}, "modes": {m: MODES[m] for m in args.modes},
+               "rule": "epochs = clamp(ceil(T / steps_per_epoch), 1, max_epochs); train.max_steps = T",
+               "steps_target": targets, "schedules": {t: {size_label(s): v for s, v in d.items()}
+                                                      for t, d in schedules.items()},
+               "tables": tables, "figure": str(png) if png else None, "runs": runs}
+    path = write_results(args.out, payload)
+    print(f"raw results: {path}" + (f"; figure: {png}" if png else ""))
+    return 1 if any("error" in r for r in runs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
