@@ -102,7 +102,6 @@ def run_probe_stage(recipe: Recipe, out: Path | None, *, overwrite: bool = False
 
 
 RUN_ARTEFACTS = ["summary.json", "checkpoint", "metrics.jsonl", "selection.json", "probe.json"]
-NEEDS_PROBE = ("knee", "stall")
 
 
 def check_resume_matches(out: Path, recipe: Recipe) -> None:
@@ -161,7 +160,6 @@ def run_select_stage(recipe: Recipe, backbone, probe_result, prepared: PreparedD
     from nc_finetune.utils.env import seed_everything
 
     s = recipe.selection
-    total = backbone.num_params() + backbone.feature_dim * num_classes + num_classes
     head = backbone.feature_dim * num_classes + num_classes
     rgn = None
     if s.strategy == "auto_rgn":
@@ -178,10 +176,9 @@ def run_select_stage(recipe: Recipe, backbone, probe_result, prepared: PreparedD
         rgn = auto_rgn_scores(tmp.model, backbone.blocks, batches, num_batches=s.rgn_batches)
         tmp.model.requires_grad_(True)
         del tmp
-    return select_blocks(probe_result if s.strategy in NEEDS_PROBE else probe_result, backbone.blocks,
-                         strategy=s.strategy, max_blocks=s.max_blocks, max_param_fraction=s.max_param_fraction,
-                         manual=s.blocks, seed=s.seed, head_params=head, total_params=total, rgn_scores=rgn,
-                         stall_fraction=s.stall_fraction)
+    return select_blocks(probe_result, backbone.blocks, strategy=s.strategy, max_blocks=s.max_blocks,
+                         max_param_fraction=s.max_param_fraction, manual=s.blocks, seed=s.seed, head_params=head,
+                         total_params=backbone.num_params() + head, rgn_scores=rgn, stall_fraction=s.stall_fraction)
 
 
 def _labels_tensor(labels: np.ndarray):

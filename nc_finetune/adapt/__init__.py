@@ -140,7 +140,7 @@ class AdaptedModel:
         """Trainable/total *parameters* (not buffers), with the head on its own."""
         total = sum(p.numel() for p in self.model.parameters())
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        head = sum(p.numel() for n, p in self.model.named_parameters() if p.requires_grad and _is_head(n))
+        head = sum(p.numel() for n, p in self.model.named_parameters() if p.requires_grad and is_head_param(n))
         return {"trainable_params": trainable, "total_params": total, "head_params": head}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -155,7 +155,8 @@ class AdaptedModel:
         return out
 
 
-def _is_head(param_name: str) -> bool:
+def is_head_param(param_name: str) -> bool:
+    """Parameters of the new head and of the SCL skip projection (reported and optimised as "head")."""
     parts = param_name.split(".")
     return "head" in parts or "skip_proj" in parts
 

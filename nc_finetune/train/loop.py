@@ -8,6 +8,7 @@ replays the uninterrupted one step for step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import resource
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from nc_finetune.adapt import AdaptedModel, eval_mode
+from nc_finetune.adapt import AdaptedModel, eval_mode, is_head_param
 from nc_finetune.config import TrainConfig
 from nc_finetune.data import Split
 from nc_finetune.errors import UserError
@@ -51,8 +52,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_head = "head" in name.split(".") or "skip_proj" in name.split(".")
-        groups.setdefault((is_head, p.ndim <= 1), []).append(p)
+        groups.setdefault((is_head_param(name), p.ndim <= 1), []).append(p)
     param_groups = []
     for (is_head, no_decay), params in sorted(groups.items()):
         lr = (cfg.head_lr if cfg.head_lr is not None else cfg.lr) if is_head else cfg.lr
@@ -191,8 +191,6 @@ class Trainer:
         return {"accuracy": float(t[0] / t[1]), "loss": float(t[2] / t[1]), "samples": int(t[1])}
 
     def _replay(self):
-        import contextlib
-
         return self.cache.replay() if self.cache is not None else contextlib.nullcontext()
 
     # -- logging ------------------------------------------------------------------------------------------------
@@ -269,7 +267,7 @@ class Trainer:
                         inputs = self._inputs("train", self.data.train, idx, train=cfg.augment)
                         y = torch.as_tensor(np.asarray(self.data.train.labels)[idx], device=self.device)
                         sync = (pos["micro"] + 1) % cfg.grad_accum_steps == 0 or pos["micro"] + 1 == len(batches)
-                        ctx = acc.no_sync(model) if not sync and self.world > 1 else _null()
+                        ctx = acc.no_sync(model) if not sync and self.world > 1 else contextlib.nullcontext()
                         with ctx, acc.autocast():
                             loss = F.cross_entropy(model(**inputs).float(), y)
                             acc.backward(loss / cfg.grad_accum_steps)
@@ -349,10 +347,3 @@ class Trainer:
         patience = cfg.early_stopping_patience
         return patience is not None and self.data.val is not None and pos["bad_evals"] >= patience
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
