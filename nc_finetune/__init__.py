@@ -22,6 +22,9 @@ _EXPORTS = {
     "load_data": "nc_finetune.data",
     "load_recipe": "nc_finetune.config",
     "Recipe": "nc_finetune.config",
+    "logme_score": "nc_finetune.transfer",
+    "select_blocks": "nc_finetune.select",
+    "Selection": "nc_finetune.select",
     "train_ufm": "nc_finetune.ufm",
     "ufm_optimum": "nc_finetune.ufm",
 }
