@@ -1,0 +1,80 @@
+"""The probe runner against an independent path: hooks + one big batch + in-memory metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import nc_finetune.probe.runner as runner
+from nc_finetune.data import Split
+from nc_finetune.errors import ConfigError, DataError
+from nc_finetune.probe.metrics import collapse_metrics
+
+from ..conftest import load_bert, load_cnn, make_images, make_texts
+
+KEYS = ("nc1", "nc1_trace", "cdnv", "nc2", "ncc_accuracy")
+
+
+def features_by_hand(backbone, split: Split) -> dict[str, np.ndarray]:
+    """Pooled outputs of every block (and the final feature) from one forward over all samples."""
+    out: dict[str, torch.Tensor] = {}
+    inputs = backbone.prepare(split.inputs)
+    handles = [backbone.model.get_submodule(b.name).register_forward_hook(
+        lambda m, a, o, n=b.name: out.__setitem__(n, backbone.pool(o, inputs))) for b in backbone.blocks]
+    try:
+        with torch.no_grad():
+            out["output"] = backbone.model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: v.double().numpy() for k, v in out.items()}
+
+
+@pytest.mark.parametrize("kind", ["cnn", "bert"])
+def test_streaming_probe_equals_in_memory_metrics(kind, bert_dir, monkeypatch):
+    monkeypatch.setattr(runner, "_FLUSH_ROWS", 10)  # several flushes of the buffered statistics
+    if kind == "cnn":
+        backbone = load_cnn()
+        images, labels = make_images(45, 3, seed=5)
+        split = Split(images, labels)
+    else:
+        backbone = load_bert(bert_dir)
+        texts, labels = make_texts(40, 2, seed=5)
+        split = Split(texts, labels)
+    before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    result = runner.probe(backbone, split, int(labels.max()) + 1, batch_size=7, progress=False)
+    expected = features_by_hand(backbone, split)
+    names = [r["name"] for r in result.layers]
+    assert names[: len(backbone.blocks)] == [b.name for b in backbone.blocks]
+    for rec in result.layers:
+        ref = collapse_metrics(expected[rec["name"]], labels)
+        assert rec["dim"] == expected[rec["name"]].shape[1]
+        for key in KEYS:
+            assert rec[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-9), (rec["name"], key)
+    after = backbone.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the probe changed the model"
+    assert not any(m._forward_hooks for m in backbone.model.modules()), "hooks left behind"
+
+
+def test_forward_stops_after_the_deepest_tapped_block():
+    backbone = load_cnn()
+    images, labels = make_images(12, 3, seed=1)
+    calls = {"last": 0}
+    last = backbone.model.get_submodule(backbone.blocks[-1].name)
+    handle = last.register_forward_hook(lambda *a: calls.__setitem__("last", calls["last"] + 1))
+    try:
+        result = runner.probe(backbone, Split(images, labels), 3, layers=[0, 1], progress=False)
+    finally:
+        handle.remove()
+    assert [r["index"] for r in result.layers] == [0, 1]
+    assert calls["last"] == 0
+
+
+def test_bad_layers_and_labels_are_refused_before_compute():
+    backbone = load_cnn()
+    images, labels = make_images(12, 3, seed=1)
+    with pytest.raises(ConfigError, match="block index 99 does not exist"):
+        runner.probe(backbone, Split(images, labels), 3, layers=[99], progress=False)
+    with pytest.raises(DataError, match="labels must lie in"):
+        runner.probe(backbone, Split(images, labels + 5), 3, progress=False)
