@@ -68,7 +68,7 @@ def test_run_writes_every_artefact(finished_run) -> None:
     assert on_disk["total_params"] == selection.total_params
     block = selection.blocks[0]["name"]
     weights = load_file(str(out / "trainable.safetensors"))
-    assert set(weights) == {n for n in weights if n.startswith(("head.", f"backbone.{block}."))}
+    assert set(weights) == {n for n in weights if n.startswith(("nc_head.", f"backbone.{block}."))}
     assert sum(v.numel() for v in weights.values()) == on_disk["trainable_params"]
 
 
@@ -196,7 +196,7 @@ def test_scl_on_a_block_the_probe_skipped(finished_run, tmp_path) -> None:
     summary = run_stage(recipe, out, progress=False)
     assert [r["name"] for r in ProbeResult.load(out / "probe.json").layers] == ["hf.encoder.layer.0"]
     weights = load_file(str(out / "trainable.safetensors"))
-    assert weights["skip_proj.weight"].shape == (16, 16) and weights["head.weight"].shape == (2, 32)
+    assert weights["skip_proj.weight"].shape == (16, 16) and weights["nc_head.weight"].shape == (2, 32)
     r = eval_stage(out)
     assert r["accuracy"] == summary["test_accuracy"]
     assert r["loss"] == pytest.approx(summary["test_loss"], abs=1e-5)

@@ -44,7 +44,10 @@ class _StopForward(Exception):
 
 
 class Classifier(nn.Module):
-    """Backbone features -> (optional SCL skip) -> linear head.
+    """Backbone features -> (optional SCL skip) -> linear head ``nc_head``.
+
+    The head's attribute name is deliberately unusual: peft selects ``modules_to_save`` by name *suffix*, so a head
+    called ``head`` would also fully train a backbone's ``conv_head``.
 
     Args:
         backbone_model: Module mapping prepared inputs to pooled features (B, D_L).
@@ -76,7 +79,7 @@ class Classifier(nn.Module):
                 nn.Linear(skip_dim, feature_dim)
             head_in = 2 * feature_dim if wiring == "concat" else feature_dim
             self.backbone.get_submodule(skip_block).register_forward_hook(self._capture_skip)
-        self.head = nn.Linear(head_in, num_classes)
+        self.nc_head = nn.Linear(head_in, num_classes)
 
     def _capture_skip(self, module: nn.Module, args: Any, output: Any) -> None:
         self._skip_out = self._pool(output, self._inputs)  # (B, D_l)
@@ -85,7 +88,7 @@ class Classifier(nn.Module):
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
         if self.skip_block is None:
-            return self.head(self.backbone(**inputs))
+            return self.nc_head(self.backbone(**inputs))
         self._inputs, self._skip_out = inputs, None
         try:
             h_last = self.backbone(**inputs)  # (B, D_L)
@@ -99,7 +102,7 @@ class Classifier(nn.Module):
             h = torch.cat([h_last, z], dim=1)
         else:
             h = z
-        return self.head(h)
+        return self.nc_head(h)
 
 
 @dataclass
@@ -158,7 +161,7 @@ class AdaptedModel:
 def is_head_param(param_name: str) -> bool:
     """Parameters of the new head and of the SCL skip projection (reported and optimised as "head")."""
     parts = param_name.split(".")
-    return "head" in parts or "skip_proj" in parts
+    return "nc_head" in parts or "skip_proj" in parts
 
 
 def build_classifier(backbone, num_classes: int, *, method: str, selection=None, skip_dim: int | None = None,
@@ -198,8 +201,8 @@ def build_classifier(backbone, num_classes: int, *, method: str, selection=None,
     model = Classifier(backbone.model, backbone.feature_dim, num_classes, pool=backbone.pool, skip_block=skip,
                        skip_dim=skip_dim, wiring=wiring)
     model.requires_grad_(method == "full")
-    model.head.requires_grad_(True)
-    trainable = ["head"]
+    model.nc_head.requires_grad_(True)
+    trainable = ["nc_head"]
     if skip is not None:
         model.skip_proj.requires_grad_(True)
         trainable.append("skip_proj")
@@ -214,10 +217,10 @@ def build_classifier(backbone, num_classes: int, *, method: str, selection=None,
     if method == "lora":
         import peft
 
-        kwargs = selection.lora_kwargs(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, head="head")
+        kwargs = selection.lora_kwargs(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, head="nc_head")
         model = peft.get_peft_model(model, peft.LoraConfig(**kwargs))
         wrap = "base_model.model."
-        trainable = [wrap + "head"] + [wrap + prefix + n for n in blocks]
+        trainable = [wrap + "nc_head"] + [wrap + prefix + n for n in blocks]
         first = wrap + prefix + blocks[0]
         prefix = wrap + prefix
     return AdaptedModel(model=model, method=method, trainable_modules=trainable, first_trainable_block=first,

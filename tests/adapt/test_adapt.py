@@ -43,14 +43,14 @@ def _expected_trainable(name: str, method: str, wiring: str | None) -> bool:
     """The parameter names that should train, written out per mode (independently of the code under test)."""
     in_block = name.startswith(SKIP + ".")
     if method == "linear_probe":
-        return name.startswith("head.")
+        return name.startswith("nc_head.")
     if method == "finetune":
-        return name.startswith("head.") or in_block
+        return name.startswith("nc_head.") or in_block
     if method == "scl":
-        return name.startswith(("head.", "skip_proj.")) or in_block
+        return name.startswith(("nc_head.", "skip_proj.")) or in_block
     if method == "lora":
         return ("lora_A" in name or "lora_B" in name) and ".encoder.layer.1." in name or \
-            name.startswith("base_model.model.head.modules_to_save.")
+            name.startswith("base_model.model.nc_head.modules_to_save.")
     assert method == "full"
     return True
 
@@ -133,7 +133,7 @@ def test_scl_logits_follow_the_wiring(bert_dir, wiring) -> None:
         z = bb.pool(outs["z"], inputs)
         pz = z if wiring == "add" else model.skip_proj(z)
         feats = {"add": h_last + pz, "concat": torch.cat([h_last, pz], 1), "replace": pz}[wiring]
-        torch.testing.assert_close(model(**inputs), model.head(feats))
+        torch.testing.assert_close(model(**inputs), model.nc_head(feats))
     assert isinstance(model.skip_proj, nn.Identity) == (wiring == "add")
 
 
@@ -150,7 +150,7 @@ def test_batchnorm_statistics(image_data, tmp_path, freeze_bn) -> None:
     _fit(adapted, bb, image_data, tmp_path)
     after = _snapshot(model)
     for n, _ in model.named_parameters():
-        trains = n.startswith(("head.", f"backbone.{block}."))
+        trains = n.startswith(("nc_head.", f"backbone.{block}."))
         assert torch.equal(before[n], after[n]) != trains, n
     for n, _ in model.named_buffers():
         in_block = n.startswith(f"backbone.{block}.")
@@ -187,7 +187,7 @@ def test_train_mode_keeps_frozen_parts_in_eval(bert_dir) -> None:
     adapted.train_mode()
     model = adapted.model
     for n, m in model.named_modules():
-        trains = n == "head" or n == SKIP or n.startswith(SKIP + ".")
+        trains = n == "nc_head" or n == SKIP or n.startswith(SKIP + ".")
         assert m.training == trains, n
 
 
@@ -229,3 +229,14 @@ def test_lora_adapter_from_the_pipeline_loads_with_plain_peft(bert_dir, text_csv
     rebuilt.load_state_dict(load_file(str(out / "trainable.safetensors")), strict=False)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval()(**bb.prepare(list(test.inputs))), logits)
+
+
+def test_lora_trains_nothing_but_adapters_and_the_head_on_a_model_with_conv_head() -> None:
+    # peft picks modules_to_save by name suffix: a head named "head" would also fully train timm's `conv_head`.
+    backbone = load_cnn()
+    assert any(n.endswith("conv_head") for n, _ in backbone.model.named_modules())
+    sel = select_blocks(None, backbone.blocks, strategy="last_k", max_blocks=1, head_params=0,
+                        total_params=backbone.num_params())
+    adapted = build_classifier(backbone, 3, method="lora", selection=sel)
+    trainable = [n for n, p in adapted.model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n or ".nc_head." in n for n in trainable), trainable

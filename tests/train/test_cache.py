@@ -68,7 +68,7 @@ def test_cached_training_equals_uncached(bert_dir, text_data, image_data, tmp_pa
     tuned = [n for n, m in model.named_modules() if block is not None and isinstance(m, (nn.Linear, nn.Conv2d))
              and (".encoder.layer.1." in n or ".blocks.2.0." in n)]
     assert inner
-    calls = dict.fromkeys(inner + tuned + ["head"], 0)
+    calls = dict.fromkeys(inner + tuned + ["nc_head"], 0)
     for n in calls:
         model.get_submodule(n).register_forward_pre_hook(lambda *_a, n=n: calls.__setitem__(n, calls[n] + 1))
     setup = on._setup_cache
@@ -85,7 +85,7 @@ def test_cached_training_equals_uncached(bert_dir, text_data, image_data, tmp_pa
     assert s_off["prefix_cache"] == {"enabled": False, "reason": "train.cache_prefix=off"}
     assert s_on["prefix_cache"]["enabled"] and s_on["prefix_cache"]["prefix_modules"] == prefix
     assert all(calls[n] == 0 for n in inner), {n: calls[n] for n in inner if calls[n]}
-    assert calls["head"] > 0 and all(calls[n] > 0 for n in tuned)
+    assert calls["nc_head"] > 0 and all(calls[n] > 0 for n in tuned)
 
     w_off, w_on = adapted_off.trainable_state_dict(), adapted_on.trainable_state_dict()
     assert set(w_off) == set(w_on)

@@ -160,12 +160,12 @@ def test_warmup_cosine_schedule() -> None:
 def test_make_optimizer_groups() -> None:
     model = torch.nn.Module()
     model.body = torch.nn.Linear(3, 3)
-    model.head = torch.nn.Linear(3, 2)
+    model.nc_head = torch.nn.Linear(3, 2)
     model.frozen = torch.nn.Linear(3, 3).requires_grad_(False)
     opt = make_optimizer(model, train_config(lr=1e-3, head_lr=1e-1, weight_decay=0.5))
     groups = {(g["lr"], g["weight_decay"]): {id(p) for p in g["params"]} for g in opt.param_groups}
     assert groups == {(1e-3, 0.5): {id(model.body.weight)}, (1e-3, 0.0): {id(model.body.bias)},
-                      (1e-1, 0.5): {id(model.head.weight)}, (1e-1, 0.0): {id(model.head.bias)}}
+                      (1e-1, 0.5): {id(model.nc_head.weight)}, (1e-1, 0.0): {id(model.nc_head.bias)}}
     model.requires_grad_(False)
     with pytest.raises(UserError, match="nothing to train"):
         make_optimizer(model, train_config())
