@@ -29,8 +29,6 @@ from nc_finetune.probe.result import ProbeResult
 from nc_finetune.probe.stats import ClassStats, FeatureReservoir
 from nc_finetune.utils.env import library_versions, resolve_device
 
-_FLUSH_ROWS = 512
-
 
 class _StopForward(Exception):
     """Raised by the deepest tap's hook: nothing after it is needed."""
@@ -171,25 +169,6 @@ def probe(
     store: dict[str, torch.Tensor] = {}
     inputs_ref: dict[str, Any] = {}
     amp_dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
-    # Pooled features are buffered and folded into the statistics a few hundred rows at a time: fewer, larger
-    # float64 products cost less than one small update per tap per batch (memory: _FLUSH_ROWS x sum of dims).
-    pending: dict[str, list[torch.Tensor]] = {t.name: [] for t in taps}
-    pending_y: list[torch.Tensor] = []
-    pending_rows = 0
-
-    def flush() -> None:
-        if not pending_y:
-            return
-        y_all = torch.cat(pending_y)  # (R,)
-        for tap in taps:
-            feats = torch.cat(pending[tap.name])  # (R, D_l)
-            pending[tap.name].clear()
-            if tap.name not in stats:
-                stats[tap.name] = ClassStats(num_classes, feats.shape[1], device=dev)
-            stats[tap.name].update(feats, y_all)
-            reservoirs[tap.name].add(feats, y_all)
-        pending_y.clear()
-
     bar = tqdm(total=len(shard), desc=f"probe {backbone.spec}", unit="sample", disable=not progress or rank != 0,
                leave=False)
     start = time.perf_counter()
@@ -203,14 +182,12 @@ def probe(
                 with torch.autocast(dev.type, dtype=amp_dtype, enabled=autocast), contextlib.suppress(_StopForward):
                     model(**inputs)
                 for tap in taps:
-                    pending[tap.name].append(store[tap.name])  # (B, D_l)
-                pending_y.append(y)
-                pending_rows += len(labels)
-                if pending_rows >= _FLUSH_ROWS:
-                    flush()
-                    pending_rows = 0
+                    feats = store[tap.name]  # (B, D_l)
+                    if tap.name not in stats:
+                        stats[tap.name] = ClassStats(num_classes, feats.shape[1], device=dev)
+                    stats[tap.name].update(feats, y)
+                    reservoirs[tap.name].add(feats, y)
                 bar.update(len(labels))
-            flush()
     finally:
         bar.close()
         model.train(was_training)

@@ -32,8 +32,7 @@ def features_by_hand(backbone, split: Split) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("kind", ["cnn", "bert"])
-def test_streaming_probe_equals_in_memory_metrics(kind, bert_dir, monkeypatch):
-    monkeypatch.setattr(runner, "_FLUSH_ROWS", 10)  # several flushes of the buffered statistics
+def test_streaming_probe_equals_in_memory_metrics(kind, bert_dir):
     if kind == "cnn":
         backbone = load_cnn()
         images, labels = make_images(45, 3, seed=5)
