@@ -22,9 +22,15 @@ examples:
   nc-finetune validate recipes/probe-minilm-rotten-tomatoes.yaml
   nc-finetune probe probe-minilm-rotten-tomatoes --out runs/minilm-probe
   nc-finetune probe recipes/probe-effnet-lite0-fashion-mnist.yaml probe.samples_per_class=50 --out runs/p
+  nc-finetune run minilm-rotten-tomatoes --out runs/minilm-rt           # probe -> select -> adapt -> train
+  nc-finetune run minilm-rotten-tomatoes adapt.method=lora selection.strategy=last_k --out runs/lora
+  nc-finetune run minilm-rotten-tomatoes --out runs/minilm-rt --resume  # continue a killed run
+  nc-finetune rank rank-effnet-fashion-mnist --out runs/rank            # collapse vs LogME, H-score, size
+  nc-finetune report runs/minilm-rt                                     # report.md + PNGs
 
-recipes are YAML files with sections backbone, data, probe (see recipes/*.yaml); any key can be overridden
-on the command line as section.key=value (values are parsed as YAML: 32, null, [0, 3], true).
+recipes are YAML files with sections backbone, data, probe, selection, adapt, train, rank (see recipes/*.yaml);
+any key can be overridden on the command line as section.key=value (values are parsed as YAML: 32, null,
+[0, 3], true). Bad input exits with status 2 and one line that names the problem.
 """
 
 
