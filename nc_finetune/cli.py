@@ -51,6 +51,12 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. probe.batch_size=32")
 
 
+def _add_out_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="run directory")
+    p.add_argument("--overwrite", action="store_true", help=f"replace an existing {what}")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nc-finetune",
@@ -65,18 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Writes DIR/probe.json (per-layer metrics + provenance), DIR/probe.png and "
                                    "DIR/resolved.yaml, and prints the per-layer table.")
     _add_recipe_args(p)
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="run directory")
-    p.add_argument("--overwrite", action="store_true", help="replace existing artefacts in DIR")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_out_args(p, "probe.json / probe.png")
 
     p = sub.add_parser("select", help="probe, then choose blocks under a budget -> selection.json",
                        description="Probe (reusing DIR/probe.json when it was made with the same probe settings) "
                                    "and select blocks with selection.strategy under selection.max_blocks / "
                                    "max_param_fraction. Writes DIR/selection.json and prints the rationale.")
     _add_recipe_args(p)
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="run directory")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing selection.json")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_out_args(p, "selection.json")
 
     p = sub.add_parser("run", help="probe -> select -> adapt -> train -> summary.json",
                        description="The whole pipeline. Writes resolved.yaml, probe.json/png, selection.json, "
@@ -100,9 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "score with the ground truth (rank.finetune runs, or the linear probe): Kendall "
                                    "tau and weighted tau. Writes DIR/rank.json, DIR/rank.png, DIR/candidates/.")
     _add_recipe_args(p)
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing rank.json")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_out_args(p, "rank.json")
 
     p = sub.add_parser("report", help="render report.md (+ PNGs) for a probe, run, rank or ufm directory",
                        description="Render a self-contained Markdown page with PNGs from a run directory's JSON "

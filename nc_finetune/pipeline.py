@@ -201,7 +201,6 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
     Returns:
         The summary written to ``summary.json``.
     """
-    from nc_finetune.adapt import build_classifier
     from nc_finetune.data import stratified_split
     from nc_finetune.probe.result import ProbeResult
     from nc_finetune.select import Selection
@@ -239,13 +238,7 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
         selection = run_select_stage(recipe, backbone, probe_result, prepared, K)
         selection.save(out / "selection.json")
 
-    a = recipe.adapt
-    skip_dim = scl_skip_dim(recipe, backbone, selection, probe_result, data.train)
-    seed_everything(recipe.train.seed)  # the head / LoRA init must not depend on what ran before
-    adapted = build_classifier(backbone, K, method=a.method, selection=selection, skip_dim=skip_dim,
-                               wiring=a.scl_wiring,
-                               lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
-                               freeze_bn=a.freeze_bn)
+    adapted = build_recipe_classifier(recipe, backbone, K, selection, probe_result, data.train)
     t = recipe.train
     train_split, val_split = data.train, None
     if t.val_fraction > 0:
@@ -258,7 +251,7 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
     if trainer.rank == 0:
         _save_final_weights(adapted, out)
     summary.update({
-        "method": a.method,
+        "method": recipe.adapt.method,
         "backbone": recipe.backbone.name,
         "dataset": data.name,
         "train_samples": len(train_split),
@@ -269,6 +262,19 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
     if trainer.rank == 0:
         write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+def build_recipe_classifier(recipe: Recipe, backbone, num_classes: int, selection, probe_result, split):
+    """The classifier of ``recipe.adapt`` on ``selection``, seeded with ``train.seed`` (shared by run and eval)."""
+    from nc_finetune.adapt import build_classifier
+    from nc_finetune.utils.env import seed_everything
+
+    a = recipe.adapt
+    skip_dim = scl_skip_dim(recipe, backbone, selection, probe_result, split)
+    seed_everything(recipe.train.seed)  # the head / LoRA init must not depend on what ran before
+    return build_classifier(backbone, num_classes, method=a.method, selection=selection, skip_dim=skip_dim,
+                            wiring=a.scl_wiring, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
+                            lora_dropout=a.lora_dropout, freeze_bn=a.freeze_bn)
 
 
 def scl_skip_dim(recipe: Recipe, backbone, selection, probe_result, split) -> int | None:
@@ -341,7 +347,6 @@ def eval_stage(run_dir: Path, split: str = "test", batch_size: int | None = None
     import yaml
     from safetensors.torch import load_file
 
-    from nc_finetune.adapt import build_classifier
     from nc_finetune.config import from_dict
     from nc_finetune.probe.result import ProbeResult
     from nc_finetune.select import Selection
@@ -359,12 +364,8 @@ def eval_stage(run_dir: Path, split: str = "test", batch_size: int | None = None
     data = prepare_data(recipe).data
     backbone = load_recipe_backbone(recipe)
     selection = Selection.load(run_dir / "selection.json")
-    skip_dim = scl_skip_dim(recipe, backbone, selection, ProbeResult.load(run_dir / "probe.json"), data.train)
-    a = recipe.adapt
-    adapted = build_classifier(backbone, data.num_classes, method=a.method, selection=selection, skip_dim=skip_dim,
-                               wiring=a.scl_wiring,
-                               lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
-                               freeze_bn=a.freeze_bn)
+    adapted = build_recipe_classifier(recipe, backbone, data.num_classes, selection,
+                                      ProbeResult.load(run_dir / "probe.json"), data.train)
     weights = load_file(str(run_dir / "trainable.safetensors"))
     unexpected = set(weights) - set(adapted.model.state_dict())
     if unexpected:

@@ -24,12 +24,8 @@ class _Stop(Exception):
     pass
 
 
-def _trace_prefix(root: nn.Module, target: str, run: Callable[[], None]) -> tuple[list[str], str]:
-    """Maximal modules that finish before ``target`` starts and are not its ancestors, in finishing order.
-
-    Returns:
-        (prefix module names, name of the last one to finish).
-    """
+def _trace_prefix(root: nn.Module, target: str, run: Callable[[], None]) -> list[str]:
+    """Maximal modules that finish before ``target`` starts and are not its ancestors, in finishing order."""
     events: list[tuple[str, str]] = []
     handles = []
     target_mod = root.get_submodule(target)
@@ -55,7 +51,7 @@ def _trace_prefix(root: nn.Module, target: str, run: Callable[[], None]) -> tupl
     for n in maximal:
         if n not in seen:
             seen.append(n)
-    return seen, (seen[-1] if seen else "")
+    return seen
 
 
 class PrefixCache:
@@ -106,7 +102,7 @@ class PrefixCache:
             for inputs in inputs_list:
                 inputs = {k: v.to(device) for k, v in inputs.items()}
                 if not self.prefix:
-                    self.prefix, _ = _trace_prefix(self.model, self.target, lambda b=inputs: self.model(**b))
+                    self.prefix = _trace_prefix(self.model, self.target, lambda b=inputs: self.model(**b))
                 x = self._capture(inputs).cpu()
                 cpu_inputs = {k: v.cpu() for k, v in inputs.items()}
                 lengths = cpu_inputs["attention_mask"].sum(1).tolist() if "attention_mask" in cpu_inputs else None
