@@ -92,6 +92,17 @@ def _recipe_dict(recipe: str, overrides: list[str]) -> dict[str, Any]:
     return recipe_to_dict(load_recipe(resolve_recipe_path(recipe), overrides))
 
 
+def _normalised(recipe: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A recipe dict read back from an older run, with keys added to the schema since then at their defaults."""
+    from nc_finetune.config import Recipe, from_dict, recipe_to_dict
+    from nc_finetune.errors import ConfigError
+
+    try:
+        return recipe_to_dict(from_dict(Recipe, recipe, "")) if recipe is not None else None
+    except ConfigError:
+        return recipe
+
+
 def cache_override(value: str) -> str:
     """``train.cache_prefix=<value>``, quoted: override values are YAML and YAML 1.1 reads bare on/off as booleans."""
     return f"train.cache_prefix='{value}'"
@@ -110,7 +121,7 @@ def run_mode(recipe: str, overrides: list[str], run_dir: Path, env: dict[str, st
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
-        if summary.get("recipe") == _recipe_dict(recipe, overrides):
+        if _normalised(summary.get("recipe")) == _recipe_dict(recipe, overrides):
             return rec | {"rc": 0, "wall_seconds": None, "summary": summary, "reused": True}
         raise SystemExit(f"{run_dir} holds a run made with a different recipe; use another --workdir")
     if run_dir.exists():  # an interrupted run of an earlier benchmark: start it again

@@ -34,6 +34,9 @@ class BackboneConfig:
     """Tokenizer truncation length for text backbones."""
     pretrained: bool = True
     """Load pretrained weights (``false`` gives the random-init control)."""
+    init_from: str | None = None
+    """Directory of a finished ``nc-finetune run`` of the same backbone: start from the weights it trained (its head
+    is dropped). For adapting a source-domain model to a shifted target, e.g. ``data.corruption``."""
 
 
 @dataclass
@@ -58,6 +61,12 @@ class DataConfig:
     test_size: float = 0.2
     """Held-out fraction when the source has no test split."""
     seed: int = 0
+    corruption: Literal["gaussian_noise", "shot_noise", "impulse_noise", "gaussian_blur", "contrast", "brightness",
+                        "pixelate", "invert"] | None = None
+    """Image data only: an input-level shift (CIFAR-10-C style corruption) applied to both splits, seeded by
+    ``seed``; the target domain of a surgical fine-tuning study."""
+    corruption_severity: int = 3
+    """1 (mild) .. 5 (strong)."""
 
 
 @dataclass
@@ -84,8 +93,9 @@ class ProbeConfig:
 class SelectionConfig:
     """Which blocks to adapt, chosen from the probe (or a baseline rule) under a budget."""
 
-    strategy: Literal["knee", "stall", "last_k", "random_k", "all", "manual", "auto_rgn"] = "knee"
-    """NC-guided: ``knee``, ``stall``; baselines: ``last_k``, ``random_k``, ``all``, ``manual``, ``auto_rgn``."""
+    strategy: Literal["knee", "stall", "last_k", "first_k", "random_k", "all", "manual", "auto_rgn"] = "knee"
+    """NC-guided: ``knee``, ``stall``; baselines: ``last_k``, ``first_k``, ``random_k``, ``all``, ``manual``,
+    ``auto_rgn``."""
     max_blocks: int | None = 1
     """Budget in blocks."""
     max_param_fraction: float | None = None

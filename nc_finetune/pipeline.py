@@ -44,7 +44,7 @@ def prepare_data(recipe: Recipe) -> PreparedData:
     data = load_data(d.name, train_split=d.train_split, test_split=d.test_split, text_column=d.text_column,
                      image_column=d.image_column, label_column=d.label_column, data_files=d.data_files,
                      max_train_samples=d.max_train_samples, max_eval_samples=d.max_eval_samples, seed=d.seed,
-                     test_size=d.test_size)
+                     test_size=d.test_size, corruption=d.corruption, corruption_severity=d.corruption_severity)
     if d.num_classes is not None and d.num_classes != data.num_classes:
         raise DataError(f"data.num_classes is {d.num_classes} but '{d.name}' has {data.num_classes} classes "
                         f"({', '.join(map(str, data.class_names[:10]))}{' ...' if data.num_classes > 10 else ''})")
@@ -56,12 +56,18 @@ def prepare_data(recipe: Recipe) -> PreparedData:
 
 
 def load_recipe_backbone(recipe: Recipe):
-    """Build the backbone named by ``recipe.backbone``."""
+    """Build the backbone named by ``recipe.backbone`` (with the weights of ``backbone.init_from`` when set)."""
+    from nc_finetune.adapt.restore import restore_backbone_weights
     from nc_finetune.backbones import load_backbone
 
     b = recipe.backbone
-    return load_backbone(b.name, pooling=b.pooling, image_size=b.image_size, max_length=b.max_length,
-                         pretrained=b.pretrained)
+    backbone = load_backbone(b.name, pooling=b.pooling, image_size=b.image_size, max_length=b.max_length,
+                             pretrained=b.pretrained)
+    if b.init_from:
+        restored = restore_backbone_weights(backbone, Path(b.init_from), name=b.name, pretrained=b.pretrained)
+        backbone.provenance = {**backbone.provenance, "init_from": restored["run"],
+                               "init_from_method": restored["method"], "init_from_params": str(restored["params"])}
+    return backbone
 
 
 def run_probe_stage(recipe: Recipe, out: Path | None, *, overwrite: bool = False, progress: bool = True,
@@ -253,6 +259,7 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
     summary.update({
         "method": recipe.adapt.method,
         "backbone": recipe.backbone.name,
+        "backbone_provenance": backbone.provenance,
         "dataset": data.name,
         "train_samples": len(train_split),
         "selection": selection.to_dict(),

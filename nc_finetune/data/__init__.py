@@ -17,11 +17,13 @@ from nc_finetune.data.base import (
     validate_split,
 )
 from nc_finetune.data.builtin import BUILTIN_DATASETS, load_builtin
+from nc_finetune.data.corrupt import CORRUPTIONS, check_corruption, corrupt_split_inputs
 from nc_finetune.data.hf import LOCAL_BUILDERS, LazyImageColumn, is_hf_name, load_hf
 from nc_finetune.errors import ConfigError, DataError, UserError
 
 __all__ = [
     "BUILTIN_DATASETS",
+    "CORRUPTIONS",
     "ClassificationData",
     "LazyImageColumn",
     "Split",
@@ -47,6 +49,8 @@ def load_data(
     max_eval_samples: int | None = None,
     seed: int = 0,
     test_size: float = 0.2,
+    corruption: str | None = None,
+    corruption_severity: int = 3,
 ) -> ClassificationData:
     """Load, sub-sample and validate a classification dataset.
 
@@ -64,6 +68,9 @@ def load_data(
         max_eval_samples: The same for the test split.
         seed: Seed for the sub-samples and an auto test split. Built-in splits are fixed and ignore it.
         test_size: Held-out share for an auto test split, in (0, 1).
+        corruption: Image datasets only: an input-level shift applied to both splits after sub-sampling, one of
+            :data:`~nc_finetune.data.corrupt.CORRUPTIONS` (CIFAR-10-C style); ``None`` leaves the images alone.
+        corruption_severity: 1..5.
 
     Returns:
         The validated dataset; ``info`` records the source, sizes, seed and split rule.
@@ -80,6 +87,7 @@ def load_data(
         raise ConfigError(f"test_size must be in (0, 1), got {test_size}")
     if train_split == test_split:
         raise ConfigError(f"train_split and test_split are both {train_split!r}; evaluation needs held-out data")
+    check_corruption(corruption, corruption_severity)
 
     if name in BUILTIN_DATASETS:
         given = {"text_column": text_column, "image_column": image_column, "data_files": data_files}
@@ -113,6 +121,12 @@ def load_data(
             f"or {', '.join(LOCAL_BUILDERS)} with data_files"
         )
 
+    if corruption is not None:
+        if data.modality != "image":
+            raise ConfigError(f"data.corruption applies to image datasets; {name!r} is {data.modality}")
+        data.train.inputs = corrupt_split_inputs(data.train.inputs, corruption, corruption_severity, seed, stream=0)
+        data.test.inputs = corrupt_split_inputs(data.test.inputs, corruption, corruption_severity, seed, stream=1)
+        data.info["corruption"] = {"name": corruption, "severity": corruption_severity, "seed": seed}
     data.info.update(
         {
             "name": name,

@@ -14,8 +14,9 @@ finite and positive:
   ``l*`` is the shallowest block with ``R_l < stall_fraction · T``. Ranked ``l*+1, …, last`` then
   ``l*, l*-1, …, first``.
 
-Baselines: ``last_k``, ``random_k``, ``all``, ``manual`` and ``auto_rgn`` (surgical fine-tuning's relative gradient
-norm, method.md §4.2, aggregated per block by :func:`auto_rgn_scores`).
+Baselines: ``last_k``, ``first_k`` (surgical fine-tuning's choice under input-level shift), ``random_k``, ``all``,
+``manual`` and ``auto_rgn`` (surgical fine-tuning's relative gradient norm, method.md §4.2, aggregated per block by
+:func:`auto_rgn_scores`).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def block_log_nc1(blocks: Sequence[BlockLike], probe_result: ProbeResult | None,
     """
     if probe_result is None:
         raise ConfigError(f"strategy '{strategy}' needs a probe result (probe.json); run `nc-finetune probe` first "
-                          "or choose one of: last_k, random_k, all, manual, auto_rgn")
+                          "or choose one of: last_k, first_k, random_k, all, manual, auto_rgn")
     by_index = {b.index: b for b in blocks}
     z = {b.index: math.nan for b in blocks}
     for rec in probe_result.blocks():
@@ -241,6 +242,14 @@ def rank_last_k(blocks: Sequence[BlockLike]) -> Ranking:
                              "no data is looked at.")
 
 
+def rank_first_k(blocks: Sequence[BlockLike]) -> Ranking:
+    """Shallowest block first (score = minus the block index)."""
+    blocks = _sorted_blocks(blocks)
+    return Ranking(order=[b.index for b in blocks], scores={b.index: -float(b.index) for b in blocks},
+                   rationale="first_k: the shallowest blocks first (surgical fine-tuning's choice for input-level "
+                             "shift such as image corruptions); no data is looked at.")
+
+
 def rank_random_k(blocks: Sequence[BlockLike], seed: int = 0) -> Ranking:
     """A seeded random permutation (``numpy.random.default_rng(seed).permutation``); score = n - position."""
     blocks = _sorted_blocks(blocks)
@@ -344,6 +353,7 @@ _REGISTRY: dict[str, _Strategy] = {
     "stall": _Strategy("NC-guided, training-free: the blocks right after downstream collapse stalls, in forward "
                        "order", lambda b, p, o: rank_stall(b, p, o["stall_fraction"]), needs_probe=True),
     "last_k": _Strategy("baseline: the deepest blocks", lambda b, p, o: rank_last_k(b)),
+    "first_k": _Strategy("baseline: the shallowest blocks (input-level shift)", lambda b, p, o: rank_first_k(b)),
     "random_k": _Strategy("baseline: a seeded random order of blocks", lambda b, p, o: rank_random_k(b, o["seed"])),
     "all": _Strategy("baseline: every block, budgets ignored (full fine-tuning)", lambda b, p, o: rank_all(b)),
     "manual": _Strategy("the blocks listed by the user (indices or names)",

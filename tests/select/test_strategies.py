@@ -121,11 +121,12 @@ def test_stall_fraction_moves_the_stall_point():
 
 def test_last_k_all_and_unknown_strategy():
     assert rank_blocks("last_k", make_blocks(4)).order == [3, 2, 1, 0]
+    assert rank_blocks("first_k", make_blocks(4)).order == [0, 1, 2, 3]
     r = rank_blocks("all", make_blocks(4))
     assert r.order == [0, 1, 2, 3] and not r.uses_budget
     with pytest.raises(ConfigError, match="knee, stall, last_k"):
         rank_blocks("best", make_blocks(4))
-    assert set(STRATEGIES) == {"knee", "stall", "last_k", "random_k", "all", "manual", "auto_rgn"}
+    assert set(STRATEGIES) == {"knee", "stall", "last_k", "first_k", "random_k", "all", "manual", "auto_rgn"}
 
 
 def test_random_k_is_deterministic_per_seed_and_seeds_differ():
@@ -251,3 +252,12 @@ def test_rgn_tensors_exclude_bn_and_norm_parameters():
     assert names == ["blocks.0.fc.weight", "blocks.0.fc.bias"]
     with pytest.raises(ConfigError, match="not a module"):
         rgn_tensors(model, Blk(9, "blocks.9", 1))
+
+
+def test_recipe_schema_allows_exactly_the_registered_strategies():
+    import typing
+
+    from nc_finetune.config import SelectionConfig
+
+    allowed = typing.get_args(typing.get_type_hints(SelectionConfig)["strategy"])
+    assert set(allowed) == set(STRATEGIES)

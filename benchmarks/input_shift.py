@@ -1,0 +1,174 @@
+"""Honesty check: under an input-level shift, which blocks should be tuned, and does NC guidance find them?
+
+Surgical fine-tuning (Lee et al., ICLR 2023) found that when a model trained on a source domain meets the same
+classes with corrupted inputs (CIFAR-10-C), tuning the *first* block beats tuning the last ones or all of them.
+The NC rules read where downstream collapse stalls, which is deep in the network, so this is the setting where
+they are expected to lose. This script measures it:
+
+1. **source**: full fine-tuning of EfficientNet-Lite0 on clean Fashion-MNIST (one run, ``source/``);
+2. **target**: the same classes with a CIFAR-10-C corruption (``data.corruption``, both splits), starting from the
+   source model (``backbone.init_from=<workdir>/source``); every mode below is a fresh ``nc-finetune run`` per seed
+   at the recipe's matched budget (``selection.max_blocks``, ``selection.max_param_fraction``).
+
+Modes: ``first_k`` (surgical fine-tuning's choice), ``stall`` and ``knee`` (NC-guided, probed on the corrupted
+target data through the source model), ``last_k``, ``random_k``, ``auto_rgn`` (surgical fine-tuning's automatic
+rule, used as a block ranking), ``full`` and ``linear_probe`` (the source features, a new head).
+
+Per corruption the table shows test accuracy (mean ± std over seeds) on the corrupted test split, the paired
+difference to ``full``, the trainable share and the selected blocks; then the NC modes' wins against every other
+mode. Tables go to stdout (Markdown), raw results to ``--out`` (JSON) and a figure next to it.
+
+Examples:
+    # the CPU run recorded in benchmarks/README.md
+    python benchmarks/input_shift.py --corruptions gaussian_noise:5 --seeds 0 1 2 --workdir runs/bench-input-shift
+    # a smoke run (a minute)
+    python benchmarks/input_shift.py --corruptions invert --modes first_k stall --seeds 0 --workdir /tmp/is \\
+        --source-set train.max_steps=2 --set train.max_steps=2 --set data.max_train_samples=60 \\
+        --set data.max_eval_samples=30 --set probe.samples_per_class=5 --out /tmp/is.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from common import REPO_ROOT, command_line, default_out, machine_info, parse_overrides, print_header, write_results
+from layer_selection import (
+    MODES as LS_MODES,
+)
+from layer_selection import (
+    main_table,
+    plot_tasks,
+    run_plan,
+    subprocess_env,
+    task_rows,
+    validate_plan,
+    wins,
+    wins_table,
+)
+
+NAME = "input_shift"
+RECIPE = "effnet-lite0-fashion-mnist"
+SOURCE = ["adapt.method=full", "data.max_train_samples=5000", "data.max_eval_samples=1000",
+          "probe.samples_per_class=50", "train.epochs=2"]
+TARGET = ["data.max_train_samples=2000", "data.max_eval_samples=1000", "probe.samples_per_class=100",
+          "train.epochs=2"]
+MODES: dict[str, list[str]] = {"first_k": ["selection.strategy=first_k", "adapt.method=finetune"],
+                               **{m: LS_MODES[m] for m in ("stall", "knee", "last_k", "random_k", "auto_rgn", "full",
+                                                           "linear_probe")}}
+
+
+def parse_corruption(text: str) -> tuple[str, int]:
+    """``name`` or ``name:severity`` (default severity 5, the strongest, as in surgical fine-tuning's tables)."""
+    from nc_finetune.data.corrupt import CORRUPTIONS
+
+    name, _, sev = text.partition(":")
+    if name not in CORRUPTIONS:
+        raise argparse.ArgumentTypeError(f"unknown corruption {name!r}; choose from {', '.join(CORRUPTIONS)}")
+    try:
+        severity = int(sev) if sev else 5
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"severity of {text!r} must be an integer 1..5") from None
+    if not 1 <= severity <= 5:
+        raise argparse.ArgumentTypeError(f"severity of {text!r} must be 1..5")
+    return name, severity
+
+
+def task_name(name: str, severity: int) -> str:
+    """``gaussian_noise-5``; ``invert`` has no severity."""
+    return name if name == "invert" else f"{name}-{severity}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python benchmarks/input_shift.py",
+                                description=__doc__[:__doc__.index("Examples:")].rstrip(),
+                                epilog=__doc__[__doc__.index("Examples:"):],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corruptions", nargs="+", type=parse_corruption, default=[("gaussian_noise", 5)],
+                   metavar="NAME[:SEVERITY]", help="target shifts (default gaussian_noise:5)")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), metavar="MODE",
+                   help=f"modes, of {', '.join(MODES)} (default: all)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="SEED",
+                   help="seeds of the target runs; each sets train.seed and selection.seed (default: 0 1 2)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe override of every target run, after the defaults, repeatable")
+    p.add_argument("--source-set", dest="source_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe override of the source run, repeatable")
+    p.add_argument("--threads", type=int, default=None, help="OMP/MKL threads of each run (default: unset)")
+    p.add_argument("--workdir", type=Path, default=REPO_ROOT / "runs" / "bench-input-shift",
+                   help="run directories (source/, CORRUPTION/seedS/MODE); finished identical runs are reused "
+                        "(default runs/bench-input-shift)")
+    p.add_argument("--out", type=Path, default=default_out(NAME),
+                   help=f"JSON of the raw results (default {default_out(NAME).relative_to(REPO_ROOT)})")
+    p.add_argument("--dry-run", action="store_true", help="validate and print every run, then exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.modes, args.seeds = list(dict.fromkeys(args.modes)), list(dict.fromkeys(args.seeds))
+    extra, source_extra = parse_overrides(args.overrides), parse_overrides(args.source_overrides)
+    env = subprocess_env(args.threads)
+    workdir = args.workdir.resolve()
+    source_dir = workdir / "source"
+    source = [{"task": "source", "recipe": RECIPE, "seed": 0, "mode": "full", "path": "source",
+               "overrides": [*SOURCE, *source_extra]}]
+    plan = []
+    for name, severity in args.corruptions:
+        task = task_name(name, severity)
+        for seed in args.seeds:
+            for mode in args.modes:
+                over = [*TARGET, f"data.corruption={name}", f"data.corruption_severity={severity}",
+                        f"backbone.init_from={source_dir}", f"train.seed={seed}", f"selection.seed={seed}", *extra,
+                        *MODES[mode]]
+                plan.append({"task": task, "recipe": RECIPE, "seed": seed, "mode": mode, "overrides": over,
+                             "path": f"{task}/seed{seed}/{mode}"})
+    validate_plan(source + plan)
+    if args.dry_run:
+        for item in source + plan:
+            print(f"{item['path']}: {item['recipe']} {' '.join(item['overrides'])}")
+        return 0
+
+    info, cmd = machine_info(), command_line()
+    print_header("Input-level shift: which blocks to tune after a corruption of the inputs", info, cmd)
+    src = run_plan(source, workdir, env, prefix=NAME)[0]
+    if "result" not in src:
+        raise SystemExit(f"the source run failed: {src.get('error')} (log: {src.get('log')})")
+    s = src["result"]
+    print(f"- source: `{RECIPE} {' '.join(source[0]['overrides'])}` → clean test accuracy "
+          f"{100 * s['test_accuracy']:.2f}% ({s['train_samples']} training images)\n")
+    runs = run_plan(plan, workdir, env, prefix=NAME)
+
+    tables: dict[str, list[dict[str, Any]]] = {}
+    task_wins: dict[str, list[dict[str, Any]]] = {}
+    for name, severity in args.corruptions:
+        task = task_name(name, severity)
+        by_mode: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in args.modes}
+        failures = []
+        for r in (r for r in runs if r["task"] == task):
+            if "result" in r:
+                by_mode[r["mode"]][r["seed"]] = r["result"]
+            else:
+                failures.append(f"{r['mode']} (seed {r['seed']}): {r['error']}")
+        tables[task], task_wins[task] = task_rows(by_mode), wins(by_mode)
+        print(f"### {task} (target: corrupted Fashion-MNIST, from the source model)\n")
+        print(f"- target runs: `{RECIPE} {' '.join(TARGET + extra)}`; seeds {' '.join(map(str, args.seeds))}\n")
+        print(main_table(tables[task], failures))
+        print()
+    print("### Wins of the NC-guided modes\n")
+    print(wins_table(task_wins))
+    print()
+    png = plot_tasks(tables, args.out.with_suffix(".png"))
+    payload = {"benchmark": NAME, "command": cmd, "machine": info,
+               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+               "source": src, "modes": {m: MODES[m] for m in args.modes}, "tables": tables, "wins": task_wins,
+               "figure": str(png) if png else None, "runs": runs}
+    path = write_results(args.out, payload)
+    print(f"raw results: {path}" + (f"; figure: {png}" if png else ""))
+    return 1 if any("error" in r for r in runs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Start from a model trained by an earlier ``nc-finetune run`` (``backbone.init_from``).
+
+Use case: fine-tune on a source domain, then adapt that model to a shifted target domain (for example the same
+images corrupted, ``data.corruption``), which is the setting of surgical fine-tuning. The earlier run's trained
+backbone weights are written into a freshly built backbone of the same name; its head is dropped (the new run
+trains a new one). LoRA runs are merged into the weights with peft's ``merge_and_unload``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from nc_finetune.errors import ConfigError, UserError
+
+#: Files every finished ``nc-finetune run`` directory holds that a restore needs.
+RUN_FILES = ("resolved.yaml", "selection.json", "trainable.safetensors")
+_BACKBONE_PREFIX = "backbone."
+_PEFT_PREFIX = "base_model.model."
+
+
+def load_run_recipe(run_dir: Path, what: str):
+    """The resolved :class:`~nc_finetune.config.Recipe` of a finished run.
+
+    Args:
+        run_dir: The run directory.
+        what: How the caller refers to it in messages (e.g. ``backbone.init_from``).
+
+    Raises:
+        UserError: Not a finished run (a file of :data:`RUN_FILES` missing).
+    """
+    import yaml
+
+    from nc_finetune.config import Recipe, from_dict
+
+    missing = [n for n in RUN_FILES if not (run_dir / n).is_file()]
+    if missing:
+        raise UserError(f"{what}: {run_dir} is not a finished nc-finetune run (missing {', '.join(missing)})")
+    return from_dict(Recipe, yaml.safe_load((run_dir / "resolved.yaml").read_text(encoding="utf-8")), "")
+
+
+def restore_backbone_weights(backbone, run_dir: str | Path, *, name: str, pretrained: bool) -> dict[str, Any]:
+    """Overwrite ``backbone``'s weights with those a finished run trained.
+
+    Args:
+        backbone: A freshly loaded :class:`~nc_finetune.backbones.Backbone` (modified in place).
+        run_dir: Directory of a finished ``nc-finetune run``.
+        name: This recipe's ``backbone.name`` (must be the run's).
+        pretrained: This recipe's ``backbone.pretrained`` (must be the run's).
+
+    Returns:
+        Provenance: ``{"run", "method", "tensors", "params"}`` (backbone tensors and parameters overwritten).
+
+    Raises:
+        UserError: Not a finished run, a different backbone, or weights that do not fit it.
+        ConfigError: A run that trained only part of a randomly initialised backbone (its frozen part cannot be
+            rebuilt).
+    """
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    what = "backbone.init_from"
+    src = load_run_recipe(run_dir, what)
+    if src.backbone.name != name:
+        raise ConfigError(f"{what}: {run_dir} trained backbone {src.backbone.name!r}, but backbone.name is {name!r}; "
+                          f"set backbone.name={src.backbone.name}")
+    if src.backbone.pretrained != pretrained:
+        raise ConfigError(f"{what}: {run_dir} used backbone.pretrained={src.backbone.pretrained}; set the same here")
+    method = src.adapt.method
+    if not pretrained and method != "full":
+        raise ConfigError(f"{what}: {run_dir} trained part of a randomly initialised backbone "
+                          f"(adapt.method={method}); its frozen blocks cannot be rebuilt; start from a full run")
+    weights = load_file(str(run_dir / "trainable.safetensors"))
+    if method == "lora":
+        tensors = _merge_lora(backbone, run_dir, src, weights)
+    else:
+        tensors = {k[len(_BACKBONE_PREFIX):]: v for k, v in weights.items() if k.startswith(_BACKBONE_PREFIX)}
+        _load_into(backbone.model, tensors, run_dir)
+    backbone.model.requires_grad_(True)  # the state every loader hands out
+    backbone.model.eval()
+    return {"run": str(run_dir), "method": method, "tensors": len(tensors),
+            "params": int(sum(v.numel() for v in tensors.values()))}
+
+
+def _load_into(model, tensors: dict, run_dir: Path) -> None:
+    state = model.state_dict()
+    unknown = sorted(set(tensors) - set(state))
+    if unknown:
+        raise UserError(f"backbone.init_from: {run_dir}/trainable.safetensors does not fit this backbone "
+                        f"('{unknown[0]}' is not one of its tensors)")
+    bad = next((k for k, v in tensors.items() if tuple(v.shape) != tuple(state[k].shape)), None)
+    if bad is not None:
+        raise UserError(f"backbone.init_from: '{bad}' has shape {tuple(tensors[bad].shape)} in {run_dir}, "
+                        f"{tuple(state[bad].shape)} in this backbone")
+    model.load_state_dict(tensors, strict=False)
+
+
+def _merge_lora(backbone, run_dir: Path, src, weights: dict) -> dict:
+    """Rebuild the run's LoRA classifier on ``backbone``, load its adapter, merge it into the base weights."""
+    from nc_finetune.adapt import build_classifier
+    from nc_finetune.select import Selection
+
+    head = next((v for k, v in weights.items() if k.endswith("nc_head.modules_to_save.default.weight")), None)
+    if head is None:
+        raise UserError(f"backbone.init_from: {run_dir}/trainable.safetensors holds no LoRA head (nc_head)")
+    a = src.adapt
+    adapted = build_classifier(backbone, int(head.shape[0]), method="lora",
+                               selection=Selection.load(run_dir / "selection.json"), lora_r=a.lora_r,
+                               lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout)
+    unknown = sorted(set(weights) - set(adapted.model.state_dict()))
+    if unknown:
+        raise UserError(f"backbone.init_from: {run_dir}/trainable.safetensors does not fit the rebuilt LoRA model "
+                        f"('{unknown[0]}')")
+    adapted.model.load_state_dict(weights, strict=False)
+    merged = adapted.model.merge_and_unload()  # LoRA layers replaced in place by merged base layers
+    if merged.backbone is not backbone.model:  # pragma: no cover - peft changed how it unloads
+        raise RuntimeError("peft merge_and_unload did not merge into the backbone module in place")
+    prefix = _PEFT_PREFIX + _BACKBONE_PREFIX
+    adapted_blocks = {k[len(prefix):].split(".lora_")[0] for k in weights if k.startswith(prefix) and ".lora_" in k}
+    state = backbone.model.state_dict()
+    return {k: v for k, v in state.items() if any(k.startswith(m + ".") for m in adapted_blocks)}
