@@ -37,6 +37,9 @@ class BackboneConfig:
     init_from: str | None = None
     """Directory of a finished ``nc-finetune run`` of the same backbone: start from the weights it trained (its head
     is dropped). For adapting a source-domain model to a shifted target, e.g. ``data.corruption``."""
+    truncate_at: int | str | None = None
+    """Cut the backbone after this block (index, negative from the end, or name): its pooled output becomes the
+    final feature and later modules are dropped (a truncated transfer candidate)."""
 
 
 @dataclass

@@ -56,7 +56,8 @@ def prepare_data(recipe: Recipe) -> PreparedData:
 
 
 def load_recipe_backbone(recipe: Recipe):
-    """Build the backbone named by ``recipe.backbone`` (with the weights of ``backbone.init_from`` when set)."""
+    """Build the backbone named by ``recipe.backbone`` (with the weights of ``backbone.init_from`` when set, cut
+    after ``backbone.truncate_at`` when set)."""
     from nc_finetune.adapt.restore import restore_backbone_weights
     from nc_finetune.backbones import load_backbone
 
@@ -67,6 +68,10 @@ def load_recipe_backbone(recipe: Recipe):
         restored = restore_backbone_weights(backbone, Path(b.init_from), name=b.name, pretrained=b.pretrained)
         backbone.provenance = {**backbone.provenance, "init_from": restored["run"],
                                "init_from_method": restored["method"], "init_from_params": str(restored["params"])}
+    if b.truncate_at is not None:
+        from nc_finetune.backbones.truncate import truncate_backbone
+
+        backbone = truncate_backbone(backbone, b.truncate_at)
     return backbone
 
 
@@ -421,7 +426,9 @@ def rank_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress: 
         raw = dict(raw)
         label = raw.pop("label", None)
         cfg = from_dict(BackboneConfig, raw, f"rank.candidates[{i}]")
-        cands.append((str(label) if label else cfg.name + ("" if cfg.pretrained else " (random init)"), cfg))
+        default = cfg.name + (f"@{cfg.truncate_at}" if cfg.truncate_at is not None else "") + \
+            ("" if cfg.pretrained else " (random init)")
+        cands.append((str(label) if label else default, cfg))
     if len(cands) < 2:
         raise ConfigError("rank.candidates needs at least 2 backbone sections, e.g. "
                           "[{name: efficientnet-lite0}, {name: efficientnet-lite0, pretrained: false}]")

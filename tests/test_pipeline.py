@@ -213,3 +213,16 @@ def test_run_killed_before_its_first_checkpoint_resumes_from_the_start(finished_
     assert summary["test_loss"] == pytest.approx(finished_run["summary"]["test_loss"], abs=1e-6)
     assert (out / "metrics.jsonl").read_text().count('"loss"') == \
         (finished_run["out"] / "metrics.jsonl").read_text().count('"loss"')
+
+
+def test_a_truncated_backbone_runs_end_to_end_and_evals(finished_run, tmp_path) -> None:
+    bert, csv = _paths(finished_run)
+    recipe = make_recipe(bert, csv, **{"backbone.truncate_at": 1, "selection.blocks": "[1]", "train.epochs": 1})
+    out = tmp_path / "run"
+    summary = run_stage(recipe, out, progress=False)
+    assert [r["name"] for r in ProbeResult.load(out / "probe.json").blocks()] == \
+        ["hf.encoder.layer.0", "hf.encoder.layer.1"]
+    assert summary["total_params"] < finished_run["summary"]["total_params"]
+    assert summary["backbone_provenance"]["truncated_at"] == "hf.encoder.layer.1"
+    r = eval_stage(out)
+    assert r["accuracy"] == summary["test_accuracy"]
