@@ -39,8 +39,13 @@ def load_run_recipe(run_dir: Path, what: str):
     return from_dict(Recipe, yaml.safe_load((run_dir / "resolved.yaml").read_text(encoding="utf-8")), "")
 
 
-def restore_backbone_weights(backbone, run_dir: str | Path, *, name: str, pretrained: bool) -> dict[str, Any]:
+def restore_backbone_weights(backbone, run_dir: str | Path, *, name: str, pretrained: bool,
+                             _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Overwrite ``backbone``'s weights with those a finished run trained.
+
+    A run that itself started from another run (its own ``backbone.init_from``) trained on top of that run's
+    weights, so those are restored first, down the chain (a ``full`` run of the whole backbone saved every weight
+    and ends it).
 
     Args:
         backbone: A freshly loaded :class:`~nc_finetune.backbones.Backbone` (modified in place).
@@ -52,9 +57,9 @@ def restore_backbone_weights(backbone, run_dir: str | Path, *, name: str, pretra
         Provenance: ``{"run", "method", "tensors", "params"}`` (backbone tensors and parameters overwritten).
 
     Raises:
-        UserError: Not a finished run, a different backbone, or weights that do not fit it.
-        ConfigError: A run that trained only part of a randomly initialised backbone (its frozen part cannot be
-            rebuilt).
+        UserError: Not a finished run, weights that do not fit the backbone, or an init_from chain that loops.
+        ConfigError: A run of a different ``backbone.name``/``backbone.pretrained``, or one that trained only part
+            of a randomly initialised backbone (its frozen part cannot be rebuilt).
     """
     from safetensors.torch import load_file
 
@@ -70,6 +75,13 @@ def restore_backbone_weights(backbone, run_dir: str | Path, *, name: str, pretra
     if not pretrained and method != "full":
         raise ConfigError(f"{what}: {run_dir} trained part of a randomly initialised backbone "
                           f"(adapt.method={method}); its frozen blocks cannot be rebuilt; start from a full run")
+    if src.backbone.init_from and (method != "full" or src.backbone.truncate_at is not None):
+        key = run_dir.resolve()
+        if key in _chain:
+            raise UserError(f"{what}: {run_dir} starts from itself (backbone.init_from chain: "
+                            f"{' -> '.join(map(str, (*_chain, key)))})")
+        restore_backbone_weights(backbone, src.backbone.init_from, name=name, pretrained=pretrained,
+                                 _chain=(*_chain, key))
     weights = load_file(str(run_dir / "trainable.safetensors"))
     if method == "lora":
         tensors = _merge_lora(backbone, run_dir, src, weights)
@@ -107,6 +119,10 @@ def _merge_lora(backbone, run_dir: Path, src, weights: dict) -> dict:
     adapted = build_classifier(backbone, int(head.shape[0]), method="lora",
                                selection=Selection.load(run_dir / "selection.json"), lora_r=a.lora_r,
                                lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout)
+    prefix = _PEFT_PREFIX + _BACKBONE_PREFIX
+    # Only the backbone part is loaded: the head is dropped anyway, and its input width differs from this
+    # backbone's when the run was truncated (backbone.truncate_at).
+    weights = {k: v for k, v in weights.items() if k.startswith(prefix)}
     unknown = sorted(set(weights) - set(adapted.model.state_dict()))
     if unknown:
         raise UserError(f"backbone.init_from: {run_dir}/trainable.safetensors does not fit the rebuilt LoRA model "
@@ -115,7 +131,6 @@ def _merge_lora(backbone, run_dir: Path, src, weights: dict) -> dict:
     merged = adapted.model.merge_and_unload()  # LoRA layers replaced in place by merged base layers
     if merged.backbone is not backbone.model:  # pragma: no cover - peft changed how it unloads
         raise RuntimeError("peft merge_and_unload did not merge into the backbone module in place")
-    prefix = _PEFT_PREFIX + _BACKBONE_PREFIX
     adapted_blocks = {k[len(prefix):].split(".lora_")[0] for k in weights if k.startswith(prefix) and ".lora_" in k}
     state = backbone.model.state_dict()
     return {k: v for k, v in state.items() if any(k.startswith(m + ".") for m in adapted_blocks)}

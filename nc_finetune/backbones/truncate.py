@@ -115,7 +115,9 @@ def truncate_backbone(backbone: Backbone, where: int | str) -> Backbone:
             captured["out"] = output
             raise _CutReached
 
-        handle = cut.register_forward_hook(grab)
+        # Looked up per call, not captured: peft LoRA replaces a leaf block (a bare Linear/Conv) by a wrapper whose
+        # output, not its inner base layer's, is the block's output.
+        handle = model.get_submodule(cut_name).register_forward_hook(grab)
         try:
             original_forward(**batch)
         except _CutReached:

@@ -30,7 +30,7 @@ _PARAMS: dict[str, tuple[float, ...] | None] = {
     "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07),  # share of salt-and-pepper pixels
     "gaussian_blur": (0.4, 0.6, 0.7, 0.8, 1.0),  # blur sigma in pixels
     "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),  # factor around the image mean
-    "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),  # added to intensity
+    "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),  # added to the HSV value (intensity for gray images)
     "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),  # down-scale factor before box up-scaling
     "invert": None,
 }
@@ -116,7 +116,13 @@ def _contrast(x: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
 
 
 def _brightness(x: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
-    return x + c
+    if x.ndim == 2 or x.shape[2] != 3:
+        return x + c  # gray: HSV value = intensity
+    # RGB: CIFAR-10-C adds c to the HSV value V = max(R, G, B) with hue and saturation kept, which scales the
+    # pixel by V' / V (a black pixel, S = 0, becomes gray V' = c).
+    v = x.max(axis=2, keepdims=True)  # (H, W, 1)
+    v_new = np.minimum(v + c, 1.0)
+    return np.where(v > 0, x * (v_new / np.where(v > 0, v, 1.0)), v_new)
 
 
 def _pixelate(x: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:

@@ -108,3 +108,55 @@ def test_refusals(finished_run, tmp_path) -> None:
     save_file(weights, str(broken / "trainable.safetensors"))
     with pytest.raises(UserError, match="does not fit this backbone .'no.such.weight'"):
         restore_backbone_weights(load_recipe_backbone(recipe), broken, name=name, pretrained=True)
+
+
+def test_a_run_that_started_from_a_run_restores_the_whole_chain(finished_run, tmp_path) -> None:
+    """C = init_from B, B = init_from A: A's trained block must come back too, not only what B trained."""
+    bert, csv = _paths(finished_run)
+    a_out, a_recipe = finished_run["out"], finished_run["recipe"]
+    a_block = Selection.load(a_out / "selection.json").blocks[0]
+    b_index = 0 if a_block["index"] != 0 else 2
+    b_out = tmp_path / "b"
+    run_stage(make_recipe(bert, csv, **{"backbone.init_from": str(a_out), "selection.blocks": f"[{b_index}]",
+                                        "train.epochs": 1}), b_out, progress=False)
+    b_block = Selection.load(b_out / "selection.json").blocks[0]["name"]
+    a_weights = load_file(str(a_out / "trainable.safetensors"))
+    b_weights = load_file(str(b_out / "trainable.safetensors"))
+
+    backbone = load_recipe_backbone(a_recipe)
+    info = restore_backbone_weights(backbone, b_out, name=a_recipe.backbone.name, pretrained=True)
+    state = backbone.model.state_dict()
+    assert info["run"] == str(b_out)
+    for k, v in state.items():
+        if k.startswith(a_block["name"] + "."):
+            assert torch.equal(v, a_weights["backbone." + k]), k
+        elif k.startswith(b_block + "."):
+            assert torch.equal(v, b_weights["backbone." + k]), k
+
+    loop = tmp_path / "loop"
+    shutil.copytree(b_out, loop)
+    text = (loop / "resolved.yaml").read_text(encoding="utf-8").replace(str(a_out), str(loop))
+    (loop / "resolved.yaml").write_text(text, encoding="utf-8")
+    with pytest.raises(UserError, match="starts from itself"):
+        restore_backbone_weights(load_recipe_backbone(a_recipe), loop, name=a_recipe.backbone.name, pretrained=True)
+
+
+def test_a_truncated_lora_run_restores_into_the_whole_backbone(finished_run, tmp_path) -> None:
+    """The head of a truncated run reads the cut block's width (here made narrower than the final feature, as for a
+    CNN cut early); the head is dropped, so it must not stop the merge."""
+    from safetensors.torch import save_file
+
+    bert, csv = _paths(finished_run)
+    out = tmp_path / "lora_cut"
+    run_stage(make_recipe(bert, csv, **{"adapt.method": "lora", "adapt.lora_r": 2, "backbone.truncate_at": 1,
+                                        "train.epochs": 1}), out, progress=False)
+    weights = load_file(str(out / "trainable.safetensors"))
+    for k in [k for k in weights if ".nc_head." in k and k.endswith(".weight")]:
+        weights[k] = torch.zeros(weights[k].shape[0], 8)  # (K, D_cut) with D_cut = 8 != 16
+    save_file(weights, str(out / "trainable.safetensors"))
+
+    recipe = finished_run["recipe"]
+    backbone = load_recipe_backbone(recipe)
+    info = restore_backbone_weights(backbone, out, name=recipe.backbone.name, pretrained=True)
+    assert info["method"] == "lora" and info["tensors"] > 0
+    assert not any("lora" in k for k in backbone.model.state_dict())

@@ -70,3 +70,43 @@ def test_refusals():
         truncate_backbone(_resnet(), "layer9")
     with pytest.raises(ConfigError, match="must be a block index or name"):
         truncate_backbone(_resnet(), 1.5)
+
+
+def test_lora_on_a_leaf_cut_block_reaches_the_features():
+    """A block that is a bare Linear (timm VGG's ``features.N`` are bare convs) is replaced by peft's LoRA wrapper:
+    the features must be the wrapper's output (LoRA delta included), not its inner base layer's."""
+    pytest.importorskip("peft")
+    from torch import nn
+
+    from nc_finetune.adapt import build_classifier
+    from nc_finetune.backbones.base import Backbone, make_block_infos
+    from nc_finetune.select import select_blocks
+
+    class Toy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 6), nn.Linear(6, 5))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.blocks(x)
+
+    torch.manual_seed(0)
+    model = Toy().eval()
+    bb = Backbone(spec="toy", model=model, modality="image", feature_dim=5, pooling="mean", final_tap=None,
+                  blocks=make_block_infos(model, ["blocks.0", "blocks.1", "blocks.2"]),
+                  preprocess=lambda raw, train=False: {"x": torch.zeros(len(raw), 4)})
+    bb = truncate_backbone(bb, 1)
+    sel = select_blocks(None, bb.blocks, strategy="manual", manual=[1], head_params=0, total_params=100)
+    adapted = build_classifier(bb, 3, method="lora", selection=sel, lora_r=2)
+    with torch.no_grad():
+        for n, p in adapted.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()  # a non-zero LoRA delta
+    seen = {}
+    classifier = adapted.model.base_model.model
+    classifier.nc_head.register_forward_hook(lambda m, a, o: seen.setdefault("h", a[0]))
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        adapted.model(x=x)
+        expect = classifier.backbone.blocks[1](model.blocks[0](x))  # the LoRA-wrapped block's output
+    torch.testing.assert_close(seen["h"], expect)

@@ -54,6 +54,22 @@ def test_invert_contrast_brightness_closed_forms():
     assert (corrupt_image(gray(250, 4), "brightness", 5, image_rng(0, 0, 0)) == 255).all()  # clipped
 
 
+def test_rgb_brightness_raises_the_hsv_value_like_cifar10c():
+    """CIFAR-10-C: rgb2hsv, V += c (clipped), hsv2rgb; hue and saturation are kept, so colours do not wash out."""
+    import colorsys
+
+    img = np.random.default_rng(5).integers(0, 256, size=(12, 12, 3), dtype=np.uint8)
+    img[0, 0], img[0, 1], img[0, 2] = (0, 0, 0), (255, 255, 255), (250, 10, 10)
+    for sev, c in zip(range(1, 6), (0.05, 0.1, 0.15, 0.2, 0.3), strict=True):
+        expect = np.array([[colorsys.hsv_to_rgb(h, s, min(v + c, 1.0))
+                            for h, s, v in (colorsys.rgb_to_hsv(*(p / 255.0)) for p in row)] for row in img]) * 255
+        got = corrupt_image(img, "brightness", sev, image_rng(0, 0, 0)).astype(float)
+        assert np.abs(got - expect).max() <= 0.5 + 1e-6, sev  # rounding only
+    gray3 = np.repeat(np.random.default_rng(6).integers(0, 256, size=(8, 8, 1), dtype=np.uint8), 3, axis=2)
+    np.testing.assert_array_equal(corrupt_image(gray3, "brightness", 4, image_rng(0, 0, 0))[:, :, 0],
+                                  corrupt_image(gray3[:, :, 0], "brightness", 4, image_rng(0, 0, 0)))
+
+
 def test_noise_statistics_match_their_parameters():
     base = gray(128)
     noisy = corrupt_image(base, "gaussian_noise", 5, image_rng(0, 0, 0)).astype(float)
