@@ -243,9 +243,10 @@ def rank_last_k(blocks: Sequence[BlockLike]) -> Ranking:
 
 
 def rank_first_k(blocks: Sequence[BlockLike]) -> Ranking:
-    """Shallowest block first (score = minus the block index)."""
+    """Shallowest block first (score = number of blocks minus the position, so the first block scores highest)."""
     blocks = _sorted_blocks(blocks)
-    return Ranking(order=[b.index for b in blocks], scores={b.index: -float(b.index) for b in blocks},
+    scores = {b.index: float(len(blocks) - i) for i, b in enumerate(blocks)}
+    return Ranking(order=[b.index for b in blocks], scores=scores,
                    rationale="first_k: the shallowest blocks first (surgical fine-tuning's choice for input-level "
                              "shift such as image corruptions); no data is looked at.")
 
