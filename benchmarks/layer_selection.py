@@ -318,11 +318,12 @@ def plot_tasks(tables: dict[str, list[dict[str, Any]]], path: Path) -> Path | No
         ax.set_yticklabels([r["mode"] for r in rows], fontsize=8)
         finite = [m for m, _ in stats if math.isfinite(m)]
         lo, hi = (min(finite), max(finite)) if finite else (0.0, 100.0)
-        ax.set_xlim(max(0.0, lo - max(2.0, 0.15 * (hi - lo))), min(100.0, hi + max(1.5, 0.3 * (hi - lo))))
-        for y, (m, _), r in zip(ys, stats, rows, strict=True):
-            if math.isfinite(m):
-                ax.annotate(f"{m:.1f}%  ({mean_std(r['trainable_pct'])[0]:.3g}% params)", (m, y),
-                            textcoords="offset points", xytext=(4, -3), fontsize=7)
+        ax.set_xlim(max(0.0, lo - max(2.0, 0.15 * (hi - lo))), min(100.0, hi + max(3.0, 0.45 * (hi - lo))))
+        for y, (m, s), r in zip(ys, stats, rows, strict=True):
+            if math.isfinite(m):  # the label starts right of the error bar, so the two never overlap
+                ax.annotate(f"{m:.1f}%  ({mean_std(r['trainable_pct'])[0]:.3g}% params)",
+                            (m + (s if math.isfinite(s) else 0.0), y), textcoords="offset points", xytext=(5, -3),
+                            fontsize=7)
         ax.set_xlabel("test accuracy % (mean ± std over seeds)")
         ax.set_title(task, fontsize=10)
         ax.grid(True, axis="x", alpha=0.3)
