@@ -76,6 +76,15 @@ def parse_corruption(text: str) -> tuple[str, int]:
     return name, severity
 
 
+def source_on_target(source_dir: Path, name: str, severity: int) -> dict[str, Any]:
+    """The source run scored on the corrupted test split (``nc-finetune eval`` with data overrides): the same 1000
+    test images, corrupted with the same seed, that every target run is tested on."""
+    from nc_finetune.pipeline import eval_stage
+
+    return eval_stage(source_dir, data_overrides=[f"data.corruption={name}", f"data.corruption_severity={severity}",
+                                                  *(o for o in TARGET if o.startswith("data."))])
+
+
 def task_name(name: str, severity: int) -> str:
     """``gaussian_noise-5``; ``invert`` has no severity."""
     return name if name == "invert" else f"{name}-{severity}"
@@ -143,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tables: dict[str, list[dict[str, Any]]] = {}
     task_wins: dict[str, list[dict[str, Any]]] = {}
+    unadapted: dict[str, dict[str, Any]] = {}
     for name, severity in args.corruptions:
         task = task_name(name, severity)
         by_mode: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in args.modes}
@@ -154,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
                 failures.append(f"{r['mode']} (seed {r['seed']}): {r['error']}")
         tables[task], task_wins[task] = task_rows(by_mode), wins(by_mode)
         print(f"### {task} (target: corrupted Fashion-MNIST, from the source model)\n")
-        print(f"- target runs: `{RECIPE} {' '.join(TARGET + extra)}`; seeds {' '.join(map(str, args.seeds))}\n")
+        print(f"- target runs: `{RECIPE} {' '.join(TARGET + extra)}`; seeds {' '.join(map(str, args.seeds))}")
+        unadapted[task] = source_on_target(source_dir, name, severity)
+        print(f"- the source model itself on this corrupted test split, no adaptation: "
+              f"{100 * unadapted[task]['accuracy']:.2f}% (clean: {100 * s['test_accuracy']:.2f}%)\n")
         print(main_table(tables[task], failures))
         print()
     print("### Wins of the NC-guided modes\n")
@@ -163,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     png = plot_tasks(tables, args.out.with_suffix(".png"))
     payload = {"benchmark": NAME, "command": cmd, "machine": info,
                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "source": src, "modes": {m: MODES[m] for m in args.modes}, "tables": tables, "wins": task_wins,
+               "source": src, "source_unadapted": unadapted, "modes": {m: MODES[m] for m in args.modes},
+               "tables": tables, "wins": task_wins,
                "figure": str(png) if png else None, "runs": runs}
     path = write_results(args.out, payload)
     print(f"raw results: {path}" + (f"; figure: {png}" if png else ""))

@@ -91,8 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="reload a finished run and score a split",
                        description="Rebuild the model of a finished run from DIR (resolved.yaml, selection.json, "
-                                   "trainable.safetensors) and report accuracy on a split.")
+                                   "trainable.safetensors) and report accuracy on a split. data.* overrides score "
+                                   "it on other data with the same classes, e.g. a shifted test set: "
+                                   "nc-finetune eval runs/x data.corruption=gaussian_noise data.corruption_severity=5")
     p.add_argument("run_dir", type=Path, metavar="DIR")
+    p.add_argument("overrides", nargs="*", metavar="data.KEY=VALUE",
+                   help="change the run's data section (other sections describe the trained model and stay)")
     p.add_argument("--split", default="test", choices=["test", "train"])
     p.add_argument("--batch-size", type=int, default=None)
 
@@ -173,8 +177,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from nc_finetune.pipeline import eval_stage
 
-    r = eval_stage(args.run_dir, split=args.split, batch_size=args.batch_size)
-    print(f"{args.run_dir} {r['split']}: accuracy {r['accuracy']:.4f}, loss {r['loss']:.4f} on {r['samples']} samples")
+    r = eval_stage(args.run_dir, split=args.split, batch_size=args.batch_size, data_overrides=args.overrides)
+    shifted = f" ({' '.join(args.overrides)})" if args.overrides else ""
+    print(f"{args.run_dir} {r['split']}{shifted}: accuracy {r['accuracy']:.4f}, loss {r['loss']:.4f} "
+          f"on {r['samples']} samples")
     return 0
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nc_finetune.config import Recipe, dump_recipe, recipe_to_dict
-from nc_finetune.errors import DataError, UserError
+from nc_finetune.config import Recipe, apply_override, dump_recipe, recipe_to_dict
+from nc_finetune.errors import ConfigError, DataError, UserError
 from nc_finetune.utils.io import write_text_atomic
 
 
@@ -345,13 +345,16 @@ def select_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress
     return selection
 
 
-def eval_stage(run_dir: Path, split: str = "test", batch_size: int | None = None) -> dict:
+def eval_stage(run_dir: Path, split: str = "test", batch_size: int | None = None,
+               data_overrides: list[str] | None = None) -> dict:
     """Rebuild a finished run from its artefacts and score one split.
 
     Args:
         run_dir: Directory of a finished ``nc-finetune run``.
         split: ``test`` or ``train``.
         batch_size: Evaluation batch size (default: the recipe's ``train.eval_batch_size``).
+        data_overrides: ``data.key=value`` changes of the run's data section, to score the model on other data with
+            the same classes (e.g. ``data.corruption=gaussian_noise``); the other sections describe the model.
 
     Returns:
         ``{"accuracy", "loss", "samples", "split"}``.
@@ -369,15 +372,25 @@ def eval_stage(run_dir: Path, split: str = "test", batch_size: int | None = None
     missing = [n for n in needed if not (run_dir / n).exists()]
     if missing:
         raise UserError(f"{run_dir} is not a finished run: missing {', '.join(missing)}")
-    recipe = from_dict(Recipe, yaml.safe_load((run_dir / "resolved.yaml").read_text(encoding="utf-8")), "")
+    raw = yaml.safe_load((run_dir / "resolved.yaml").read_text(encoding="utf-8"))
+    for item in data_overrides or []:
+        if not item.split("=", 1)[0].strip().startswith("data."):
+            raise ConfigError(f"eval accepts only data.* overrides (the rest describes the trained model); "
+                              f"got {item!r}")
+        apply_override(raw, item)
+    recipe = from_dict(Recipe, raw, "")
     if batch_size:
         recipe.train.eval_batch_size = batch_size
     recipe.train.cache_prefix = "off"
     data = prepare_data(recipe).data
+    probe_result = ProbeResult.load(run_dir / "probe.json")
+    trained_classes = probe_result.meta.get("class_names")
+    if trained_classes is not None and len(trained_classes) != data.num_classes:
+        raise DataError(f"{run_dir} was trained on {len(trained_classes)} classes; data '{data.name}' has "
+                        f"{data.num_classes}")
     backbone = load_recipe_backbone(recipe)
     selection = Selection.load(run_dir / "selection.json")
-    adapted = build_recipe_classifier(recipe, backbone, data.num_classes, selection,
-                                      ProbeResult.load(run_dir / "probe.json"), data.train)
+    adapted = build_recipe_classifier(recipe, backbone, data.num_classes, selection, probe_result, data.train)
     weights = load_file(str(run_dir / "trainable.safetensors"))
     unexpected = set(weights) - set(adapted.model.state_dict())
     if unexpected:
@@ -412,7 +425,6 @@ def rank_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress: 
     import re
 
     from nc_finetune.config import BackboneConfig, from_dict
-    from nc_finetune.errors import ConfigError
     from nc_finetune.probe.runner import probe
     from nc_finetune.report.plots import plot_probe
     from nc_finetune.transfer.ranking import plot_rank, rank_table

@@ -117,6 +117,18 @@ def test_eval_reproduces_the_summary(finished_run) -> None:
         eval_stage(finished_run["out"], split="validation")
 
 
+def test_eval_on_other_data_takes_only_data_overrides(finished_run, tmp_path) -> None:
+    out = finished_run["out"]
+    r = eval_stage(out, data_overrides=["data.max_eval_samples=4"])
+    assert r["samples"] == 4 and 0.0 <= r["accuracy"] <= 1.0
+    with pytest.raises(ConfigError, match="only data.. overrides .* got 'train.lr=1'"):
+        eval_stage(out, data_overrides=["train.lr=1"])
+    texts = ["the cat", "a dog", "red mat", "big cat", "the dog", "a mat"]
+    three = write_text_csv(tmp_path / "three.csv", texts, np.array([0, 1, 2, 0, 1, 2]))
+    with pytest.raises(DataError, match="trained on 2 classes; data 'csv' has 3"):
+        eval_stage(out, data_overrides=[f"data.data_files={{train: {three}, test: {three}}}"])
+
+
 def test_eval_refuses_an_unfinished_run(tmp_path) -> None:
     with pytest.raises(UserError, match="not a finished run"):
         eval_stage(tmp_path)
