@@ -142,8 +142,16 @@ def _header(run_dir: Path, probe: Any, summary: dict | None, rank: dict | None, 
     lines = [f"# nc-finetune report: `{run_dir.name or run_dir}`", "", f"- kind: {' + '.join(kinds)}"]
     if backbone:
         lines.append(f"- backbone: `{backbone}`")
+    init_from, cut = _dig(recipe, "backbone", "init_from"), _dig(recipe, "backbone", "truncate_at")
+    if init_from:
+        lines.append(f"- started from the weights of run `{init_from}`")
+    if cut is not None:
+        lines.append(f"- truncated after block `{cut}`")
     if dataset:
-        lines.append(f"- dataset: `{dataset}`")
+        corruption = _dig(recipe, "data", "corruption")
+        shift = f" corrupted by `{corruption}` (severity {_dig(recipe, 'data', 'corruption_severity')})" \
+            if corruption else ""
+        lines.append(f"- dataset: `{dataset}`{shift}")
     if probe is not None:
         counts = meta.get("class_counts")
         detail = f" (per class: {', '.join(str(c) for c in counts)})" if isinstance(counts, list) and counts else ""

@@ -177,3 +177,13 @@ def test_not_a_report_directory(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="probe.json is not valid JSON"):
         render_report(tmp_path)
     assert not (tmp_path / "report.md").exists()
+
+
+def test_run_dir_names_its_starting_run_cut_and_data_shift(run_dir: Path) -> None:
+    (run_dir / "resolved.yaml").write_text(
+        "backbone: {name: 'timm:tiny_net', init_from: runs/source, truncate_at: blocks.1}\n"
+        "data: {name: toy-data, corruption: gaussian_noise, corruption_severity: 5}\n", encoding="utf-8")
+    text = render_report(run_dir).read_text(encoding="utf-8")
+    assert "- started from the weights of run `runs/source`" in text
+    assert "- truncated after block `blocks.1`" in text
+    assert "- dataset: `toy-data` corrupted by `gaussian_noise` (severity 5)" in text
