@@ -202,7 +202,10 @@ def plot_rank(
             ax.set_xlabel(key)
             ax.set_ylabel(truth_key)
             if log:
+                from matplotlib.ticker import NullFormatter
+
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels (2×10⁰, 3×10⁰ ...) collide
         else:
             pos = np.arange(len(vals))
             ax.bar(pos, [v if math.isfinite(v) else 0.0 for v in vals])
