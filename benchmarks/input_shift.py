@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     print("### Wins of the NC-guided modes\n")
     print(wins_table(task_wins))
     print()
-    png = plot_tasks(tables, args.out.with_suffix(".png"))
+    png = plot_tasks(tables, args.out.with_suffix(".png"),
+                     title="Input-level shift: target accuracy after adapting the source model")
     payload = {"benchmark": NAME, "command": cmd, "machine": info,
                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "source": src, "source_unadapted": unadapted, "modes": {m: MODES[m] for m in args.modes},

@@ -292,7 +292,8 @@ def wins_table(task_wins: dict[str, list[dict[str, Any]]]) -> str:
     return markdown_table(headers, rows, align=["l", "l", "l", "r", "r"])
 
 
-def plot_tasks(tables: dict[str, list[dict[str, Any]]], path: Path) -> Path | None:
+def plot_tasks(tables: dict[str, list[dict[str, Any]]], path: Path,
+               title: str = "Layer selection at a matched budget") -> Path | None:
     """Test accuracy per mode (mean ± std over seeds, trainable % annotated), one panel per task."""
     import matplotlib
 
@@ -327,7 +328,7 @@ def plot_tasks(tables: dict[str, list[dict[str, Any]]], path: Path) -> Path | No
         ax.set_xlabel("test accuracy % (mean ± std over seeds)")
         ax.set_title(task, fontsize=10)
         ax.grid(True, axis="x", alpha=0.3)
-    fig.suptitle("Layer selection at a matched budget (red = NC-guided)", fontsize=11)
+    fig.suptitle(f"{title} (red = NC-guided)", fontsize=11)
     fig.tight_layout()
 
     def _save(tmp: str) -> None:
