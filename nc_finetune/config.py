@@ -218,7 +218,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
                               f"got {type(loaded).__name__}")
         raw = loaded
     for item in overrides or []:
-        apply_override(raw, item)
+        _apply_override(raw, item)
     return from_dict(Recipe, raw, "")
 
 
@@ -232,7 +232,7 @@ def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
 
 
-def apply_override(raw: dict[str, Any], item: str) -> None:
+def _apply_override(raw: dict[str, Any], item: str) -> None:
     """Set ``dotted.key=value`` (value parsed as YAML) in a raw recipe mapping, creating sections as needed."""
     if "=" not in item:
         raise ConfigError(f"override '{item}' must look like key=value, e.g. probe.batch_size=32")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nc_finetune.config import Recipe, apply_override, dump_recipe, recipe_to_dict
+from nc_finetune.config import Recipe, dump_recipe, load_recipe, recipe_to_dict
 from nc_finetune.errors import ConfigError, DataError, UserError
 from nc_finetune.utils.io import write_text_atomic
 
@@ -359,10 +359,8 @@ def eval_stage(run_dir: Path, split: str = "test", batch_size: int | None = None
     Returns:
         ``{"accuracy", "loss", "samples", "split"}``.
     """
-    import yaml
     from safetensors.torch import load_file
 
-    from nc_finetune.config import from_dict
     from nc_finetune.probe.result import ProbeResult
     from nc_finetune.select import Selection
     from nc_finetune.train.loop import TrainData, Trainer
@@ -372,13 +370,11 @@ def eval_stage(run_dir: Path, split: str = "test", batch_size: int | None = None
     missing = [n for n in needed if not (run_dir / n).exists()]
     if missing:
         raise UserError(f"{run_dir} is not a finished run: missing {', '.join(missing)}")
-    raw = yaml.safe_load((run_dir / "resolved.yaml").read_text(encoding="utf-8"))
     for item in data_overrides or []:
         if not item.split("=", 1)[0].strip().startswith("data."):
             raise ConfigError(f"eval accepts only data.* overrides (the rest describes the trained model); "
                               f"got {item!r}")
-        apply_override(raw, item)
-    recipe = from_dict(Recipe, raw, "")
+    recipe = load_recipe(run_dir / "resolved.yaml", data_overrides)
     if batch_size:
         recipe.train.eval_batch_size = batch_size
     recipe.train.cache_prefix = "off"

@@ -29,14 +29,12 @@ def load_run_recipe(run_dir: Path, what: str):
     Raises:
         UserError: Not a finished run (a file of :data:`RUN_FILES` missing).
     """
-    import yaml
-
-    from nc_finetune.config import Recipe, from_dict
+    from nc_finetune.config import load_recipe
 
     missing = [n for n in RUN_FILES if not (run_dir / n).is_file()]
     if missing:
         raise UserError(f"{what}: {run_dir} is not a finished nc-finetune run (missing {', '.join(missing)})")
-    return from_dict(Recipe, yaml.safe_load((run_dir / "resolved.yaml").read_text(encoding="utf-8")), "")
+    return load_recipe(run_dir / "resolved.yaml")
 
 
 def restore_backbone_weights(backbone, run_dir: str | Path, *, name: str, pretrained: bool,
