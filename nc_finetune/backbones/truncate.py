@@ -53,6 +53,26 @@ def _probe_inputs(backbone: Backbone) -> dict[str, torch.Tensor]:
     return backbone.prepare(np.zeros((1, 32, 32, 3), dtype=np.uint8))
 
 
+def _run_to_cut(forward: Any, model: nn.Module, cut_name: str, batch: dict[str, torch.Tensor]) -> Any:
+    """Run ``forward(**batch)`` until block ``cut_name`` has produced its output; return that raw output."""
+    captured: dict[str, Any] = {}
+
+    def grab(_module: nn.Module, _args: Any, output: Any) -> None:
+        captured["out"] = output
+        raise _CutReached
+
+    # Looked up per call, not captured: peft LoRA replaces a leaf block (a bare Linear/Conv) by a wrapper whose
+    # output, not its inner base layer's, is the block's output.
+    handle = model.get_submodule(cut_name).register_forward_hook(grab)
+    try:
+        forward(**batch)
+    except _CutReached:
+        return captured["out"]
+    finally:
+        handle.remove()
+    raise RuntimeError(f"block {cut_name} did not run in the model's forward")  # pragma: no cover
+
+
 def truncate_backbone(backbone: Backbone, where: int | str) -> Backbone:
     """Cut ``backbone`` after block ``where``; the model is modified in place and returned in a new Backbone.
 
@@ -72,28 +92,16 @@ def truncate_backbone(backbone: Backbone, where: int | str) -> Backbone:
         return backbone  # cutting after the last block changes nothing
     model = backbone.model
     cut_name = backbone.blocks[k].name
-    cut = model.get_submodule(cut_name)
     inputs = _probe_inputs(backbone)
 
     ran: set[str] = set()
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: ran.add(n)) for n, m in model.named_modules() if n]
-    box: dict[str, Any] = {}
-
-    def stop(_module: nn.Module, _args: Any, output: Any) -> None:
-        box["out"] = output
-        raise _CutReached
-
-    hooks.append(cut.register_forward_hook(stop))
     try:
         with torch.no_grad():
-            model(**inputs)
-        raise RuntimeError(f"{cut_name} did not run in the forward of {backbone.spec}")  # pragma: no cover
-    except _CutReached:
-        pass
+            dim = int(backbone.pool(_run_to_cut(model.forward, model, cut_name, inputs), inputs).shape[1])
     finally:
         for h in hooks:
             h.remove()
-    dim = int(backbone.pool(box["out"], inputs).shape[1])
 
     keep = ran | {cut_name} | {n for n in dict(model.named_modules()) if cut_name.startswith(n + ".")}
     dropped = []
@@ -109,22 +117,7 @@ def truncate_backbone(backbone: Backbone, where: int | str) -> Backbone:
     pool = backbone.pool
 
     def truncated_forward(**batch: torch.Tensor) -> torch.Tensor:
-        captured: dict[str, Any] = {}
-
-        def grab(_module: nn.Module, _args: Any, output: Any) -> None:
-            captured["out"] = output
-            raise _CutReached
-
-        # Looked up per call, not captured: peft LoRA replaces a leaf block (a bare Linear/Conv) by a wrapper whose
-        # output, not its inner base layer's, is the block's output.
-        handle = model.get_submodule(cut_name).register_forward_hook(grab)
-        try:
-            original_forward(**batch)
-        except _CutReached:
-            pass
-        finally:
-            handle.remove()
-        return pool(captured["out"], batch)  # (B, D_cut)
+        return pool(_run_to_cut(original_forward, model, cut_name, batch), batch)  # (B, D_cut)
 
     model.forward = truncated_forward
     prov = {**backbone.provenance, "truncated_at": cut_name, "dropped_modules": str(len(dropped)),
