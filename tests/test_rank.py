@@ -43,3 +43,14 @@ def test_rank_writes_scores_correlations_and_layers(tmp_path, bert_dir, text_csv
 def test_rank_refuses_bad_candidates_before_any_model(tmp_path, bert_dir, text_csv, extra, needle):
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
         rank_stage(make_recipe(bert_dir, text_csv, **extra), tmp_path, progress=False)
+
+
+def test_rank_takes_truncated_candidates_and_labels_them(tmp_path, bert_dir, text_csv):
+    cands = f"[{{name: 'hf:{bert_dir}'}}, {{name: 'hf:{bert_dir}', truncate_at: 1}}]"
+    report = rank_stage(make_recipe(bert_dir, text_csv, **{"rank.candidates": cands, "probe.linear_probe": "true"}),
+                        tmp_path, progress=False)
+    whole, cut = report["rows"]
+    assert cut["name"] == f"hf:{bert_dir}@1" and whole["name"] == f"hf:{bert_dir}"
+    assert cut["params"] < whole["params"]
+    assert [r["name"] for r in report["layers"][cut["name"]]["rows"]] == ["hf.encoder.layer.0", "hf.encoder.layer.1"]
+    assert len(report["layers"][whole["name"]]["rows"]) == 3
