@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "NC2, NC3 falling to the closed-form global optimum. Refuses parameters with "
                                    "K*sqrt(n*lambda_w*lambda_h) >= 1, where the optimum is W = H = 0.")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="writes DIR/ufm.json and DIR/ufm.png")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing ufm.json / ufm.png")
     p.add_argument("--classes", type=int, default=4, help="K (default 4)")
     p.add_argument("--per-class", type=int, default=5, help="n samples per class (default 5)")
     p.add_argument("--dim", type=int, default=8, help="feature dimension d (default 8)")
@@ -209,8 +210,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_ufm(args: argparse.Namespace) -> int:
+    from nc_finetune import runs
     from nc_finetune.report.ufm_report import format_ufm, run_ufm
 
+    runs.RunDir(args.out).check_writable([runs.UFM, runs.UFM_PLOT], args.overwrite)
     summary = run_ufm(args.out, num_classes=args.classes, n_per_class=args.per_class, dim=args.dim,
                       lambda_w=args.lambda_w, lambda_h=args.lambda_h, lambda_b=args.lambda_b, seed=args.seed,
                       max_iter=args.max_iter)
@@ -266,6 +269,10 @@ _COMMANDS = {"probe": _cmd_probe, "select": _cmd_select, "run": _cmd_run, "eval"
              "rank": _cmd_rank, "report": _cmd_report, "ufm": _cmd_ufm, "validate": _cmd_validate, "ls": _cmd_ls}
 
 
+#: Commands that write into ``--out``: they hold its lock while they run.
+_WRITING_COMMANDS = ("probe", "select", "run", "rank", "ufm", "sweep")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``nc-finetune`` console script."""
     parser = build_parser()
@@ -276,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "quiet", False):
         _silence_library_progress_bars()
     try:
+        if args.command in _WRITING_COMMANDS:
+            from nc_finetune.runs import RunDir
+
+            with RunDir(args.out).lock(args.command):
+                return _COMMANDS[args.command](args)
         return _COMMANDS[args.command](args)
     except UserError as e:
         print(f"nc-finetune {args.command}: error: {e}", file=sys.stderr)

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from nc_finetune.config import Recipe, dump_recipe, load_recipe, recipe_to_dict
+from nc_finetune import runs
+from nc_finetune.config import Recipe, recipe_to_dict
 from nc_finetune.errors import ConfigError, DataError, UserError
-from nc_finetune.utils.io import write_text_atomic
+from nc_finetune.runs import RunDir
 
 
 @dataclass
@@ -18,17 +19,6 @@ class PreparedData:
 
     data: object  # nc_finetune.data.ClassificationData
     probe_split: object  # nc_finetune.data.Split
-
-
-def check_out_dir(out: Path, artefacts: list[str], overwrite: bool) -> None:
-    """Refuse to clobber existing artefacts unless asked to.
-
-    Raises:
-        UserError: an artefact already exists and ``overwrite`` is false.
-    """
-    existing = [name for name in artefacts if (out / name).exists()]
-    if existing and not overwrite:
-        raise UserError(f"{out} already holds {', '.join(existing)}; choose another --out or pass --overwrite")
 
 
 def prepare_data(recipe: Recipe) -> PreparedData:
@@ -94,7 +84,7 @@ def run_probe_stage(recipe: Recipe, out: Path | None, *, overwrite: bool = False
     from nc_finetune.report.plots import plot_probe
 
     if out is not None:
-        check_out_dir(out, ["probe.json", "probe.png"], overwrite)
+        RunDir(out).check_writable([runs.PROBE, runs.PROBE_PLOT, runs.RESOLVED], overwrite, recipe)
     prepared = prepared or prepare_data(recipe)
     backbone = backbone or load_recipe_backbone(recipe)
     data = prepared.data
@@ -105,43 +95,12 @@ def run_probe_stage(recipe: Recipe, out: Path | None, *, overwrite: bool = False
                    ncc_samples=p.ncc_samples, linear_probe=p.linear_probe, autocast=p.autocast, device=p.device,
                    seed=p.seed, progress=progress, meta=meta)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "resolved.yaml", dump_recipe(recipe))
-        result.save(out / "probe.json")
-        plot_probe(result, out / "probe.png")
+        run = RunDir(out)
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.write_recipe(recipe)
+        result.save(run / runs.PROBE)
+        plot_probe(result, run / runs.PROBE_PLOT)
     return result
-
-
-RUN_ARTEFACTS = ["summary.json", "checkpoint", "metrics.jsonl", "selection.json", "probe.json"]
-
-
-def check_resume_matches(out: Path, recipe: Recipe) -> None:
-    """A ``--resume`` must continue the same recipe: compare with the run's ``resolved.yaml``.
-
-    Raises:
-        UserError: no run there, or the recipes differ (names the first differing key).
-    """
-    import yaml
-
-    path = out / "resolved.yaml"
-    if not path.is_file():
-        raise UserError(f"--resume: {out} holds no run (no resolved.yaml)")
-    before = yaml.safe_load(path.read_text(encoding="utf-8"))
-    now = recipe_to_dict(recipe)
-    diff = _first_difference(before, now)
-    if diff is not None:
-        raise UserError(f"--resume: {out} was started with a different recipe ({diff}); "
-                        f"resume with the same recipe and overrides, or use another --out")
-
-
-def _first_difference(a: object, b: object, prefix: str = "") -> str | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in list(a) + [k for k in b if k not in a]:
-            d = _first_difference(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))
-            if d is not None:
-                return d
-        return None
-    return None if a == b else f"{prefix}: {a!r} then, {b!r} now"
 
 
 def check_selection_feasible(recipe: Recipe, backbone, num_classes: int) -> None:
@@ -199,7 +158,8 @@ def _labels_tensor(labels: np.ndarray):
 
 
 def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool = True,
-              stop_after_steps: int | None = None) -> dict:
+              stop_after_steps: int | None = None, prepared: PreparedData | None = None,
+              probe_result=None, selection=None, cache_store: dict | None = None) -> dict:
     """The whole pipeline: probe -> select -> adapt -> train -> report, artefacts in ``out``.
 
     Args:
@@ -208,59 +168,69 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
         resume: Continue a killed run from ``out/checkpoint`` (same recipe required).
         progress: tqdm bars.
         stop_after_steps: Test hook (simulated kill after this many steps).
+        prepared: Data already loaded with this recipe's data and probe sections (``sweep`` shares it by seed).
+        probe_result: A probe of this recipe's backbone on ``prepared`` (skips the probe; saved as ``probe.json``).
+        selection: The blocks to train (skips the select stage; saved as ``selection.json``).
+        cache_store: Frozen-prefix caches to reuse and fill, keyed by the first trainable block; valid only across
+            runs that share the data split and the frozen weights (``sweep``: one store per candidate and seed).
 
     Returns:
         The summary written to ``summary.json``.
     """
     from nc_finetune.data import stratified_split
-    from nc_finetune.probe.result import ProbeResult
-    from nc_finetune.select import Selection
     from nc_finetune.train.checkpoint import has_checkpoint
     from nc_finetune.train.loop import TrainData, Trainer
     from nc_finetune.utils.env import library_versions, seed_everything
     from nc_finetune.utils.io import write_json_atomic
 
-    out = Path(out)
+    run = RunDir(out)
     if resume:
-        check_resume_matches(out, recipe)
+        run.check_resume(recipe)
     else:
-        existing = [n for n in RUN_ARTEFACTS if (out / n).exists()]
-        if existing:
-            raise UserError(f"{out} already holds a run ({', '.join(existing)}); continue it with --resume "
-                            f"or choose another --out")
-    prepared = prepare_data(recipe)  # validates the data before any model is built
+        run.check_new_run()
+    prepared = prepared or prepare_data(recipe)  # validates the data before any model is built
     data = prepared.data
     K = data.num_classes
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "resolved.yaml", dump_recipe(recipe))
-
     seed_everything(recipe.train.seed)
     backbone = load_recipe_backbone(recipe)
-    if not (resume and (out / "selection.json").exists()):
+    resumed_selection = resume and run.has(runs.SELECTION)
+    if not resumed_selection and selection is None:
         check_selection_feasible(recipe, backbone, K)
-    if resume and (out / "probe.json").exists():
-        probe_result = ProbeResult.load(out / "probe.json")
-    else:
-        probe_result = run_probe_stage(recipe, out, overwrite=True, progress=progress, prepared=prepared,
-                                       backbone=backbone)
-    if resume and (out / "selection.json").exists():
-        selection = Selection.load(out / "selection.json")
-    else:
-        selection = run_select_stage(recipe, backbone, probe_result, prepared, K)
-        selection.save(out / "selection.json")
-
-    adapted = build_recipe_classifier(recipe, backbone, K, selection, probe_result, data.train)
+    run.path.mkdir(parents=True, exist_ok=True)
+    written = [] if resume else [n for n in (runs.RESOLVED, runs.PROBE, runs.PROBE_PLOT, runs.SELECTION)
+                                 if not run.has(n)]
+    try:
+        run.write_recipe(recipe)
+        if resume and run.has(runs.PROBE):
+            probe_result = run.read_probe()
+        elif probe_result is not None:
+            probe_result.save(run / runs.PROBE)
+        else:
+            probe_result = run_probe_stage(recipe, run.path, overwrite=True, progress=progress, prepared=prepared,
+                                           backbone=backbone)
+        if resumed_selection:
+            selection = run.read_selection()
+        else:
+            if selection is None:
+                selection = run_select_stage(recipe, backbone, probe_result, prepared, K)
+            selection.save(run / runs.SELECTION)
+        adapted = build_recipe_classifier(recipe, backbone, K, selection, probe_result, data.train)
+    except BaseException:
+        # Nothing trained yet: leave the directory as it was, so a corrected rerun is accepted.
+        for name in written:
+            (run / name).unlink(missing_ok=True)
+        raise
     t = recipe.train
     train_split, val_split = data.train, None
     if t.val_fraction > 0:
         tr_idx, val_idx = stratified_split(np.asarray(data.train.labels), t.val_fraction, t.seed)
         train_split, val_split = data.train.subset(tr_idx), data.train.subset(val_idx)
-    trainer = Trainer(adapted, backbone, TrainData(train=train_split, test=data.test, val=val_split), t, out,
-                      progress=progress, stop_after_steps=stop_after_steps)
+    trainer = Trainer(adapted, backbone, TrainData(train=train_split, test=data.test, val=val_split), t, run.path,
+                      progress=progress, stop_after_steps=stop_after_steps, cache_store=cache_store)
     # A run killed before its first checkpoint has nothing to continue from: it trains from the start.
-    summary = trainer.fit(resume=resume and has_checkpoint(out / "checkpoint"))
+    summary = trainer.fit(resume=resume and has_checkpoint(run / runs.CHECKPOINT))
     if trainer.rank == 0:
-        _save_final_weights(adapted, out)
+        run.save_final_weights(adapted)
     summary.update({
         "method": recipe.adapt.method,
         "backbone": recipe.backbone.name,
@@ -272,7 +242,7 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
         "versions": library_versions(),
     })
     if trainer.rank == 0:
-        write_json_atomic(out / "summary.json", summary)
+        write_json_atomic(run / runs.SUMMARY, summary)
     return summary
 
 
@@ -315,33 +285,19 @@ def scl_skip_dim(recipe: Recipe, backbone, selection, probe_result, split) -> in
     return pooled["dim"]
 
 
-def _save_final_weights(adapted, out: Path) -> None:
-    """peft adapter format for LoRA (loads with plain peft), trainable weights as safetensors otherwise."""
-    from nc_finetune.train.checkpoint import save_weights
-
-    if adapted.method == "lora":
-        adapted.model.save_pretrained(str(out / "adapter"))
-    save_weights(out / "trainable.safetensors", adapted.trainable_state_dict())
-
-
 def select_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress: bool = True):
     """Probe (or reuse ``out/probe.json`` made with the same recipe) and select; write ``selection.json``."""
-    from nc_finetune.probe.result import ProbeResult
-
-    check_out_dir(out, ["selection.json"], overwrite)
+    run = RunDir(out)
+    run.check_writable([runs.SELECTION], overwrite, recipe)
     prepared = prepare_data(recipe)
     backbone = load_recipe_backbone(recipe)
     check_selection_feasible(recipe, backbone, prepared.data.num_classes)
-    probe_path = out / "probe.json"
-    reuse = probe_path.exists() and ProbeResult.load(probe_path).meta.get("recipe", {}).get("probe") == \
-        recipe_to_dict(recipe)["probe"]
-    if reuse:
-        probe_result = ProbeResult.load(probe_path)
-    else:
-        probe_result = run_probe_stage(recipe, out, overwrite=True, progress=progress, prepared=prepared,
+    probe_result = run.read_probe() if run.has(runs.PROBE) else None
+    if probe_result is None or probe_result.meta.get("recipe", {}).get("probe") != recipe_to_dict(recipe)["probe"]:
+        probe_result = run_probe_stage(recipe, run.path, overwrite=True, progress=progress, prepared=prepared,
                                        backbone=backbone)
     selection = run_select_stage(recipe, backbone, probe_result, prepared, prepared.data.num_classes)
-    selection.save(out / "selection.json")
+    selection.save(run / runs.SELECTION)
     return selection
 
 
@@ -361,33 +317,29 @@ def eval_stage(run_dir: Path, split: str = "test", batch_size: int | None = None
     """
     from safetensors.torch import load_file
 
-    from nc_finetune.probe.result import ProbeResult
-    from nc_finetune.select import Selection
     from nc_finetune.train.loop import TrainData, Trainer
 
-    run_dir = Path(run_dir)
-    needed = ["resolved.yaml", "selection.json", "probe.json", "trainable.safetensors"]
-    missing = [n for n in needed if not (run_dir / n).exists()]
-    if missing:
-        raise UserError(f"{run_dir} is not a finished run: missing {', '.join(missing)}")
+    run = RunDir(run_dir)
+    run_dir = run.path
+    run.require_finished_run("eval")
     for item in data_overrides or []:
         if not item.split("=", 1)[0].strip().startswith("data."):
             raise ConfigError(f"eval accepts only data.* overrides (the rest describes the trained model); "
                               f"got {item!r}")
-    recipe = load_recipe(run_dir / "resolved.yaml", data_overrides)
+    recipe = run.read_recipe(data_overrides)
     if batch_size:
         recipe.train.eval_batch_size = batch_size
     recipe.train.cache_prefix = "off"
     data = prepare_data(recipe).data
-    probe_result = ProbeResult.load(run_dir / "probe.json")
+    probe_result = run.read_probe()
     trained_classes = probe_result.meta.get("class_names")
     if trained_classes is not None and len(trained_classes) != data.num_classes:
         raise DataError(f"{run_dir} was trained on {len(trained_classes)} classes; data '{data.name}' has "
                         f"{data.num_classes}")
     backbone = load_recipe_backbone(recipe)
-    selection = Selection.load(run_dir / "selection.json")
+    selection = run.read_selection()
     adapted = build_recipe_classifier(recipe, backbone, data.num_classes, selection, probe_result, data.train)
-    weights = load_file(str(run_dir / "trainable.safetensors"))
+    weights = load_file(str(run / runs.WEIGHTS))
     unexpected = set(weights) - set(adapted.model.state_dict())
     if unexpected:
         raise UserError(f"{run_dir}/trainable.safetensors does not fit the rebuilt model ({sorted(unexpected)[0]})")
@@ -428,7 +380,7 @@ def rank_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress: 
     from nc_finetune.utils.io import write_json_atomic
 
     out = Path(out)
-    check_out_dir(out, ["rank.json", "rank.png"], overwrite)
+    RunDir(out).check_writable([runs.RANK, runs.RANK_PLOT], overwrite)
     cands: list[tuple[str, BackboneConfig]] = []
     for i, raw in enumerate(recipe.rank.candidates):
         raw = dict(raw)
@@ -443,6 +395,11 @@ def rank_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress: 
     labels = [c[0] for c in cands]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"rank.candidates: labels must be unique (got {labels}); add a 'label' to each")
+    slugs = [re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or "candidate" for label in labels]
+    clash = next((s for s in slugs if slugs.count(s) > 1), None)
+    if clash is not None:
+        twins = [label for label, s in zip(labels, slugs, strict=True) if s == clash]
+        raise ConfigError(f"rank.candidates: labels {twins} share the folder name candidates/{clash}; rename one")
     if not recipe.rank.finetune and not recipe.probe.linear_probe:
         raise ConfigError("rank needs a ground truth: set rank.finetune=true or probe.linear_probe=true")
 
@@ -450,8 +407,7 @@ def rank_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress: 
     data = prepared.data
     p = recipe.probe
     rows, layers = [], {}
-    for label, cfg in cands:
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-")
+    for (label, cfg), slug in zip(cands, slugs, strict=True):
         cand_recipe = dataclasses.replace(recipe, backbone=cfg)
         seed_everything(p.seed)
         backbone = load_recipe_backbone(cand_recipe)
@@ -461,8 +417,8 @@ def rank_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress: 
                        meta={"dataset": data.name, "candidate": label})
         cand_dir = out / "candidates" / slug
         cand_dir.mkdir(parents=True, exist_ok=True)
-        result.save(cand_dir / "probe.json")
-        plot_probe(result, cand_dir / "probe.png")
+        result.save(cand_dir / runs.PROBE)
+        plot_probe(result, cand_dir / runs.PROBE_PLOT)
         last = result.layers[-1]
         row = {"name": label, "backbone": cfg.name, "pretrained": cfg.pretrained, "params": backbone.num_params(),
                "probe_seconds": result.meta["seconds"], **{k: last[k] for k in _SCORE_KEYS if k in last}}
@@ -481,6 +437,6 @@ def rank_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress: 
     report = {"dataset": data.name, "num_classes": data.num_classes, "probe_samples": len(prepared.probe_split),
               **table, "truth_key": truth, "rows": rows, "layers": layers, "recipe": recipe_to_dict(recipe),
               "versions": library_versions()}
-    write_json_atomic(out / "rank.json", report)
-    plot_rank(rows, truth, out / "rank.png", title=f"{len(rows)} backbones on {data.name}: scores vs {truth}")
+    write_json_atomic(out / runs.RANK, report)
+    plot_rank(rows, truth, out / runs.RANK_PLOT, title=f"{len(rows)} backbones on {data.name}: scores vs {truth}")
     return report

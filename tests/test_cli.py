@@ -150,7 +150,7 @@ def test_eval_reproduces_the_summary_accuracy(capsys, finished_run) -> None:
     out = capsys.readouterr().out
     summary = json.loads((finished_run["out"] / "summary.json").read_text())
     assert f"accuracy {summary['test_accuracy']:.4f}" in out and f"on {summary['test_samples']} samples" in out
-    _fails(capsys, ["eval", str(finished_run["out"].parent / "nothing-here")], "not a finished run")
+    _fails(capsys, ["eval", str(finished_run["out"].parent / "nothing-here")], "not a finished")
     assert main(["eval", str(finished_run["out"]), "data.max_eval_samples=4", "--split", "test"]) == 0
     assert "(data.max_eval_samples=4): accuracy" in capsys.readouterr().out
     _fails(capsys, ["eval", str(finished_run["out"]), "adapt.method=full"], "only data.* overrides")

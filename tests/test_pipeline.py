@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 
 from nc_finetune.config import Recipe, from_dict, recipe_to_dict
 from nc_finetune.errors import ConfigError, DataError, UserError
-from nc_finetune.pipeline import check_resume_matches, eval_stage, run_probe_stage, run_stage, select_stage
+from nc_finetune.pipeline import eval_stage, run_probe_stage, run_stage, select_stage
 from nc_finetune.probe.result import ProbeResult
+from nc_finetune.runs import RunDir
 from nc_finetune.select import Selection
 from nc_finetune.train.loop import StopTraining
 from tests.conftest import make_recipe, tree_bytes, write_text_csv
@@ -130,7 +131,7 @@ def test_eval_on_other_data_takes_only_data_overrides(finished_run, tmp_path) ->
 
 
 def test_eval_refuses_an_unfinished_run(tmp_path) -> None:
-    with pytest.raises(UserError, match="not a finished run"):
+    with pytest.raises(UserError, match="not a finished"):
         eval_stage(tmp_path)
 
 
@@ -141,7 +142,7 @@ def test_existing_run_is_not_overwritten(finished_run, tmp_path) -> None:
     with pytest.raises(UserError, match="--resume"):
         run_stage(finished_run["recipe"], out, progress=False)
     with pytest.raises(UserError, match="different recipe"):
-        check_resume_matches(out, make_recipe(*_paths(finished_run), **{"train.lr": 0.5}))
+        RunDir(out).check_resume(make_recipe(*_paths(finished_run), **{"train.lr": 0.5}))
     with pytest.raises(UserError, match="--overwrite"):
         run_probe_stage(finished_run["recipe"], out)
     with pytest.raises(UserError, match="--overwrite"):
@@ -182,7 +183,7 @@ def test_impossible_selection_fails_before_the_probe(finished_run, tmp_path, mon
         run_stage(make_recipe(bert, csv, **{"selection.blocks": "[7]"}), out, progress=False)
     with pytest.raises(ConfigError, match="cannot hold any block"):
         select_stage(make_recipe(bert, csv, **tiny_budget, **{"selection.strategy": "knee"}), out, progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["resolved.yaml"]  # nothing that blocks a corrected rerun
+    assert not out.exists()  # nothing written, so nothing blocks a corrected rerun
 
 
 @pytest.mark.parametrize("labels", [[0] * 12, [0] * 11 + [1]], ids=["one-class", "singleton-class"])

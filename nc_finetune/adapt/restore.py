@@ -13,8 +13,6 @@ from typing import Any
 
 from nc_finetune.errors import ConfigError, UserError
 
-#: Files every finished ``nc-finetune run`` directory holds that a restore needs.
-RUN_FILES = ("resolved.yaml", "selection.json", "trainable.safetensors")
 _BACKBONE_PREFIX = "backbone."
 _PEFT_PREFIX = "base_model.model."
 
@@ -27,14 +25,13 @@ def load_run_recipe(run_dir: Path, what: str):
         what: How the caller refers to it in messages (e.g. ``backbone.init_from``).
 
     Raises:
-        UserError: Not a finished run (a file of :data:`RUN_FILES` missing).
+        UserError: Not a finished run (see :meth:`nc_finetune.runs.RunDir.require_finished_run`).
     """
-    from nc_finetune.config import load_recipe
+    from nc_finetune.runs import RunDir
 
-    missing = [n for n in RUN_FILES if not (run_dir / n).is_file()]
-    if missing:
-        raise UserError(f"{what}: {run_dir} is not a finished nc-finetune run (missing {', '.join(missing)})")
-    return load_recipe(run_dir / "resolved.yaml")
+    run = RunDir(run_dir)
+    run.require_finished_run(what)
+    return run.read_recipe()
 
 
 def restore_backbone_weights(backbone, run_dir: str | Path, *, name: str, pretrained: bool,

@@ -121,6 +121,15 @@ class PrefixCache:
                     store.append((sample_in, sample_x))
         self.samples[name] = store
 
+    def adopt(self, other: PrefixCache) -> None:
+        """Reuse the cached tensors of ``other``, built on another model instance with the same frozen prefix
+        weights and data (the caller guarantees that; :meth:`verify` still checks a batch against this model)."""
+        if other.target != self.target:
+            raise ValueError(f"cannot adopt a cache of {other.target!r} for {self.target!r}")
+        self.prefix = list(other.prefix)
+        self.samples = other.samples
+        self.nbytes = other.nbytes
+
     # -- using ------------------------------------------------------------------------------------------------
     def batch(self, name: str, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
         """Model inputs for ``indices`` of split ``name``; sets the tensor the patched prefix will return."""

@@ -108,10 +108,14 @@ class Trainer:
         progress: tqdm bars on rank 0.
         stop_after_steps: Test hook: raise :class:`StopTraining` once this many optimizer steps are done and
             checkpointed (simulates a kill).
+        cache_store: Prefix caches shared with other trainers of the same data and frozen weights (a sweep's
+            learning-rate grid), keyed by target block: reused when present (after the same check against the real
+            forward), added when built.
     """
 
     def __init__(self, adapted: AdaptedModel, backbone, data: TrainData, cfg: TrainConfig, out: Path, *,
-                 progress: bool = True, stop_after_steps: int | None = None) -> None:
+                 progress: bool = True, stop_after_steps: int | None = None,
+                 cache_store: dict[str, PrefixCache] | None = None) -> None:
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
@@ -128,6 +132,7 @@ class Trainer:
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.cache: PrefixCache | None = None
+        self.cache_store = cache_store
 
     # -- data ---------------------------------------------------------------------------------------------------
     def _inputs(self, split_name: str, split: Split, idx: np.ndarray, train: bool) -> dict[str, torch.Tensor]:
@@ -150,14 +155,18 @@ class Trainer:
             return {"enabled": False, "reason": reason}
         start = time.perf_counter()
         cache = PrefixCache(self.adapted.model, target, a.backbone_prefix)
-        splits = {"train": self.data.train, "test": self.data.test}
-        if self.data.val is not None:
-            splits["val"] = self.data.val
-        bs = cfg.eval_batch_size
-        with eval_mode(self.adapted.model):
-            for name, split in splits.items():
-                batches = (self.backbone.prepare(split.inputs[i:i + bs]) for i in range(0, len(split), bs))
-                cache.build(name, batches, self.device)
+        shared = self.cache_store.get(target) if self.cache_store is not None else None
+        if shared is not None:
+            cache.adopt(shared)
+        else:
+            splits = {"train": self.data.train, "test": self.data.test}
+            if self.data.val is not None:
+                splits["val"] = self.data.val
+            bs = cfg.eval_batch_size
+            with eval_mode(self.adapted.model):
+                for name, split in splits.items():
+                    batches = (self.backbone.prepare(split.inputs[i:i + bs]) for i in range(0, len(split), bs))
+                    cache.build(name, batches, self.device)
         probe_idx = np.arange(min(len(self.data.train), 8))
         raw_inputs = self.backbone.prepare(self.data.train.subset(probe_idx).inputs)
         if not cache.verify("train", raw_inputs, probe_idx.tolist(), self.device):
@@ -166,7 +175,9 @@ class Trainer:
                                 "forward for this architecture; use train.cache_prefix=auto or off")
             return {"enabled": False, "reason": "cached path differs from the real forward"}
         self.cache = cache
-        return {"enabled": True, "target": target, "prefix_modules": cache.prefix,
+        if self.cache_store is not None:
+            self.cache_store[target] = cache
+        return {"enabled": True, "target": target, "prefix_modules": cache.prefix, "shared": shared is not None,
                 "megabytes": cache.nbytes / 2**20, "build_seconds": time.perf_counter() - start}
 
     # -- evaluation ---------------------------------------------------------------------------------------------
@@ -315,6 +326,7 @@ class Trainer:
             "test_accuracy": test["accuracy"],
             "test_loss": test["loss"],
             "test_samples": test["samples"],
+            "val_accuracy": pos["best_val"],  # best validation accuracy; the tested weights are that epoch's
             **counts,
             "trainable_fraction": counts["trainable_params"] / counts["total_params"],
             "train_seconds": pos["train_seconds"],

@@ -1,0 +1,265 @@
+"""Run directories: what an nc-finetune command writes, under which names, and the rules for writing them.
+
+Every command that writes (``probe``, ``select``, ``run``, ``rank``, ``sweep``, ``ufm``) owns one directory. A
+:class:`RunDir` names its artefacts (nothing else in the package types a file name by hand), refuses to clobber a
+finished result, checks that ``--resume`` continues the same recipe, holds an exclusive lock while a command writes
+(two commands on one ``--out`` would interleave ``metrics.jsonl``), refuses artefact paths that are symbolic links
+(a write would land wherever the link points), and reads a finished run back (recipe, probe, selection, summary).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from nc_finetune.errors import UserError
+
+RESOLVED = "resolved.yaml"
+PROBE = "probe.json"
+PROBE_PLOT = "probe.png"
+SELECTION = "selection.json"
+METRICS = "metrics.jsonl"
+CHECKPOINT = "checkpoint"
+WEIGHTS = "trainable.safetensors"
+BEST_WEIGHTS = "best.safetensors"
+ADAPTER = "adapter"
+SUMMARY = "summary.json"
+RANK = "rank.json"
+RANK_PLOT = "rank.png"
+SWEEP = "sweep.json"
+SWEEP_PLOT = "sweep.png"
+UFM = "ufm.json"
+UFM_PLOT = "ufm.png"
+LOCK = ".nc-finetune.lock"
+
+#: What a training run writes; one of these present means the directory already holds a run.
+RUN_ARTEFACTS = (SUMMARY, CHECKPOINT, METRICS, SELECTION, PROBE)
+#: What a finished training run must hold to be evaluated, restored (``backbone.init_from``) or exported.
+FINISHED_RUN = (RESOLVED, SELECTION, PROBE, WEIGHTS, SUMMARY)
+
+
+class RunDir:
+    """One run directory.
+
+    Args:
+        path: The directory (need not exist yet).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def has(self, name: str) -> bool:
+        """Whether artefact ``name`` exists (a dangling link counts: it would be written through)."""
+        p = self.path / name
+        return p.exists() or p.is_symlink()
+
+    # -------------------------------------------------------------------------------------------------- checks
+
+    def check_writable(self, artefacts: tuple[str, ...] | list[str], overwrite: bool = False, recipe=None) -> None:
+        """Refuse to clobber existing artefacts (unless ``overwrite``), to write through links, or into a file.
+
+        Args:
+            artefacts: The names the command is about to write.
+            overwrite: The user's ``--overwrite``.
+            recipe: The recipe the command runs with; ``--overwrite`` inside a finished training run is accepted
+                only with that run's own recipe (its ``resolved.yaml`` describes the weights it trained).
+
+        Raises:
+            UserError: ``path`` is a file; an artefact exists and ``overwrite`` is false; an artefact is a symbolic
+                link; ``overwrite`` inside a finished run with a different recipe.
+        """
+        from nc_finetune.config import recipe_to_dict
+
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"--out {self.path} is a file, not a directory")
+        links = [n for n in artefacts if (self.path / n).is_symlink()]
+        if links:
+            raise UserError(f"{self.path / links[0]} is a symbolic link; refusing to write through it")
+        existing = [n for n in artefacts if self.has(n)]
+        if existing and not overwrite:
+            raise UserError(f"{self.path} already holds {', '.join(existing)}; choose another --out or pass "
+                            "--overwrite")
+        if existing and recipe is not None and self.is_finished_run():
+            diff = first_difference(self._read_yaml(RESOLVED), recipe_to_dict(recipe))
+            if diff is not None:
+                raise UserError(f"{self.path} holds a finished run trained with another recipe ({diff}); "
+                                "--overwrite would no longer describe its weights; choose another --out")
+
+    def check_new_run(self) -> None:
+        """A fresh ``run`` needs a directory without a run in it.
+
+        Raises:
+            UserError: the directory is a file, or already holds run artefacts.
+        """
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"--out {self.path} is a file, not a directory")
+        existing = [n for n in RUN_ARTEFACTS if self.has(n)]
+        if existing:
+            raise UserError(f"{self.path} already holds a run ({', '.join(existing)}); continue it with --resume "
+                            "or choose another --out")
+        links = [n for n in (*RUN_ARTEFACTS, RESOLVED, WEIGHTS, ADAPTER, BEST_WEIGHTS) if (self.path / n).is_symlink()]
+        if links:
+            raise UserError(f"{self.path / links[0]} is a symbolic link; refusing to write through it")
+
+    def check_resume(self, recipe) -> None:
+        """A ``--resume`` must continue the same recipe: compare with the run's ``resolved.yaml``.
+
+        Raises:
+            UserError: no run there, or the recipes differ (names the first differing key).
+        """
+        from nc_finetune.config import recipe_to_dict
+
+        if not (self.path / RESOLVED).is_file():
+            raise UserError(f"--resume: {self.path} holds no run (no {RESOLVED})")
+        before = self._read_yaml(RESOLVED)
+        diff = first_difference(before, recipe_to_dict(recipe))
+        if diff is not None:
+            raise UserError(f"--resume: {self.path} was started with a different recipe ({diff}); "
+                            f"resume with the same recipe and overrides, or use another --out")
+
+    def is_finished_run(self) -> bool:
+        """Whether the directory holds a finished training run (every file of :data:`FINISHED_RUN`)."""
+        return all((self.path / n).exists() for n in FINISHED_RUN)
+
+    def require_finished_run(self, what: str) -> None:
+        """Raises: UserError naming the missing files, when the directory is not a finished run."""
+        missing = [n for n in FINISHED_RUN if not (self.path / n).exists()]
+        if missing:
+            raise UserError(f"{what}: {self.path} is not a finished nc-finetune run (missing {', '.join(missing)})")
+
+    @contextlib.contextmanager
+    def lock(self, command: str) -> Iterator[None]:
+        """Hold an exclusive advisory lock on the directory while ``command`` writes to it.
+
+        The lock file is removed afterwards, and a directory that the lock created and the command left empty
+        (it failed before writing) is removed too, so a refused command leaves nothing behind.
+
+        Raises:
+            UserError: another nc-finetune command holds the lock, or the directory cannot be written.
+        """
+        import fcntl
+
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"--out {self.path} is a file, not a directory")
+        created = not self.path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create --out {self.path}: {e.strerror}") from None
+        lock_path = self.path / LOCK
+        if lock_path.is_symlink():
+            raise UserError(f"{lock_path} is a symbolic link; refusing to use it")
+        try:
+            f = open(lock_path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the whole command
+        except OSError as e:
+            raise UserError(f"cannot write to --out {self.path}: {e.strerror}") from None
+        with f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise UserError(f"{self.path} is in use by {holder}; wait for it or choose another --out") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"nc-finetune {command} (pid {os.getpid()})\n")
+            f.flush()
+            try:
+                yield
+            finally:
+                lock_path.unlink(missing_ok=True)
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+                if created:
+                    with contextlib.suppress(OSError):
+                        self.path.rmdir()  # only succeeds when empty
+
+    # -------------------------------------------------------------------------------------------------- reading
+
+    def read_recipe(self, overrides: list[str] | None = None):
+        """The run's resolved recipe, with ``overrides`` applied.
+
+        Raises:
+            UserError: no ``resolved.yaml``; ConfigError: it no longer validates.
+        """
+        from nc_finetune.config import load_recipe
+
+        if not (self.path / RESOLVED).is_file():
+            raise UserError(f"{self.path} holds no {RESOLVED}")
+        return load_recipe(self.path / RESOLVED, overrides)
+
+    def read_json(self, name: str) -> Any:
+        """Parse artefact ``name``.
+
+        Raises:
+            UserError: missing, or not valid JSON (a damaged file).
+        """
+        path = self.path / name
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"{path} does not exist") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path} is damaged (not valid JSON: {e})") from None
+
+    def read_probe(self):
+        """The run's :class:`~nc_finetune.probe.result.ProbeResult`."""
+        from nc_finetune.probe.result import ProbeResult
+
+        self.read_json(PROBE)  # one line for a damaged file
+        return ProbeResult.load(self.path / PROBE)
+
+    def read_selection(self):
+        """The run's :class:`~nc_finetune.select.Selection`."""
+        from nc_finetune.select import Selection
+
+        return Selection.from_dict(self.read_json(SELECTION))
+
+    def read_summary(self) -> dict[str, Any]:
+        return self.read_json(SUMMARY)
+
+    def _read_yaml(self, name: str) -> Any:
+        import yaml
+
+        path = self.path / name
+        try:
+            return yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise UserError(f"{path} is damaged (not valid YAML: {e})") from None
+
+    # -------------------------------------------------------------------------------------------------- writing
+
+    def write_recipe(self, recipe) -> Path:
+        """Write ``resolved.yaml`` atomically."""
+        from nc_finetune.config import dump_recipe
+        from nc_finetune.utils.io import write_text_atomic
+
+        return write_text_atomic(self.path / RESOLVED, dump_recipe(recipe))
+
+    def save_final_weights(self, adapted) -> None:
+        """The trained weights: peft adapter format for LoRA (loads with plain peft), safetensors otherwise."""
+        from nc_finetune.train.checkpoint import save_weights
+
+        if adapted.method == "lora":
+            adapted.model.save_pretrained(str(self.path / ADAPTER))
+        save_weights(self.path / WEIGHTS, adapted.trainable_state_dict())
+
+
+def first_difference(a: object, b: object, prefix: str = "") -> str | None:
+    """The first dotted key where two nested mappings differ, as ``key: old then, new now``; ``None`` if equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            d = first_difference(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))
+            if d is not None:
+                return d
+        return None
+    return None if a == b else f"{prefix}: {a!r} then, {b!r} now"
