@@ -26,9 +26,10 @@ examples:
   nc-finetune run minilm-rotten-tomatoes adapt.method=lora selection.strategy=last_k --out runs/lora
   nc-finetune run minilm-rotten-tomatoes --out runs/minilm-rt --resume  # continue a killed run
   nc-finetune rank rank-effnet-fashion-mnist --out runs/rank            # collapse vs LogME, H-score, size
+  nc-finetune sweep effnet-lite0-fashion-mnist sweep.seeds=[0,1,2] --out runs/sweep  # per-block oracle, regret
   nc-finetune report runs/minilm-rt                                     # report.md + PNGs
 
-recipes are YAML files with sections backbone, data, probe, selection, adapt, train, rank (see recipes/*.yaml);
+recipes are YAML files with sections backbone, data, probe, selection, adapt, train, rank, sweep (recipes/*.yaml);
 any key can be overridden on the command line as section.key=value (values are parsed as YAML: 32, null,
 [0, 3], true). Bad input exits with status 2 and one line that names the problem.
 """
@@ -107,6 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tau and weighted tau. Writes DIR/rank.json, DIR/rank.png, DIR/candidates/.")
     _add_recipe_args(p)
     _add_out_args(p, "rank.json")
+
+    p = sub.add_parser("sweep", help="tune each block alone per seed and lr: oracle block, regret of every strategy",
+                       description="Fine-tune every candidate block set alone (sweep.candidates: blocks, pairs or a "
+                                   "list) for every seed in sweep.seeds and rate in sweep.lr_grid (chosen on "
+                                   "validation, train.val_fraction > 0), each cell an ordinary run directory under "
+                                   "DIR/cells/. Every selection strategy picks blocks under each of sweep.budgets "
+                                   "from the same seed's probe; its regret is the oracle's test accuracy minus its "
+                                   "pick's, paired per seed, with a 95%% interval. Writes DIR/sweep.json and "
+                                   "DIR/sweep.png. Rerun the same command to resume a killed sweep: finished cells "
+                                   "are kept, an interrupted one continues from its checkpoint.")
+    _add_recipe_args(p)
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="sweep directory (resumed if it holds a "
+                   "sweep of the same recipe)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (the one line per cell stays)")
 
     p = sub.add_parser("report", help="render report.md (+ PNGs) for a probe, run, rank or ufm directory",
                        description="Render a self-contained Markdown page with PNGs from a run directory's JSON "
@@ -202,6 +217,17 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from nc_finetune.config import load_recipe
+    from nc_finetune.sweep import format_sweep, sweep_stage
+
+    recipe = load_recipe(resolve_recipe_path(args.recipe), args.overrides)
+    report = sweep_stage(recipe, args.out, progress=not args.quiet, echo=lambda line: print(line, flush=True))
+    print(format_sweep(report))
+    print(f"wrote {args.out / 'sweep.json'} and {args.out / 'sweep.png'}")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from nc_finetune.report.render import render_report
 
@@ -266,7 +292,8 @@ def _silence_library_progress_bars() -> None:
 
 
 _COMMANDS = {"probe": _cmd_probe, "select": _cmd_select, "run": _cmd_run, "eval": _cmd_eval,
-             "rank": _cmd_rank, "report": _cmd_report, "ufm": _cmd_ufm, "validate": _cmd_validate, "ls": _cmd_ls}
+             "rank": _cmd_rank, "sweep": _cmd_sweep, "report": _cmd_report, "ufm": _cmd_ufm,
+             "validate": _cmd_validate, "ls": _cmd_ls}
 
 
 #: Commands that write into ``--out``: they hold its lock while they run.

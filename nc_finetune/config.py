@@ -172,6 +172,80 @@ class RankConfig:
 
 
 @dataclass
+class SweepBudget:
+    """One budget under which ``nc-finetune sweep`` lets every strategy pick its blocks."""
+
+    max_blocks: int | None = 1
+    """At most this many blocks."""
+    max_param_fraction: float | None = None
+    """Selected block parameters / backbone parameters at most this (the head is not counted)."""
+
+    def __post_init__(self) -> None:
+        if self.max_blocks is None and self.max_param_fraction is None:
+            raise ConfigError("a sweep budget needs max_blocks and/or max_param_fraction, e.g. {max_blocks: 1} or "
+                              "{max_param_fraction: 0.1, max_blocks: null}")
+        if self.max_blocks is not None and self.max_blocks < 1:
+            raise ConfigError(f"sweep budget max_blocks must be >= 1; got {self.max_blocks}")
+        if self.max_param_fraction is not None and not 0.0 < self.max_param_fraction <= 1.0:
+            raise ConfigError(f"sweep budget max_param_fraction must be in (0, 1]; got {self.max_param_fraction}")
+
+    @property
+    def label(self) -> str:
+        """Short name used as a key in ``sweep.json`` (``1_block``, ``10pct``, ``2_blocks_10pct``)."""
+        parts = []
+        if self.max_blocks is not None:
+            parts.append(f"{self.max_blocks}_block{'s' if self.max_blocks > 1 else ''}")
+        if self.max_param_fraction is not None:
+            parts.append(f"{100 * self.max_param_fraction:g}pct")
+        return "_".join(parts)
+
+
+#: ``sweep.candidates`` words: every single block, or every pair of adjacent blocks.
+SWEEP_CANDIDATES = ("blocks", "pairs")
+
+
+@dataclass
+class SweepConfig:
+    """``nc-finetune sweep``: fine-tune every candidate block set alone (per seed and learning rate) to find the best
+    one (the oracle), and measure each selection strategy's regret against it."""
+
+    candidates: str | list[list[int | str]] = "blocks"
+    """``blocks`` (every single block), ``pairs`` (adjacent pairs), or a list of block lists (indices or names)."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """Each seed sets ``data.seed``, ``probe.seed``, ``train.seed`` and ``selection.seed``: it resamples the
+    training subset, the validation split and the probe subset, not only the training noise."""
+    lr_grid: list[float] | None = None
+    """Learning rates tried for every candidate (``null``: ``train.lr`` only). With more than one, each candidate's
+    rate is chosen by its mean validation accuracy (``train.val_fraction`` > 0), never on test."""
+    strategies: list[str] | None = None
+    """Selection strategies to score (``null``: every strategy that applies to the recipe)."""
+    budgets: list[SweepBudget] = field(default_factory=lambda: [SweepBudget(max_blocks=1)])
+    """Budgets under which each strategy picks; a pick that is not a candidate is trained as an extra cell."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.candidates, str) and self.candidates not in SWEEP_CANDIDATES:
+            raise ConfigError(f"recipe key 'sweep.candidates' must be one of {', '.join(SWEEP_CANDIDATES)} or a list "
+                              f"of block lists; got {self.candidates!r}")
+        if isinstance(self.candidates, list) and (not self.candidates or any(not c for c in self.candidates)):
+            raise ConfigError("recipe key 'sweep.candidates' must list at least one non-empty block list")
+        if not self.seeds:
+            raise ConfigError("recipe key 'sweep.seeds' must list at least one seed, e.g. [0, 1, 2]")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"recipe key 'sweep.seeds' has repeated seeds: {self.seeds}")
+        if self.lr_grid is not None:
+            if not self.lr_grid:
+                raise ConfigError("recipe key 'sweep.lr_grid' must list at least one learning rate (or be null)")
+            bad = [lr for lr in self.lr_grid if not (lr > 0 and lr < float("inf"))]
+            if bad:
+                raise ConfigError(f"recipe key 'sweep.lr_grid' must hold finite positive rates; got {bad[0]!r}")
+        if not self.budgets:
+            raise ConfigError("recipe key 'sweep.budgets' must list at least one budget, e.g. [{max_blocks: 1}]")
+        labels = [b.label for b in self.budgets]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"recipe key 'sweep.budgets' has repeated budgets: {labels}")
+
+
+@dataclass
 class Recipe:
     """A complete recipe. Sections not used by a subcommand are validated but ignored."""
 
@@ -182,8 +256,15 @@ class Recipe:
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     rank: RankConfig = field(default_factory=RankConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     description: str = ""
     """Free text shown by ``nc-finetune ls``."""
+
+    def __post_init__(self) -> None:
+        if self.sweep.lr_grid is not None and len(self.sweep.lr_grid) > 1 and not self.train.val_fraction > 0:
+            raise ConfigError("recipe key 'sweep.lr_grid' has several rates but train.val_fraction is 0: the rate is "
+                              "chosen on a validation split carved from train, never on test; set "
+                              "train.val_fraction=0.1")
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:

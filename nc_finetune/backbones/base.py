@@ -210,5 +210,11 @@ def first_line(exc: BaseException) -> str:
 
 
 def finalize_model(model: nn.Module) -> nn.Module:
-    """Return ``model`` on CPU, float32, in eval mode (the state every loader hands out)."""
+    """Return ``model`` on CPU, float32, in eval mode (the state every loader hands out).
+
+    A model built under ``torch.device("meta")`` (structure only, e.g. to list its blocks without reading or
+    initialising weights) stays on the meta device.
+    """
+    if any(p.is_meta for p in model.parameters()):
+        return model.to(dtype=torch.float32).eval()
     return model.to(device="cpu", dtype=torch.float32).eval()

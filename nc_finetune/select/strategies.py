@@ -367,6 +367,11 @@ _REGISTRY: dict[str, _Strategy] = {
 STRATEGIES: dict[str, str] = {name: s.description for name, s in _REGISTRY.items()}
 
 
+def strategy_needs_probe(strategy: str) -> bool:
+    """Whether ``strategy`` ranks from the collapse probe (so its cost includes the probe's)."""
+    return _REGISTRY[strategy].needs_probe
+
+
 def rank_blocks(
     strategy: str,
     blocks: Sequence[BlockLike],

@@ -1,0 +1,263 @@
+"""Selection regret over many settings: how far each selection strategy lands from the best block to tune.
+
+For every setting (a recipe + overrides) this runs ``nc-finetune sweep`` — every block tuned alone, per seed, each
+strategy's pick under each budget trained too — as its own process into ``<workdir>/<setting>/`` (a killed benchmark
+reruns the same command and continues cell by cell), then pools the per-setting ``sweep.json`` files:
+
+* per strategy and budget, ``mean_regret`` against the oracle block set with a 95% t-interval, and the paired
+  differences of test accuracy ``vs_random_k`` and ``vs_last_k``; the **unit of replication is one (setting, seed)
+  pair** (seeds resample the training, validation, test and probe subsets); an interval that contains zero is a tie;
+* ``default_strategy``: the strategy with the lowest pooled mean regret at the one-block budget, among those that
+  need no trained model (the zero-cost and probe-based rules and the baselines) and among all.
+
+Shifted settings start from a model fine-tuned on the clean source (``backbone.init_from``, a full fine-tune trained
+once per source into ``<workdir>/sources/``) and corrupt both splits (``data.corruption``), as surgical fine-tuning.
+
+Examples:
+    # the CPU study (resumable: rerun the same command after a kill)
+    python benchmarks/selection_regret.py --workdir runs/bench-regret
+    # a subset of the settings, then pool whatever has finished
+    python benchmarks/selection_regret.py --settings effnet-fm minilm-rt --workdir runs/bench-regret
+    python benchmarks/selection_regret.py --pool-only --workdir runs/bench-regret
+    # a smoke run (a minute or two)
+    python benchmarks/selection_regret.py --settings effnet-fm --smoke --workdir /tmp/regret-smoke \\
+        --out /tmp/regret-smoke.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common import REPO_ROOT, command_line, machine_info, markdown_table, print_header, write_results
+
+sys.path.insert(0, str(REPO_ROOT))
+from nc_finetune.sweep import mean_ci95, verdict  # noqa: E402
+
+NAME = "selection_regret"
+RESULTS = REPO_ROOT / "benchmarks" / "results" / "cpu" / f"{NAME}.json"
+BUDGETS = "[{max_blocks: 1}, {max_param_fraction: 0.1, max_blocks: null}]"
+#: Per-cell size: small enough for 2 CPU cores, large enough that blocks differ (see README for the timing).
+_IMAGE = ["backbone.image_size=64", "data.max_train_samples=1000", "data.max_eval_samples=500",
+          "probe.samples_per_class=50", "train.epochs=2", "train.val_fraction=0.1", "train.log_every=50",
+          "train.checkpoint_every=1000"]
+_TEXT = ["data.max_train_samples=1000", "data.max_eval_samples=500", "probe.samples_per_class=50",
+         "train.epochs=2", "train.val_fraction=0.1", "train.log_every=50", "train.checkpoint_every=1000"]
+_SOURCE = ["adapt.method=full", "selection.strategy=all", "data.max_train_samples=5000", "train.epochs=2",
+           "probe.samples_per_class=20", "train.val_fraction=0.0"]
+_CORRUPTIONS = {"noise": ["data.corruption=gaussian_noise", "data.corruption_severity=5"],
+                "contrast": ["data.corruption=contrast", "data.corruption_severity=5"]}
+_IMAGE_DATA = {"fm": "fashion-mnist", "mnist": "mnist-5k", "digits": "digits"}
+
+
+def _settings() -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for short, data in _IMAGE_DATA.items():
+        out[f"effnet-{short}"] = {"recipe": "effnet-lite0-fashion-mnist", "overrides": [f"data.name={data}", *_IMAGE],
+                                  "about": f"EfficientNet-Lite0 (64 px) -> {data}, clean"}
+        for shift, keys in _CORRUPTIONS.items():
+            out[f"effnet-{short}-{shift}"] = {
+                "recipe": "effnet-lite0-fashion-mnist", "overrides": [f"data.name={data}", *_IMAGE, *keys],
+                "source": f"effnet-{short}", "about": f"EfficientNet-Lite0 fine-tuned on clean {data} -> "
+                                                     f"{keys[0].split('=')[1]} (severity 5)"}
+    out["minilm-rt"] = {"recipe": "minilm-rotten-tomatoes", "overrides": _TEXT,
+                        "about": "MiniLM-L6 -> Rotten Tomatoes"}
+    out["minilm-spam"] = {"recipe": "minilm-rotten-tomatoes", "overrides": ["data.name=spam-assassin", *_TEXT],
+                          "about": "MiniLM-L6 -> SpamAssassin"}
+    return out
+
+
+SETTINGS = _settings()
+#: The order the study runs in: one of each kind first (clean, shifted, text), so partial results cover them all.
+ORDER = ["effnet-fm", "minilm-rt", "effnet-fm-noise", "effnet-fm-contrast", "effnet-mnist", "effnet-digits",
+         "effnet-mnist-noise", "effnet-mnist-contrast", "minilm-spam", "effnet-digits-noise",
+         "effnet-digits-contrast"]
+#: Strategies that train nothing before choosing (their cost is a probe or a few gradient batches at most).
+_CHEAP = ("knee", "stall", "last_k", "first_k", "random_k", "auto_rgn", "cka", "lisa")
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "nc_finetune.cli", *args]
+
+
+def _run(cmd: list[str], log) -> None:
+    log.write(f"$ {' '.join(cmd)}\n")
+    log.flush()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"command failed with status {proc.returncode}: {' '.join(cmd)} (see the log)")
+
+
+def run_setting(name: str, workdir: Path, extra: list[str], log) -> Path:
+    """Run (or resume) one setting's sweep; return its directory."""
+    s = SETTINGS[name]
+    overrides = list(s["overrides"])
+    if "source" in s:
+        src = SETTINGS[s["source"]]
+        src_dir = workdir / "sources" / s["source"]
+        if not (src_dir / "summary.json").exists():
+            src_overrides = [o for o in src["overrides"] if not o.startswith(("data.max_train_samples",
+                                                                              "train.val_fraction"))]
+            _run(_cli("run", src["recipe"], *src_overrides, *_SOURCE, *extra, "--out", str(src_dir), "--quiet",
+                      *(["--resume"] if (src_dir / "resolved.yaml").exists() else [])), log)
+        overrides.append(f"backbone.init_from={src_dir.resolve()}")
+    out = workdir / name
+    _run(_cli("sweep", s["recipe"], *overrides, f"sweep.budgets={BUDGETS}", *extra, "--out", str(out), "--quiet"),
+         log)
+    return out
+
+
+def pool(sweeps: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Pool per-setting sweeps: per budget and strategy, regret and paired differences over (setting, seed)."""
+    budgets = sorted({b for rep in sweeps.values() for b in rep["regret"]})
+    out: dict[str, Any] = {}
+    for budget in budgets:
+        strategies = sorted({s for rep in sweeps.values() for s in rep["regret"].get(budget, {})})
+        table = {}
+        for strategy in strategies:
+            regrets, vs = [], {"random_k": [], "last_k": []}
+            per_setting = {}
+            for name, rep in sweeps.items():
+                r = rep["regret"].get(budget, {}).get(strategy)
+                if r is None:
+                    continue
+                regrets += list(r["per_seed"].values())
+                per_setting[name] = r["mean"]
+                for rival in vs:
+                    other = rep["regret"][budget].get(rival)
+                    if other is None or rival == strategy:
+                        continue
+                    for seed, acc in r["test_accuracy"].items():
+                        if seed in other["test_accuracy"]:
+                            vs[rival].append(100.0 * (acc - other["test_accuracy"][seed]))
+            entry = {**mean_ci95(regrets), "per_setting": per_setting}
+            entry["mean_regret"] = entry.pop("mean")
+            for rival, diffs in vs.items():
+                if rival != strategy and diffs:
+                    stat = mean_ci95(diffs)
+                    entry[f"vs_{rival}"] = {**stat, "verdict": verdict(stat)}
+            table[strategy] = entry
+        out[budget] = table
+    return out
+
+
+def default_strategy(pooled: dict[str, Any], budget: str = "1_block") -> dict[str, Any]:
+    """The lowest pooled mean regret at ``budget``, overall and among the strategies that train nothing first."""
+    table = {s: r for s, r in pooled.get(budget, {}).items() if r["mean_regret"] is not None}
+    if not table:
+        return {}
+    best = min(table, key=lambda s: table[s]["mean_regret"])
+    cheap = [s for s in table if s in _CHEAP]
+    best_cheap = min(cheap, key=lambda s: table[s]["mean_regret"]) if cheap else None
+    return {"budget": budget, "lowest_regret": best, "lowest_regret_training_free": best_cheap,
+            "mean_regret": table[best]["mean_regret"], "ci95": table[best]["ci95"]}
+
+
+def _fmt_ci(stat: dict[str, Any] | None, key: str = "mean") -> str:
+    if not stat or stat.get(key) is None:
+        return "—"
+    ci = stat.get("ci95")
+    return f"{stat[key]:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
+
+
+def tables(payload: dict[str, Any]) -> str:
+    """Markdown: the pooled regret table per budget, then the oracle and picks per setting."""
+    parts = []
+    for budget, table in payload["pooled"].items():
+        rows = []
+        for strategy, r in sorted(table.items(), key=lambda kv: kv[1]["mean_regret"] or 0.0):
+            rows.append([strategy, _fmt_ci(r, "mean_regret"), r["n"],
+                         _fmt_ci(r.get("vs_random_k")) + (f" ({r['vs_random_k']['verdict']})"
+                                                          if r.get("vs_random_k") else ""),
+                         _fmt_ci(r.get("vs_last_k")) + (f" ({r['vs_last_k']['verdict']})"
+                                                        if r.get("vs_last_k") else "")])
+        parts.append(f"**Budget {budget}** (pooled over {len(payload['settings'])} settings; unit: (setting, seed))\n\n"
+                     + markdown_table(["strategy", "regret, points [95% CI]", "n", "vs random_k", "vs last_k"],
+                                      rows, ["l", "r", "r", "r", "r"]))
+    rows = []
+    for name, s in payload["settings"].items():
+        for budget, o in s["oracle"].items():
+            rows.append([name, budget, " + ".join(o["by_test"]["blocks"]), f"{100 * o['by_test']['mean_test']:.2f}",
+                         " + ".join(o["by_val"]["blocks"]) if o.get("by_val") else "—", o["searched"]])
+    parts.append(markdown_table(["setting", "budget", "oracle (test)", "acc %", "best by validation", "searched"],
+                                rows))
+    return "\n\n".join(parts)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=ORDER, metavar="NAME",
+                    help=f"settings to run, in order (default: all): {', '.join(ORDER)}")
+    ap.add_argument("--workdir", type=Path, default=REPO_ROOT / "runs" / "bench-regret")
+    ap.add_argument("--out", type=Path, default=RESULTS, help=f"pooled JSON (default {RESULTS.relative_to(REPO_ROOT)})")
+    ap.add_argument("--seeds", default="[0, 1, 2]", help="sweep.seeds (YAML list)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra recipe override for every setting (repeatable)")
+    ap.add_argument("--pool-only", action="store_true", help="pool the finished sweeps under --workdir, run nothing")
+    ap.add_argument("--smoke", action="store_true", help="tiny cells (seconds each) to check the pipeline")
+    args = ap.parse_args()
+
+    extra = [f"sweep.seeds={args.seeds}", *args.set]
+    if args.smoke:
+        extra += ["data.max_train_samples=120", "data.max_eval_samples=60", "probe.samples_per_class=6",
+                  "train.max_steps=2", "train.epochs=1"]
+    info = machine_info()
+    cmd = command_line()
+    print_header("Selection regret: each strategy's pick against the best block set", info, cmd)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    sweeps: dict[str, dict[str, Any]] = {}
+    with open(args.workdir / "benchmark.log", "a", encoding="utf-8") as log:
+        for name in args.settings:
+            out = args.workdir / name
+            if not args.pool_only:
+                start = time.perf_counter()
+                print(f"[{name}] {SETTINGS[name]['about']} ...", flush=True)
+                try:
+                    run_setting(name, args.workdir, extra, log)
+                except RuntimeError as e:
+                    print(f"    failed: {e}", flush=True)
+                    continue
+                print(f"    done in {time.perf_counter() - start:.0f} s", flush=True)
+            if (out / "sweep.json").exists():
+                sweeps[name] = json.loads((out / "sweep.json").read_text(encoding="utf-8"))
+            if sweeps:
+                _write(args, sweeps, info, cmd)
+    if not sweeps:
+        print("no finished sweep to pool")
+        return 1
+    payload = _write(args, sweeps, info, cmd)
+    print(tables(payload))
+    return 0
+
+
+def _write(args, sweeps: dict[str, dict[str, Any]], info: dict[str, Any], cmd: str) -> dict[str, Any]:
+    pooled = pool(sweeps)
+    settings = {}
+    for name, rep in sweeps.items():
+        settings[name] = {
+            "about": SETTINGS[name]["about"], "recipe": SETTINGS[name]["recipe"],
+            "overrides": SETTINGS[name]["overrides"], "sweep_dir": str(args.workdir / name),
+            "seeds": rep["seeds"], "lr_grid": rep["lr_grid"], "train_samples": rep.get("train_samples"),
+            "test_samples": rep.get("test_samples"), "oracle": rep["oracle"], "regret": rep["regret"],
+            "cells": [{k: c[k] for k in ("names", "kind", "block_params", "lr", "mean_test", "sd_test", "mean_val",
+                                         "test_accuracy", "val_accuracy")} for c in rep["cells"]],
+            "probe": rep.get("probe"), "skipped_strategies": rep.get("skipped_strategies"),
+        }
+    payload = {"benchmark": NAME, "command": cmd, "machine": info, "budgets": BUDGETS,
+               "unit_of_replication": "(setting, seed) pair: regret and paired differences per seed, pooled over "
+                                      "settings; a 95% t-interval that contains 0 is a tie",
+               "settings": settings, "pooled": pooled, "default_strategy": default_strategy(pooled)}
+    write_results(args.out, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    sys.exit(main())

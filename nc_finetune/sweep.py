@@ -1,0 +1,578 @@
+"""Per-block transfer sweep and selection regret: the measuring stick for every selection rule.
+
+``nc-finetune sweep`` fine-tunes every candidate block set alone (every single block, adjacent pairs, or a list),
+for every seed and learning rate, each as an ordinary run directory under ``DIR/cells/``. The best candidate by mean
+test accuracy is the *oracle* (the best by mean validation accuracy is reported beside it). Every selection strategy
+then picks blocks under each budget of ``sweep.budgets`` from the same seed's probe; a pick that is not a candidate
+is trained as an extra cell. A strategy's *regret* is the oracle's test accuracy minus its pick's, paired per seed, in
+accuracy points, with a 95% t-interval over seeds; Kendall τ and weighted τ compare its block scores with the
+per-block accuracy. ``sweep.json`` holds all of it, ``sweep.png`` the per-block curve beside the collapse metrics.
+
+Seeds resample everything a user's data would: ``data.seed`` (training and test subsets, corruption noise),
+``probe.seed`` (the probe subset), ``train.seed`` (validation split, head init, data order) and ``selection.seed``.
+With several learning rates each candidate's rate is chosen by its mean validation accuracy, never on test.
+A killed sweep resumes: finished cells are read back, an interrupted cell resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nc_finetune import runs
+from nc_finetune.config import Recipe, SweepBudget, recipe_to_dict
+from nc_finetune.errors import ConfigError, UserError
+from nc_finetune.runs import RunDir
+
+#: Strategies never scored by a sweep: ``all`` ignores budgets, ``manual`` is the user's own choice.
+_NOT_SCORED = ("all", "manual")
+#: Metrics drawn beside the per-block accuracy in ``sweep.png`` (probe keys, all lower = more collapsed).
+PLOT_METRICS = ("nc1", "nc1_trace", "cdnv")
+
+
+# -------------------------------------------------------------------------------------------------------- candidates
+
+
+def resolve_candidates(spec: str | Sequence[Sequence[int | str]], blocks: Sequence[Any]) -> list[tuple[int, ...]]:
+    """Candidate block sets as sorted index tuples.
+
+    Args:
+        spec: ``blocks``, ``pairs``, or a list of block lists (indices, negative from the end, or names).
+        blocks: The backbone's blocks (``index``, ``name``).
+
+    Raises:
+        ConfigError: an unknown word, a block that does not exist, or the same candidate twice.
+    """
+    indices = [b.index for b in sorted(blocks, key=lambda b: b.index)]
+    if spec == "blocks":
+        return [(i,) for i in indices]
+    if spec == "pairs":
+        if len(indices) < 2:
+            raise ConfigError("sweep.candidates=pairs needs a backbone with at least two blocks")
+        return [(a, b) for a, b in zip(indices, indices[1:], strict=False)]
+    if isinstance(spec, str):
+        raise ConfigError(f"sweep.candidates must be blocks, pairs or a list of block lists; got {spec!r}")
+    from nc_finetune.select.strategies import resolve_manual
+
+    out: list[tuple[int, ...]] = []
+    for cand in spec:
+        try:
+            chosen = tuple(sorted(resolve_manual(blocks, list(cand))))
+        except ConfigError as e:
+            raise ConfigError(f"sweep.candidates {list(cand)}: {e}") from None
+        if chosen in out:
+            raise ConfigError(f"sweep.candidates lists {list(cand)} twice")
+        out.append(chosen)
+    return out
+
+
+def _block_names_without_weights(recipe: Recipe) -> list[Any] | None:
+    """The backbone's blocks from its architecture alone (built on the meta device, no weights read), or ``None``
+    when this backbone cannot be built that way (then the real load checks the candidates)."""
+    import torch
+
+    from nc_finetune.backbones import load_backbone
+
+    b = recipe.backbone
+    if b.init_from or b.truncate_at is not None:
+        return None
+    try:
+        with torch.device("meta"):
+            bb = load_backbone(b.name, pooling=b.pooling, image_size=b.image_size, max_length=b.max_length,
+                               pretrained=False)
+        return list(bb.blocks)
+    except Exception:  # noqa: BLE001 - any failure only means "check after the real load"
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------- recipes
+
+
+def seeded_recipe(recipe: Recipe, seed: int) -> Recipe:
+    """The recipe with every seed set to ``seed`` (data, probe, train, selection)."""
+    return dataclasses.replace(
+        recipe,
+        data=dataclasses.replace(recipe.data, seed=seed),
+        probe=dataclasses.replace(recipe.probe, seed=seed),
+        train=dataclasses.replace(recipe.train, seed=seed),
+        selection=dataclasses.replace(recipe.selection, seed=seed),
+    )
+
+
+def _with_selection(recipe: Recipe, **changes: Any) -> Recipe:
+    return dataclasses.replace(recipe, selection=dataclasses.replace(recipe.selection, **changes))
+
+
+def cell_recipe(recipe: Recipe, seed: int, names: Sequence[str], lr: float) -> Recipe:
+    """The ``run`` recipe of one cell: the seeded recipe, these blocks (``manual``), this learning rate."""
+    r = seeded_recipe(recipe, seed)
+    r = _with_selection(r, strategy="manual", blocks=list(names), max_blocks=None, max_param_fraction=None)
+    return dataclasses.replace(r, train=dataclasses.replace(r.train, lr=float(lr)))
+
+
+def _strategy_recipe(recipe: Recipe, strategy: str, budget: SweepBudget) -> Recipe:
+    return _with_selection(recipe, strategy=strategy, max_blocks=budget.max_blocks,
+                           max_param_fraction=budget.max_param_fraction, blocks=None)
+
+
+def default_strategies() -> list[str]:
+    """Every registered strategy a sweep can score."""
+    from nc_finetune.select.strategies import STRATEGIES
+
+    return [s for s in STRATEGIES if s not in _NOT_SCORED]
+
+
+# ------------------------------------------------------------------------------------------------------- statistics
+
+
+def mean_ci95(values: Sequence[float]) -> dict[str, Any]:
+    """Mean and two-sided 95% Student-t interval of independent values (``ci95`` is ``None`` for one value)."""
+    from scipy import stats
+
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+    if v.size == 0:
+        return {"mean": None, "ci95": None, "n": 0}
+    mean = float(v.mean())
+    if v.size < 2:
+        return {"mean": mean, "ci95": None, "n": 1}
+    half = float(stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
+    return {"mean": mean, "ci95": [mean - half, mean + half], "n": int(v.size)}
+
+
+def verdict(stat: Mapping[str, Any]) -> str:
+    """``win``, ``loss`` or ``tie`` for a paired difference: a tie when its 95% interval contains zero."""
+    ci = stat.get("ci95")
+    if stat.get("mean") is None or ci is None:
+        return "tie"
+    if ci[0] > 0:
+        return "win"
+    if ci[1] < 0:
+        return "loss"
+    return "tie"
+
+
+def _fits(cell: Mapping[str, Any], budget: SweepBudget, backbone_params: int) -> bool:
+    if budget.max_blocks is not None and len(cell["indices"]) > budget.max_blocks:
+        return False
+    return budget.max_param_fraction is None or cell["block_params"] <= budget.max_param_fraction * backbone_params
+
+
+def choose_lr(per_lr: Mapping[float, Mapping[str, Mapping[int, float | None]]]) -> float:
+    """The learning rate with the best mean validation accuracy over seeds (the only one if there is one).
+
+    Ties go to the smaller rate. Test accuracy is never looked at.
+    """
+    rates = sorted(per_lr)
+    if len(rates) == 1:
+        return rates[0]
+
+    def mean_val(lr: float) -> float:
+        vals = [v for v in per_lr[lr]["val"].values() if v is not None]
+        return float(np.mean(vals)) if vals else -math.inf
+
+    return max(rates, key=lambda lr: (mean_val(lr), -lr))
+
+
+def summarize(
+    cells: Sequence[Mapping[str, Any]],
+    picks: Mapping[int, Mapping[str, Mapping[str, Sequence[int]]]],
+    scores: Mapping[int, Mapping[str, Mapping[int, float]]],
+    budgets: Sequence[SweepBudget],
+    seeds: Sequence[int],
+    backbone_params: int,
+    costs: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
+    """Oracle and regret from finished cells (pure arithmetic; no model involved).
+
+    Args:
+        cells: One dict per block set: ``indices``, ``names``, ``block_params``, ``kind`` and ``per_lr``
+            (``{lr: {"val": {seed: acc}, "test": {seed: acc}}}``, accuracies in [0, 1]).
+        picks: ``{seed: {budget_label: {strategy: indices}}}``.
+        scores: ``{seed: {strategy: {block_index: score}}}`` (higher = tune first) for the τ columns.
+        budgets: The sweep's budgets.
+        seeds: The sweep's seeds.
+        backbone_params: Parameters of the backbone (for fraction budgets).
+        costs: Mean selection cost in seconds per strategy.
+
+    Returns:
+        ``{"cells", "oracle", "regret"}`` as written to ``sweep.json`` (accuracy differences in points).
+    """
+    from nc_finetune.transfer.ranking import correlations
+
+    rows = []
+    for c in cells:
+        lr = choose_lr(c["per_lr"])
+        test = {int(s): c["per_lr"][lr]["test"].get(s) for s in seeds}
+        val = {int(s): c["per_lr"][lr]["val"].get(s) for s in seeds}
+        tv = [v for v in test.values() if v is not None]
+        vv = [v for v in val.values() if v is not None]
+        rows.append({**{k: c[k] for k in ("indices", "names", "block_params", "kind")},
+                     "trainable_params": c.get("trainable_params"), "lr": lr, "seeds": list(seeds),
+                     "val_accuracy": val, "test_accuracy": test,
+                     "mean_test": float(np.mean(tv)) if tv else None,
+                     "sd_test": float(np.std(tv, ddof=1)) if len(tv) > 1 else None,
+                     "mean_val": float(np.mean(vv)) if vv else None,
+                     "per_lr": {str(k): v for k, v in c["per_lr"].items()}})
+    by_key = {tuple(r["indices"]): r for r in rows}
+    singles = {r["indices"][0]: r for r in rows if r["kind"] == "candidate" and len(r["indices"]) == 1}
+    oracle: dict[str, Any] = {}
+    regret: dict[str, Any] = {}
+    for budget in budgets:
+        label = budget.label
+        eligible = [r for r in rows if _fits(r, budget, backbone_params) and r["mean_test"] is not None]
+        if not eligible:
+            continue
+        best = max(eligible, key=lambda r: (r["mean_test"], -r["block_params"]))
+        with_val = [r for r in eligible if r["mean_val"] is not None]
+        best_val = max(with_val, key=lambda r: (r["mean_val"], -r["block_params"])) if with_val else None
+        oracle[label] = {
+            "by_test": {"blocks": best["names"], "indices": best["indices"], "mean_test": best["mean_test"]},
+            "by_val": None if best_val is None else {"blocks": best_val["names"], "indices": best_val["indices"],
+                                                     "mean_test": best_val["mean_test"],
+                                                     "mean_val": best_val["mean_val"]},
+            "searched": len(eligible),
+        }
+        strategies = sorted({s for seed in seeds for s in picks.get(seed, {}).get(label, {})})
+        pick_acc: dict[str, dict[int, float]] = {}
+        for strategy in strategies:
+            acc = {}
+            for seed in seeds:
+                idx = picks.get(seed, {}).get(label, {}).get(strategy)
+                cell = by_key.get(tuple(idx)) if idx is not None else None
+                if cell is not None and cell["test_accuracy"].get(seed) is not None:
+                    acc[seed] = cell["test_accuracy"][seed]
+            pick_acc[strategy] = acc
+        table = {}
+        for strategy in strategies:
+            acc = pick_acc[strategy]
+            per_seed = {s: 100.0 * (best["test_accuracy"][s] - a) for s, a in acc.items()
+                        if best["test_accuracy"].get(s) is not None}
+            vs_val_oracle = {s: 100.0 * (best_val["test_accuracy"][s] - a) for s, a in acc.items()
+                             if best_val is not None and best_val["test_accuracy"].get(s) is not None}
+            taus = [correlations([scores[s][strategy].get(i, math.nan) for i in sorted(singles)],
+                                 [singles[i]["mean_test"] for i in sorted(singles)], lower_is_better=False)
+                    for s in seeds if strategy in scores.get(s, {})] if len(singles) >= 3 else []
+            picked = {s: tuple(picks[s][label][strategy]) for s in seeds if strategy in picks.get(s, {}).get(label, {})}
+            entry = {
+                "picks": {str(s): by_key[idx]["names"] if idx in by_key else None for s, idx in picked.items()},
+                "test_accuracy": {str(s): a for s, a in acc.items()},
+                "per_seed": {str(s): r for s, r in per_seed.items()},
+                **mean_ci95(list(per_seed.values())),
+                "vs_val_oracle": mean_ci95(list(vs_val_oracle.values()))["mean"],
+                "kendall_tau": _nanmean([t["kendall_tau"] for t in taus]),
+                "weighted_tau": _nanmean([t["weighted_tau"] for t in taus]),
+                "cost_seconds": None if costs is None else costs.get(strategy),
+            }
+            for rival in ("random_k", "last_k"):
+                if rival in pick_acc and rival != strategy:
+                    diffs = [100.0 * (acc[s] - pick_acc[rival][s]) for s in acc if s in pick_acc[rival]]
+                    stat = mean_ci95(diffs)
+                    entry[f"vs_{rival}"] = {**stat, "verdict": verdict(stat)}
+            table[strategy] = entry
+        regret[label] = table
+    return {"cells": rows, "oracle": oracle, "regret": regret}
+
+
+def _nanmean(values: Sequence[float]) -> float | None:
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    return float(np.mean(v)) if v else None
+
+
+# ------------------------------------------------------------------------------------------------------------ stage
+
+
+def _slug(names: Sequence[str]) -> str:
+    return "+".join(names).replace("/", "_")
+
+
+def _fmt_time(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print) -> dict[str, Any]:
+    """Run (or resume) a sweep into ``out``; write ``sweep.json`` and ``sweep.png``.
+
+    Args:
+        recipe: Validated recipe with a ``sweep`` section (and the ``adapt``/``train`` sections every cell uses).
+        out: Sweep directory: ``resolved.yaml``, ``seeds/seed<S>/`` (probe and picks), ``cells/<blocks>/seed<S>/
+            lr<LR>/`` (one ordinary run directory per cell), ``sweep.json``, ``sweep.png``.
+        progress: tqdm bars inside the cells.
+        echo: Where the per-cell progress lines go.
+
+    Returns:
+        The content of ``sweep.json``.
+
+    Raises:
+        ConfigError: unknown strategy or candidate, a block that does not exist (before any weights load where the
+            architecture can be built without them), a directory holding a sweep of another recipe.
+    """
+    from nc_finetune.pipeline import load_recipe_backbone, prepare_data, run_probe_stage, run_select_stage, run_stage
+    from nc_finetune.select import select_blocks
+    from nc_finetune.select.strategies import STRATEGIES, strategy_needs_probe
+    from nc_finetune.utils.env import library_versions, seed_everything
+    from nc_finetune.utils.io import write_json_atomic
+
+    cfg = recipe.sweep
+    run = RunDir(out)
+    explicit = cfg.strategies is not None
+    strategies = list(cfg.strategies) if explicit else default_strategies()
+    unknown = [s for s in strategies if s not in STRATEGIES or s in _NOT_SCORED]
+    if unknown:
+        raise ConfigError(f"sweep.strategies: {unknown[0]!r} cannot be scored; choose from "
+                          f"{', '.join(default_strategies())}")
+    if run.has(runs.RESOLVED):
+        diff = runs.first_difference(run._read_yaml(runs.RESOLVED), recipe_to_dict(recipe))
+        if diff is not None:
+            raise UserError(f"{run.path} holds a sweep of another recipe ({diff}); rerun it with the same recipe "
+                            "to resume, or choose another --out")
+    elif run.path.exists() and any(p.name != runs.LOCK for p in run.path.iterdir()):
+        raise UserError(f"{run.path} is not empty and holds no sweep; choose another --out")
+    arch_blocks = _block_names_without_weights(recipe)
+    if arch_blocks is not None:
+        resolve_candidates(cfg.candidates, arch_blocks)
+    lrs = [float(x) for x in (cfg.lr_grid or [recipe.train.lr])]
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.write_recipe(recipe)
+
+    # Phase 1, per seed: data, probe, every strategy's picks (cheap next to training; finds bad input early).
+    seeds = list(cfg.seeds)
+    state: dict[int, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    costs: dict[str, list[float]] = {s: [] for s in strategies}
+    blocks = None
+    candidates: list[tuple[int, ...]] = []
+    for seed in seeds:
+        srecipe = seeded_recipe(recipe, seed)
+        prepared = prepare_data(srecipe)
+        seed_everything(seed)
+        backbone = load_recipe_backbone(srecipe)
+        if blocks is None:
+            blocks = sorted(backbone.blocks, key=lambda b: b.index)
+            candidates = resolve_candidates(cfg.candidates, blocks)
+        seed_dir = RunDir(run / "seeds" / f"seed{seed}")
+        if seed_dir.has(runs.PROBE):
+            probe_result = seed_dir.read_probe()
+        else:
+            probe_result = run_probe_stage(srecipe, seed_dir.path, overwrite=True, progress=progress,
+                                           prepared=prepared, backbone=backbone)
+        picks: dict[str, dict[str, list[int]]] = {}
+        scores: dict[str, dict[int, float]] = {}
+        saved = seed_dir.read_json("picks.json") if seed_dir.has("picks.json") else None
+        if saved is not None:
+            picks = saved["picks"]
+            scores = {s: {int(k): (math.nan if v is None else v) for k, v in d.items()}
+                      for s, d in saved["scores"].items()}
+            skipped.update(saved.get("skipped", {}))
+            for s, c in saved["costs"].items():
+                costs.setdefault(s, []).append(c)
+        else:
+            seed_costs: dict[str, float] = {}
+            for budget in cfg.budgets:
+                for strategy in strategies:
+                    if strategy in skipped:
+                        continue
+                    start = time.perf_counter()
+                    try:
+                        sel = run_select_stage(_strategy_recipe(srecipe, strategy, budget), backbone, probe_result,
+                                               prepared, prepared.data.num_classes)
+                    except ConfigError as e:
+                        if explicit:
+                            raise ConfigError(f"sweep strategy {strategy!r}: {e}") from None
+                        skipped[strategy] = str(e)
+                        continue
+                    spent = time.perf_counter() - start
+                    if strategy_needs_probe(strategy):
+                        spent += float(probe_result.meta.get("seconds", 0.0))
+                    seed_costs[strategy] = seed_costs.get(strategy, 0.0) + spent
+                    picks.setdefault(budget.label, {})[strategy] = sel.indices
+                    scores[strategy] = {int(k): float(v) for k, v in sel.scores.items()}
+            for s, c in seed_costs.items():
+                costs.setdefault(s, []).append(c)
+            write_json_atomic(seed_dir / "picks.json", {"picks": picks, "scores": scores, "costs": seed_costs,
+                                                        "skipped": skipped})
+        state[seed] = {"recipe": srecipe, "prepared": prepared, "probe": probe_result, "picks": picks,
+                       "scores": scores, "backbone": backbone}
+
+    # Phase 2: every candidate and every pick that is not one, for every seed and rate.
+    assert blocks is not None
+    extra = sorted({tuple(sorted(idx)) for st in state.values() for by_s in st["picks"].values()
+                    for idx in by_s.values()} - set(candidates))
+    cell_keys = [(c, "candidate") for c in candidates] + [(c, "pick") for c in extra]
+    by_index = {b.index: b for b in blocks}
+    backbone_params = state[seeds[0]]["backbone"].num_params()
+    total = len(cell_keys) * len(seeds) * len(lrs)
+    done, spent, fresh = 0, 0.0, 0
+    results: dict[tuple[int, ...], dict[float, dict[str, dict[int, float | None]]]] = {}
+    trainable: dict[tuple[int, ...], int] = {}
+    for seed in seeds:
+        st = state[seed]
+        K = st["prepared"].data.num_classes
+        head = st["backbone"].feature_dim * K + K
+        store: dict = {}
+        current_first = None
+        for indices, _kind in sorted(cell_keys, key=lambda ck: ck[0]):
+            names = [by_index[i].name for i in indices]
+            if indices[0] != current_first:  # caches are keyed by first trainable block: keep only this one's
+                store.clear()
+                current_first = indices[0]
+            for lr in lrs:
+                cell_dir = RunDir(run / "cells" / _slug(names) / f"seed{seed}" / f"lr{lr:g}")
+                start = time.perf_counter()
+                if cell_dir.has(runs.SUMMARY):
+                    summary = cell_dir.read_summary()
+                else:
+                    sel = select_blocks(None, blocks, strategy="manual", manual=list(indices), head_params=head,
+                                        total_params=backbone_params + head)
+                    summary = run_stage(cell_recipe(recipe, seed, names, lr), cell_dir.path,
+                                        resume=cell_dir.has(runs.RESOLVED), progress=progress,
+                                        prepared=st["prepared"], probe_result=st["probe"], selection=sel,
+                                        cache_store=store)
+                    spent += time.perf_counter() - start
+                    fresh += 1
+                done += 1
+                per = results.setdefault(indices, {}).setdefault(lr, {"val": {}, "test": {}})
+                per["val"][seed] = summary.get("val_accuracy")
+                per["test"][seed] = summary["test_accuracy"]
+                trainable[indices] = int(summary["trainable_params"])
+                left = (total - done) * spent / fresh if fresh else 0.0
+                val = summary.get("val_accuracy")
+                echo(f"[{done}/{total}] {' + '.join(names)} seed {seed} lr {lr:g}: test {summary['test_accuracy']:.4f}"
+                     + (f" val {val:.4f}" if val is not None else "")
+                     + f" ({time.perf_counter() - start:.0f} s; about {_fmt_time(left)} left)")
+
+    cells = [{"indices": list(c), "names": [by_index[i].name for i in c], "kind": kind,
+              "block_params": sum(by_index[i].num_params for i in c), "trainable_params": trainable.get(c),
+              "per_lr": results[c]} for c, kind in cell_keys]
+    picks_all = {s: state[s]["picks"] for s in seeds}
+    scores_all = {s: state[s]["scores"] for s in seeds}
+    mean_costs = {s: float(np.mean(v)) for s, v in costs.items() if v}
+    report = summarize(cells, picks_all, scores_all, cfg.budgets, seeds, backbone_params, mean_costs)
+    first = state[seeds[0]]
+    report.update({
+        "backbone": recipe.backbone.name,
+        "dataset": first["prepared"].data.name,
+        "num_classes": first["prepared"].data.num_classes,
+        "blocks": [{"index": b.index, "name": b.name, "num_params": b.num_params} for b in blocks],
+        "backbone_params": backbone_params,
+        "seeds": seeds,
+        "lr_grid": lrs,
+        "budgets": [dataclasses.asdict(b) | {"label": b.label} for b in cfg.budgets],
+        "candidates": cfg.candidates if isinstance(cfg.candidates, str) else [list(c) for c in candidates],
+        "strategies": [s for s in strategies if s not in skipped],
+        "skipped_strategies": skipped,
+        "probe": {str(s): [{k: r.get(k) for k in ("index", "name", *PLOT_METRICS, "ncc_accuracy")}
+                           for r in state[s]["probe"].blocks()] for s in seeds},
+        "train_samples": len(first["prepared"].data.train),
+        "test_samples": len(first["prepared"].data.test),
+        "recipe": recipe_to_dict(recipe),
+        "versions": library_versions(),
+    })
+    write_json_atomic(run / runs.SWEEP, report)
+    plot_sweep(report, run / runs.SWEEP_PLOT)
+    return report
+
+
+# ------------------------------------------------------------------------------------------------------------- text
+
+
+def format_sweep(report: Mapping[str, Any]) -> str:
+    """The oracle and the regret table as plain text (what ``nc-finetune sweep`` prints)."""
+    lines = [f"{report['backbone']} on {report['dataset']}: {len(report['cells'])} block sets x "
+             f"{len(report['seeds'])} seeds x {len(report['lr_grid'])} learning rates"]
+    for label, o in report["oracle"].items():
+        best = o["by_test"]
+        lines.append(f"budget {label}: oracle {' + '.join(best['blocks'])} ({100 * best['mean_test']:.2f}%, best of "
+                     f"{o['searched']})" + (f"; best by validation: {' + '.join(o['by_val']['blocks'])}"
+                                            if o.get("by_val") else ""))
+        for strategy, r in sorted(report["regret"].get(label, {}).items(),
+                                  key=lambda kv: (kv[1]["mean"] is None, kv[1]["mean"] or 0.0)):
+            ci = r.get("ci95")
+            ci_text = f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else ""
+            common = Counter(tuple(p) for p in r["picks"].values() if p).most_common(1)
+            pick = " + ".join(common[0][0]) if common else "-"
+            mean = r["mean"]
+            lines.append(f"  {strategy:<10} regret {mean:+.2f}{ci_text} points; picks {pick}"
+                         if mean is not None else f"  {strategy:<10} regret n/a")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------------- plot
+
+
+def plot_sweep(report: Mapping[str, Any], path: str | Path) -> Path:
+    """Per-block test accuracy (mean ± sd over seeds) against depth, with the probe's collapse metrics on a second
+    axis, the oracle starred and each strategy's most common pick (first budget) marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nc_finetune.utils.io import atomic_write
+
+    cells = [c for c in report["cells"] if c["kind"] == "candidate" and c["mean_test"] is not None]
+    x_of = {b["index"]: k for k, b in enumerate(report["blocks"])}
+    xs = [float(np.mean([x_of[i] for i in c["indices"]])) for c in cells]
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.45 * len(report["blocks"]) + 3), 4.8))
+    means = np.array([100 * c["mean_test"] for c in cells])
+    sds = np.array([100 * (c["sd_test"] or 0.0) for c in cells])
+    order = np.argsort(xs)
+    ax.errorbar(np.array(xs)[order], means[order], yerr=sds[order], marker="o", color="tab:blue", capsize=3,
+                label="test accuracy (mean ± sd over seeds)")
+    vals = [(x, 100 * c["mean_val"]) for x, c in zip(xs, cells, strict=True) if c["mean_val"] is not None]
+    if vals:
+        vals.sort()
+        ax.plot([v[0] for v in vals], [v[1] for v in vals], ls="--", color="tab:blue", alpha=0.5,
+                label="validation accuracy (mean)")
+    ax.set_ylabel("accuracy of tuning this block set alone (%)")
+    ax.set_xticks(range(len(report["blocks"])))
+    ax.set_xticklabels([b["name"] for b in report["blocks"]], rotation=60, ha="right", fontsize=7)
+    budgets = list(report["oracle"])
+    if budgets:
+        label = budgets[0]
+        best = report["oracle"][label]["by_test"]
+        bx = float(np.mean([x_of[i] for i in best["indices"]]))
+        ax.plot([bx], [100 * best["mean_test"]], marker="*", ms=16, color="gold", mec="black", ls="none",
+                label=f"oracle ({label})", zorder=5)
+        top = float(np.nanmax(means + sds)) if len(means) else 100.0
+        picks = report["regret"].get(label, {})
+        markers = "v^<>sPXDdph8"
+        for k, (strategy, r) in enumerate(sorted(picks.items())):
+            common = Counter(tuple(p) for p in r["picks"].values() if p).most_common(1)
+            if not common:
+                continue
+            idx = [b["index"] for b in report["blocks"] if b["name"] in common[0][0]]
+            px = float(np.mean([x_of[i] for i in idx]))
+            ax.plot([px], [top + 0.6 + 0.45 * k], marker=markers[k % len(markers)], ls="none", ms=7,
+                    label=f"{strategy} pick (regret {r['mean']:+.2f})" if r["mean"] is not None else strategy)
+    ax2 = ax.twinx()
+    colors = {"nc1": "tab:red", "nc1_trace": "tab:orange", "cdnv": "tab:purple"}
+    for metric in PLOT_METRICS:
+        rows = [[r.get(metric) for r in rows_s] for rows_s in report["probe"].values()]
+        arr = np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=np.float64)
+        if arr.size == 0 or not np.isfinite(arr).any():
+            continue
+        ax2.plot(range(arr.shape[1]), np.nanmean(arr, axis=0), color=colors[metric], alpha=0.7, lw=1.2,
+                 label=metric)
+    ax2.set_yscale("log")
+    ax2.set_ylabel("collapse on the downstream training data (lower = more collapsed)")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower left", ncol=2, framealpha=0.85)
+    ax.set_title(f"{report['backbone']} on {report['dataset']}: one block set tuned at a time "
+                 f"({len(report['seeds'])} seeds)", fontsize=10)
+    fig.tight_layout()
+
+    def _save(tmp: str) -> None:
+        fig.savefig(tmp, format="png", dpi=120)
+
+    try:
+        return atomic_write(path, _save)
+    finally:
+        plt.close(fig)

@@ -1,0 +1,189 @@
+"""nc-finetune sweep: candidates, the regret arithmetic against hand computations, end to end with resume, and
+bad input refused before any data or weights load."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from nc_finetune import runs
+from nc_finetune.cli import main
+from nc_finetune.config import SweepBudget, load_recipe
+from nc_finetune.errors import ConfigError
+from nc_finetune.sweep import choose_lr, mean_ci95, resolve_candidates, summarize, verdict
+from tests.conftest import recipe_overrides, tree_bytes
+
+BLOCKS = [SimpleNamespace(index=i, name=f"layer.{i}", num_params=p) for i, p in enumerate([10, 20, 30, 40])]
+
+
+def test_candidates_blocks_pairs_and_lists() -> None:
+    assert resolve_candidates("blocks", BLOCKS) == [(0,), (1,), (2,), (3,)]
+    assert resolve_candidates("pairs", BLOCKS) == [(0, 1), (1, 2), (2, 3)]
+    assert resolve_candidates([[3, "layer.1"], [-1]], BLOCKS) == [(1, 3), (3,)]
+    with pytest.raises(ConfigError, match="unknown block 7"):
+        resolve_candidates([[7]], BLOCKS)
+    with pytest.raises(ConfigError, match="twice"):
+        resolve_candidates([[1], ["layer.1"]], BLOCKS)
+    with pytest.raises(ConfigError, match="blocks, pairs"):
+        resolve_candidates("triples", BLOCKS)
+
+
+def test_mean_ci95_is_the_student_t_interval() -> None:
+    v = [1.0, 2.0, 4.0, 7.0]
+    r = mean_ci95(v)
+    half = stats.t.ppf(0.975, 3) * np.std(v, ddof=1) / 2.0
+    assert r["mean"] == pytest.approx(3.5) and r["ci95"] == pytest.approx([3.5 - half, 3.5 + half])
+    assert mean_ci95([2.0]) == {"mean": 2.0, "ci95": None, "n": 1}
+    assert verdict({"mean": 1.0, "ci95": [0.1, 2.0]}) == "win"
+    assert verdict({"mean": -1.0, "ci95": [-2.0, -0.1]}) == "loss"
+    assert verdict({"mean": 1.0, "ci95": [-0.1, 2.0]}) == "tie"
+
+
+def test_learning_rate_is_chosen_on_validation_never_on_test() -> None:
+    per_lr = {1e-3: {"val": {0: 0.9, 1: 0.8}, "test": {0: 0.1, 1: 0.1}},
+              1e-2: {"val": {0: 0.7, 1: 0.7}, "test": {0: 0.99, 1: 0.99}}}
+    assert choose_lr(per_lr) == 1e-3
+    assert choose_lr({5e-4: per_lr[1e-2]}) == 5e-4
+
+
+def _cell(indices, test, val=None, kind="candidate"):
+    seeds = sorted(test)
+    return {"indices": list(indices), "names": [f"layer.{i}" for i in indices], "kind": kind,
+            "block_params": sum(BLOCKS[i].num_params for i in indices), "trainable_params": None,
+            "per_lr": {1e-3: {"test": test, "val": val or {s: None for s in seeds}}}}
+
+
+def test_regret_is_paired_per_seed_against_the_oracle() -> None:
+    # per-block test accuracy for seeds 0, 1, 2; block 2 is the oracle (mean 0.90)
+    acc = {0: [0.70, 0.75, 0.72], 1: [0.80, 0.78, 0.82], 2: [0.91, 0.88, 0.91], 3: [0.85, 0.86, 0.81]}
+    cells = [_cell((i,), dict(enumerate(a))) for i, a in acc.items()]
+    cells.append(_cell((2, 3), {0: 0.93, 1: 0.92, 2: 0.94}, kind="pick"))
+    picks = {0: {"1_block": {"rule": [2], "last_k": [3]}, "70pct": {"rule": [2, 3]}},
+             1: {"1_block": {"rule": [1], "last_k": [3]}, "70pct": {"rule": [2, 3]}},
+             2: {"1_block": {"rule": [2], "last_k": [3]}, "70pct": {"rule": [2, 3]}}}
+    scores = {s: {"rule": {0: 0.0, 1: 1.0, 2: 3.0, 3: 2.0}, "last_k": {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}}
+              for s in range(3)}
+    budgets = [SweepBudget(max_blocks=1), SweepBudget(max_blocks=None, max_param_fraction=0.7)]
+    rep = summarize(cells, picks, scores, budgets, [0, 1, 2], backbone_params=100)
+
+    assert rep["oracle"]["1_block"]["by_test"]["blocks"] == ["layer.2"]
+    assert rep["oracle"]["1_block"]["searched"] == 4
+    rule = rep["regret"]["1_block"]["rule"]
+    per_seed = [100 * (0.91 - 0.91), 100 * (0.88 - 0.78), 100 * (0.91 - 0.91)]
+    assert [rule["per_seed"][str(s)] for s in range(3)] == pytest.approx(per_seed)
+    assert rule["mean"] == pytest.approx(np.mean(per_seed))
+    last = rep["regret"]["1_block"]["last_k"]
+    assert last["mean"] == pytest.approx(100 * np.mean([0.91 - 0.85, 0.88 - 0.86, 0.91 - 0.81]))
+    diffs = [100 * (0.91 - 0.85), 100 * (0.78 - 0.86), 100 * (0.91 - 0.81)]
+    assert rule["vs_last_k"]["mean"] == pytest.approx(np.mean(diffs))
+    assert rule["vs_last_k"]["verdict"] == "tie"
+    # the scores rank blocks 2 > 3 > 1 > 0 exactly like the mean accuracy: tau = 1; last_k's order is off by one swap
+    assert rule["kendall_tau"] == pytest.approx(1.0)
+    assert last["kendall_tau"] == pytest.approx(stats.kendalltau([1, 2, 3, 4], [0.7233, 0.8, 0.9, 0.84]).statistic)
+    # the 70% budget (blocks 2+3 = 70 params) admits the pair, which is then the oracle: zero regret
+    assert rep["oracle"]["70pct"]["by_test"]["indices"] == [2, 3]
+    assert rep["regret"]["70pct"]["rule"]["mean"] == pytest.approx(0.0)
+
+
+def test_sweep_end_to_end_resumes_and_writes_run_directories(tmp_path, bert_dir, text_csv, monkeypatch) -> None:
+    import nc_finetune.pipeline as pipeline
+    from nc_finetune.pipeline import eval_stage
+    from nc_finetune.sweep import sweep_stage
+
+    overrides = recipe_overrides(bert_dir, text_csv, **{
+        "train.val_fraction": 0.25, "train.epochs": 1, "sweep.seeds": "[0, 1]", "sweep.lr_grid": "[0.01, 0.001]",
+        "sweep.strategies": "[knee, stall, last_k, random_k, first_k]",
+        "sweep.budgets": "[{max_blocks: 1}, {max_blocks: 2}]"})
+    recipe = load_recipe(None, overrides)
+    out = tmp_path / "sweep"
+    real_run_stage, calls = pipeline.run_stage, []
+
+    def killed_after_three(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # a kill in the middle of the fourth cell
+        return real_run_stage(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "run_stage", killed_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        sweep_stage(recipe, out, progress=False, echo=lambda line: None)
+    monkeypatch.setattr(pipeline, "run_stage", lambda *a, **k: (calls.append(a[1]), real_run_stage(*a, **k))[1])
+    lines: list[str] = []
+    report = sweep_stage(recipe, out, progress=False, echo=lines.append)
+
+    n_cells = len(report["cells"])
+    total = n_cells * 2 * 2
+    assert len(lines) == total and lines[-1].startswith(f"[{total}/{total}]")
+    assert len(calls) == 3 + 1 + (total - 3)  # the three finished cells were not trained again
+    saved = json.loads((out / runs.SWEEP).read_text())
+    assert saved["oracle"] == json.loads(json.dumps(report["oracle"]))
+    assert (out / runs.SWEEP_PLOT).stat().st_size > 0
+    singles = [c for c in report["cells"] if c["kind"] == "candidate"]
+    assert [c["names"] for c in singles] == [["hf.encoder.layer.0"], ["hf.encoder.layer.1"], ["hf.encoder.layer.2"]]
+    for c in report["cells"]:
+        assert set(c["test_accuracy"]) == {0, 1} and all(0.0 <= v <= 1.0 for v in c["test_accuracy"].values())
+        assert all(v is not None for v in c["val_accuracy"].values())  # chosen on validation
+        assert c["lr"] in (0.01, 0.001)
+    best = max(report["cells"], key=lambda c: (c["mean_test"], -c["block_params"]))
+    assert report["oracle"]["2_blocks"]["by_test"]["indices"] == best["indices"]
+    for strategy in ("knee", "stall", "last_k", "random_k", "first_k"):
+        r = report["regret"]["1_block"][strategy]
+        assert r["mean"] >= 0.0 and set(r["picks"]) == {"0", "1"}
+    assert report["regret"]["1_block"]["last_k"]["picks"]["0"] == ["hf.encoder.layer.2"]
+    assert report["regret"]["1_block"]["first_k"]["picks"]["0"] == ["hf.encoder.layer.0"]
+    # the probe subset is resampled per seed
+    p0, p1 = (json.loads((out / "seeds" / f"seed{s}" / runs.PROBE).read_text()) for s in (0, 1))
+    assert [r["nc1"] for r in p0["layers"]] != [r["nc1"] for r in p1["layers"]]
+    # each cell is an ordinary run directory: eval rebuilds it and reproduces its test accuracy
+    cell = out / "cells" / "hf.encoder.layer.1" / "seed1" / "lr0.01"
+    summary = json.loads((cell / runs.SUMMARY).read_text())
+    assert summary["recipe"]["train"]["seed"] == 1 and summary["recipe"]["data"]["seed"] == 1
+    assert eval_stage(cell)["accuracy"] == pytest.approx(summary["test_accuracy"])
+    # a finished sweep reruns from its cells alone
+    before = len(calls)
+    again = sweep_stage(recipe, out, progress=False, echo=lambda line: None)
+    assert len(calls) == before and again["regret"] == report["regret"]
+
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ("sweep.candidates=triples", "sweep.candidates"),
+    ("sweep.candidates=[[7]]", "unknown block 7"),
+    ("sweep.lr_grid=[0.01, 0.001]", "train.val_fraction"),
+    ("sweep.seeds=[]", "at least one seed"),
+    ("sweep.strategies=[knee, nc_magic]", "nc_magic"),
+    ("sweep.budgets=[]", "at least one budget"),
+])
+def test_bad_sweep_input_is_one_line_before_any_data_loads(capsys, tmp_path, bert_dir, text_csv, monkeypatch,
+                                                           override, needle) -> None:
+    import nc_finetune.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "prepare_data", lambda *a, **k: pytest.fail("data loaded before the refusal"))
+    out = tmp_path / "sweep"
+    argv = ["sweep", "-", *recipe_overrides(bert_dir, text_csv), override, "--out", str(out), "--quiet"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("adapt:\n  method: finetune\n", encoding="utf-8")
+    argv[1] = str(recipe)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert not out.exists()
+
+
+def test_a_directory_with_another_sweep_is_refused(tmp_path, bert_dir, text_csv) -> None:
+    from nc_finetune.errors import UserError
+    from nc_finetune.sweep import sweep_stage
+
+    out = tmp_path / "sweep"
+    out.mkdir()
+    recipe = load_recipe(None, recipe_overrides(bert_dir, text_csv, **{"sweep.seeds": "[0]"}))
+    other = load_recipe(None, recipe_overrides(bert_dir, text_csv, **{"sweep.seeds": "[1]"}))
+    runs.RunDir(out).write_recipe(other)
+    before = tree_bytes(out)
+    with pytest.raises(UserError, match=r"another recipe \(sweep.seeds"):
+        sweep_stage(recipe, out, progress=False)
+    assert tree_bytes(out) == before
