@@ -362,48 +362,46 @@ def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print)
         else:
             probe_result = run_probe_stage(srecipe, seed_dir.path, overwrite=True, progress=progress,
                                            prepared=prepared, backbone=backbone)
-        picks: dict[str, dict[str, list[int]]] = {}
-        scores: dict[str, dict[int, float]] = {}
-        saved = seed_dir.read_json("picks.json") if seed_dir.has("picks.json") else None
-        if saved is not None:
-            picks = saved["picks"]
-            scores = {s: {int(k): (math.nan if v is None else v) for k, v in d.items()}
-                      for s, d in saved["scores"].items()}
-            skipped.update(saved.get("skipped", {}))
-            for s, c in saved["costs"].items():
-                costs.setdefault(s, []).append(c)
-        else:
-            seed_costs: dict[str, float] = {}
-            for budget in cfg.budgets:
-                for strategy in strategies:
-                    if strategy in skipped:
-                        continue
-                    start = time.perf_counter()
-                    try:
-                        sel = run_select_stage(_strategy_recipe(srecipe, strategy, budget), backbone, probe_result,
-                                               prepared, prepared.data.num_classes)
-                    except ConfigError as e:
-                        if explicit:
-                            raise ConfigError(f"sweep strategy {strategy!r}: {e}") from None
-                        skipped[strategy] = str(e)
-                        continue
-                    spent = time.perf_counter() - start
-                    if strategy_needs_probe(strategy):
-                        spent += float(probe_result.meta.get("seconds", 0.0))
-                    seed_costs[strategy] = seed_costs.get(strategy, 0.0) + spent
-                    picks.setdefault(budget.label, {})[strategy] = sel.indices
-                    scores[strategy] = {int(k): float(v) for k, v in sel.scores.items()}
-            for s, c in seed_costs.items():
-                costs.setdefault(s, []).append(c)
+        # Picks already made (a resumed sweep) are kept; strategies added since are picked now.
+        saved = seed_dir.read_json("picks.json") if seed_dir.has("picks.json") else {}
+        picks: dict[str, dict[str, list[int]]] = saved.get("picks", {})
+        scores: dict[str, dict[int, float]] = {s: {int(k): (math.nan if v is None else v) for k, v in d.items()}
+                                               for s, d in saved.get("scores", {}).items()}
+        seed_costs: dict[str, float] = dict(saved.get("costs", {}))
+        skipped.update(saved.get("skipped", {}))
+        todo = [(b, s) for b in cfg.budgets for s in strategies
+                if s not in skipped and s not in picks.get(b.label, {})]
+        for budget, strategy in todo:
+            if strategy in skipped:
+                continue
+            start = time.perf_counter()
+            try:
+                sel = run_select_stage(_strategy_recipe(srecipe, strategy, budget), backbone, probe_result,
+                                       prepared, prepared.data.num_classes)
+            except ConfigError as e:
+                if explicit:
+                    raise ConfigError(f"sweep strategy {strategy!r}: {e}") from None
+                skipped[strategy] = str(e)
+                continue
+            spent = time.perf_counter() - start
+            if strategy_needs_probe(strategy):
+                spent += float(probe_result.meta.get("seconds", 0.0))
+            seed_costs[strategy] = seed_costs.get(strategy, 0.0) + spent
+            picks.setdefault(budget.label, {})[strategy] = sel.indices
+            scores[strategy] = {int(k): float(v) for k, v in sel.scores.items()}
+        if todo or not seed_dir.has("picks.json"):
             write_json_atomic(seed_dir / "picks.json", {"picks": picks, "scores": scores, "costs": seed_costs,
                                                         "skipped": skipped})
+        for s, c in seed_costs.items():
+            if s in strategies:
+                costs.setdefault(s, []).append(c)
         state[seed] = {"recipe": srecipe, "prepared": prepared, "probe": probe_result, "picks": picks,
                        "scores": scores, "backbone": backbone}
 
     # Phase 2: every candidate and every pick that is not one, for every seed and rate.
     assert blocks is not None
     extra = sorted({tuple(sorted(idx)) for st in state.values() for by_s in st["picks"].values()
-                    for idx in by_s.values()} - set(candidates))
+                    for strategy, idx in by_s.items() if strategy in strategies} - set(candidates))
     cell_keys = [(c, "candidate") for c in candidates] + [(c, "pick") for c in extra]
     by_index = {b.index: b for b in blocks}
     backbone_params = state[seeds[0]]["backbone"].num_params()
@@ -450,7 +448,8 @@ def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print)
     cells = [{"indices": list(c), "names": [by_index[i].name for i in c], "kind": kind,
               "block_params": sum(by_index[i].num_params for i in c), "trainable_params": trainable.get(c),
               "per_lr": results[c]} for c, kind in cell_keys]
-    picks_all = {s: state[s]["picks"] for s in seeds}
+    picks_all = {s: {label: {k: v for k, v in by_s.items() if k in strategies}
+                     for label, by_s in state[s]["picks"].items()} for s in seeds}
     scores_all = {s: state[s]["scores"] for s in seeds}
     mean_costs = {s: float(np.mean(v)) for s, v in costs.items() if v}
     report = summarize(cells, picks_all, scores_all, cfg.budgets, seeds, backbone_params, mean_costs)
