@@ -236,7 +236,11 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         raw = loaded
     for item in overrides or []:
         _apply_override(raw, item)
-    return from_dict(Recipe, raw, "")
+    recipe = from_dict(Recipe, raw, "")
+    from nc_finetune.rivals import check_rival_options  # imports nothing at module level that needs this module
+
+    check_rival_options(recipe)
+    return recipe
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
