@@ -98,3 +98,20 @@ def test_etf_width_is_checked_with_the_backbone() -> None:
     check_rival_options(recipe, feature_dim=9, num_classes=10)
     with pytest.raises(ConfigError, match="K-1 = 9"):
         check_rival_options(recipe, feature_dim=8, num_classes=10)
+
+
+def test_a_lora_run_with_an_etf_head_can_be_started_from(bert_dir, text_csv, tmp_path) -> None:
+    from nc_finetune.adapt.restore import restore_backbone_weights
+    from nc_finetune.pipeline import load_recipe_backbone
+
+    recipe = make_recipe(bert_dir, text_csv, **{"adapt.method": "lora", "adapt.lora_r": 2, "adapt.head": "etf",
+                                                "train.epochs": 1})
+    out = tmp_path / "run"
+    summary = run_stage(recipe, out, progress=False)
+    assert summary["head_params"] == 0
+    backbone = load_recipe_backbone(recipe)
+    before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    info = restore_backbone_weights(backbone, out, name=recipe.backbone.name, pretrained=True)
+    assert info["method"] == "lora" and info["tensors"] > 0
+    changed = [k for k, v in backbone.model.state_dict().items() if not v.equal(before[k])]
+    assert changed and all(k.startswith("hf.encoder.layer.1.") for k in changed)
