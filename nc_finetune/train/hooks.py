@@ -79,7 +79,7 @@ def set_group_lr(ctx: HookContext, group_index: int, base_lr: float) -> None:
     group["lr"] = base_lr * sched.lr_lambdas[group_index](sched.last_epoch)
 
 
-def make_train_hook(adapted, backbone) -> TrainHook | None:
+def make_train_hook(adapted) -> TrainHook | None:
     """The hook of an adapt mode (``None`` for modes that train a fixed set with the default optimiser)."""
     if adapted.method == "auto_rgn":
         from nc_finetune.train.auto_rgn import AutoRGNHook

@@ -133,7 +133,7 @@ class Trainer:
         if not (isinstance(cfg.nc1_penalty, (int, float)) and math.isfinite(cfg.nc1_penalty) and cfg.nc1_penalty >= 0):
             raise UserError(f"train.nc1_penalty must be a finite number >= 0, got {cfg.nc1_penalty!r}")
         # The adapt mode's optimiser hook (auto_rgn, lisa) and the optional NC1 loss term.
-        self.hook = make_train_hook(adapted, backbone)
+        self.hook = make_train_hook(adapted)
         self.penalty = NC1Penalty.for_adapted(adapted, backbone) if cfg.nc1_penalty > 0 else None
 
     # -- data ---------------------------------------------------------------------------------------------------
