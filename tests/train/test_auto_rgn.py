@@ -131,3 +131,40 @@ def test_batchnorm_stays_in_eval_and_untrained() -> None:
     assert not any(p.requires_grad for m in bns for p in m.parameters())
     assert adapted.model.training and adapted.first_trainable_block is None
     assert any(p.requires_grad for n, p in adapted.model.named_parameters() if n.startswith("backbone."))
+
+
+def _ddp_worker(rank: int, port: int, bert_dir: str, out: str) -> None:
+    import os
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"})
+    torch.set_num_threads(1)
+    from nc_finetune.data import Split
+    from tests.conftest import make_texts
+
+    texts, labels = make_texts(24, 2, seed=4)
+    data = {"train": Split(texts[:16], labels[:16]), "test": Split(texts[16:], labels[16:])}
+    trainer, adapted = _trainer(Path(bert_dir), data, Path(out) / "run", epochs=2, batch_size=2, checkpoint_every=100)
+    summary = trainer.fit()
+    weights = {k: v.detach().cpu().clone() for k, v in adapted.trainable_state_dict().items()}
+    torch.save({"weights": weights, "hook": json.loads(json.dumps(summary["train_hook"])),
+                "world": summary["world_size"]}, Path(out) / f"rank{rank}.pt")
+
+
+def test_two_processes_set_the_same_rates(bert_dir_nodrop, tmp_path) -> None:
+    """Each rank measures its own shard; the all-reduced rates, and so the weights, are the same on both."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(bert_dir_nodrop), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert r0["world"] == r1["world"] == 2
+    assert [r["epoch"] for r in r0["hook"]["auto_rgn"]] == [0, 1]
+    for a, b in zip(r0["hook"]["auto_rgn"], r1["hook"]["auto_rgn"], strict=True):
+        assert a["weights"] == b["weights"]
+    for k in r0["weights"]:
+        torch.testing.assert_close(r0["weights"][k], r1["weights"][k], atol=0, rtol=0, msg=k)
