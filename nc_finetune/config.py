@@ -96,9 +96,11 @@ class ProbeConfig:
 class SelectionConfig:
     """Which blocks to adapt, chosen from the probe (or a baseline rule) under a budget."""
 
-    strategy: Literal["knee", "stall", "last_k", "first_k", "random_k", "all", "manual", "auto_rgn"] = "knee"
+    strategy: Literal["knee", "stall", "last_k", "first_k", "random_k", "all", "manual", "auto_rgn", "cka",
+                      "lisa"] = "knee"
     """NC-guided: ``knee``, ``stall``; baselines: ``last_k``, ``first_k``, ``random_k``, ``all``, ``manual``,
-    ``auto_rgn``."""
+    ``auto_rgn``; rivals: ``cka`` (label-free: the blocks whose input and output representations differ most),
+    ``lisa`` (LISA's uniform draw of blocks; resampled during training with ``adapt.method=lisa``)."""
     max_blocks: int | None = 1
     """Budget in blocks."""
     max_param_fraction: float | None = None
@@ -108,7 +110,11 @@ class SelectionConfig:
     stall_fraction: float = 0.1
     """For ``stall``: the remaining blocks must add less than this share of the total log-NC1 reduction."""
     rgn_batches: int = 5
-    """For ``auto_rgn``: mini-batches used to measure relative gradient norms."""
+    """For ``auto_rgn`` (strategy and adapt mode): mini-batches used to measure relative gradient norms."""
+    cka_samples: int = 2048
+    """For ``cka``: probe samples (a seeded subset of the probe subset) whose block inputs and outputs are compared."""
+    lisa_interval: int = 20
+    """For ``adapt.method=lisa``: optimizer steps between two draws of the trainable blocks (LMFlow's default 20)."""
     seed: int = 0
     """For ``random_k``."""
 
@@ -117,13 +123,21 @@ class SelectionConfig:
 class AdaptConfig:
     """How the selected blocks are adapted."""
 
-    method: Literal["linear_probe", "finetune", "lora", "scl", "full"] = "finetune"
+    method: Literal["linear_probe", "finetune", "lora", "scl", "full", "auto_rgn", "lisa"] = "finetune"
+    """``auto_rgn``: surgical fine-tuning's Auto-RGN, every backbone tensor at its own learning rate (relative
+    gradient norm, re-measured each epoch); ``lisa``: LISA, everything outside the blocks plus a fresh uniform draw of
+    as many blocks as were selected every ``selection.lisa_interval`` steps."""
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     scl_wiring: Literal["add", "concat", "replace"] = "add"
     freeze_bn: bool = True
     """Keep BatchNorm running statistics frozen inside trainable blocks."""
+    head: Literal["linear", "etf"] = "linear"
+    """``linear``: a new trainable linear classifier; ``etf``: a fixed simplex equiangular tight frame (K unit rows,
+    pairwise cosine -1/(K-1)) that the tuned blocks must collapse onto; needs a feature width of at least K-1."""
+    etf_scale: float = 1.0
+    """``head=etf``: the norm of each fixed classifier row (logits = etf_scale · cos-geometry · ‖h‖)."""
 
 
 @dataclass
@@ -144,6 +158,9 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     grad_accum_steps: int = 1
     max_grad_norm: float | None = 1.0
+    nc1_penalty: float = 0.0
+    """Weight λ of an added loss term λ·NC1 of the deepest tuned block's pooled features, measured within each
+    mini-batch over the classes present in it (0: off). Induces collapse while tuning (Li et al.)."""
     precision: Literal["no", "bf16", "fp16"] = "no"
     val_fraction: float = 0.0
     """Held-out share of the training split for early stopping (0: no validation split)."""
@@ -300,7 +317,11 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         raw = loaded
     for item in overrides or []:
         _apply_override(raw, item)
-    return from_dict(Recipe, raw, "")
+    recipe = from_dict(Recipe, raw, "")
+    from nc_finetune.rivals import check_rival_options  # imports nothing at module level that needs this module
+
+    check_rival_options(recipe)
+    return recipe
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

@@ -112,8 +112,10 @@ def check_selection_feasible(recipe: Recipe, backbone, num_classes: int) -> None
     Raises:
         ConfigError: as :func:`~nc_finetune.select.select_blocks`.
     """
+    from nc_finetune.rivals import check_rival_options
     from nc_finetune.select import select_blocks
 
+    check_rival_options(recipe, backbone.feature_dim, num_classes)
     s = recipe.selection
     if s.strategy == "all":  # budgets do not apply
         return
@@ -126,11 +128,12 @@ def check_selection_feasible(recipe: Recipe, backbone, num_classes: int) -> None
 def run_select_stage(recipe: Recipe, backbone, probe_result, prepared: PreparedData, num_classes: int):
     """Choose blocks per ``recipe.selection``; Auto-RGN measures gradients on a temporary full classifier."""
     from nc_finetune.adapt import build_classifier
+    from nc_finetune.rivals import selection_inputs
     from nc_finetune.select import auto_rgn_scores, select_blocks
     from nc_finetune.utils.env import seed_everything
 
     s = recipe.selection
-    head = backbone.feature_dim * num_classes + num_classes
+    head = 0 if recipe.adapt.head == "etf" else backbone.feature_dim * num_classes + num_classes  # ETF: fixed
     rgn = None
     if s.strategy == "auto_rgn":
         seed_everything(recipe.train.seed)
@@ -148,7 +151,8 @@ def run_select_stage(recipe: Recipe, backbone, probe_result, prepared: PreparedD
         del tmp
     return select_blocks(probe_result, backbone.blocks, strategy=s.strategy, max_blocks=s.max_blocks,
                          max_param_fraction=s.max_param_fraction, manual=s.blocks, seed=s.seed, head_params=head,
-                         total_params=backbone.num_params() + head, rgn_scores=rgn, stall_fraction=s.stall_fraction)
+                         total_params=backbone.num_params() + head, rgn_scores=rgn, stall_fraction=s.stall_fraction,
+                         **selection_inputs(recipe, backbone, prepared))
 
 
 def _labels_tensor(labels: np.ndarray):
@@ -249,6 +253,7 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
 def build_recipe_classifier(recipe: Recipe, backbone, num_classes: int, selection, probe_result, split):
     """The classifier of ``recipe.adapt`` on ``selection``, seeded with ``train.seed`` (shared by run and eval)."""
     from nc_finetune.adapt import build_classifier
+    from nc_finetune.rivals import classifier_options
     from nc_finetune.utils.env import seed_everything
 
     a = recipe.adapt
@@ -256,7 +261,7 @@ def build_recipe_classifier(recipe: Recipe, backbone, num_classes: int, selectio
     seed_everything(recipe.train.seed)  # the head / LoRA init must not depend on what ran before
     return build_classifier(backbone, num_classes, method=a.method, selection=selection, skip_dim=skip_dim,
                             wiring=a.scl_wiring, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
-                            lora_dropout=a.lora_dropout, freeze_bn=a.freeze_bn)
+                            lora_dropout=a.lora_dropout, freeze_bn=a.freeze_bn, **classifier_options(recipe))
 
 
 def scl_skip_dim(recipe: Recipe, backbone, selection, probe_result, split) -> int | None:

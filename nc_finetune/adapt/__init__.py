@@ -11,6 +11,13 @@ Modes (``adapt.method``):
   (h = P z_l; blocks after l are never run). P is the identity when dimensions match (``add``) and a learned
   linear map otherwise.
 * ``full``: every parameter trains.
+* ``auto_rgn``: surgical fine-tuning's Auto-RGN: every backbone tensor the rule scores and the head train, each
+  tensor at its own learning rate re-measured every epoch (:mod:`nc_finetune.train.auto_rgn`); BatchNorm in eval.
+* ``lisa``: LISA: everything outside the blocks and the head train, plus as many blocks as were selected, redrawn
+  uniformly every ``selection.lisa_interval`` steps (:mod:`nc_finetune.train.lisa`).
+
+The head (``head``) is a new linear layer, or a fixed simplex ETF (:mod:`nc_finetune.adapt.etf`) that the tuned
+blocks must collapse onto.
 
 Frozen modules are kept in eval mode during training (no dropout, no BatchNorm drift), which also makes the frozen
 prefix deterministic so its outputs can be cached (see :mod:`nc_finetune.train.cache`).
@@ -34,7 +41,10 @@ METHODS = {
     "lora": "peft LoRA on the linear/conv modules of the selected blocks + head",
     "scl": "SCL-FT: selected blocks + skip connection from the deepest one to the head",
     "full": "every parameter",
+    "auto_rgn": "surgical fine-tuning's Auto-RGN: every backbone tensor at a per-tensor rate re-measured each epoch",
+    "lisa": "LISA: non-block parameters + head + a uniform draw of blocks redrawn every selection.lisa_interval steps",
 }
+HEADS = ("linear", "etf")
 WIRINGS = ("add", "concat", "replace")
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
@@ -57,11 +67,15 @@ class Classifier(nn.Module):
         skip_block: Qualified name (inside ``backbone_model``) of the SCL skip block, or ``None``.
         skip_dim: Pooled dimension of the skip block's output.
         wiring: ``add`` | ``concat`` | ``replace``.
+        head: ``linear`` (trainable) or ``etf`` (fixed simplex ETF, :class:`~nc_finetune.adapt.etf.ETFHead`).
+        etf_scale: Row norm of the ETF head.
+        head_seed: Seed of the ETF head's random rotation.
     """
 
     def __init__(self, backbone_model: nn.Module, feature_dim: int, num_classes: int,
                  pool: Callable[[Any, dict], torch.Tensor] | None = None, skip_block: str | None = None,
-                 skip_dim: int | None = None, wiring: str = "add") -> None:
+                 skip_dim: int | None = None, wiring: str = "add", head: str = "linear", etf_scale: float = 1.0,
+                 head_seed: int = 0) -> None:
         super().__init__()
         self.backbone = backbone_model
         self.skip_block = skip_block
@@ -79,7 +93,12 @@ class Classifier(nn.Module):
                 nn.Linear(skip_dim, feature_dim)
             head_in = 2 * feature_dim if wiring == "concat" else feature_dim
             self.backbone.get_submodule(skip_block).register_forward_hook(self._capture_skip)
-        self.nc_head = nn.Linear(head_in, num_classes)
+        if head == "etf":
+            from nc_finetune.adapt.etf import ETFHead
+
+            self.nc_head: nn.Module = ETFHead(head_in, num_classes, scale=etf_scale, seed=head_seed)
+        else:
+            self.nc_head = nn.Linear(head_in, num_classes)
 
     def _capture_skip(self, module: nn.Module, args: Any, output: Any) -> None:
         self._skip_out = self._pool(output, self._inputs)  # (B, D_l)
@@ -116,6 +135,8 @@ class AdaptedModel:
         first_trainable_block: Qualified name of the shallowest trainable backbone block (``None`` when the whole
             backbone trains or none of it does); everything before it is a frozen, cacheable prefix.
         frozen_bn: Keep BatchNorm layers in eval mode even inside trainable modules.
+        param_names: For modes whose trainable set changes while training (``lisa``): every parameter that trains at
+            some point, saved and counted as trainable; ``None``: the parameters with ``requires_grad``.
     """
 
     model: nn.Module
@@ -125,10 +146,11 @@ class AdaptedModel:
     backbone_prefix: str
     frozen_bn: bool = True
     info: dict[str, Any] = field(default_factory=dict)
+    param_names: list[str] | None = None
 
     def train_mode(self) -> None:
         """Frozen parts in eval mode, trainable modules in train mode (BatchNorm per ``frozen_bn``)."""
-        if self.method == "full":
+        if self.method in ("full", "auto_rgn", "lisa"):
             self.model.train()
         else:
             self.model.eval()
@@ -142,13 +164,14 @@ class AdaptedModel:
     def parameter_counts(self) -> dict[str, int]:
         """Trainable/total *parameters* (not buffers), with the head on its own."""
         total = sum(p.numel() for p in self.model.parameters())
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        head = sum(p.numel() for n, p in self.model.named_parameters() if p.requires_grad and is_head_param(n))
+        names = self._trainable_names()
+        trainable = sum(p.numel() for n, p in self.model.named_parameters() if n in names)
+        head = sum(p.numel() for n, p in self.model.named_parameters() if n in names and is_head_param(n))
         return {"trainable_params": trainable, "total_params": total, "head_params": head}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only the parameters that train (and the BatchNorm buffers of trainable modules)."""
-        names = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        names = self._trainable_names()
         state = self.model.state_dict()
         out = {n: state[n] for n in names if n in state}
         if not self.frozen_bn or self.method == "full":
@@ -156,6 +179,11 @@ class AdaptedModel:
                 prefix = f"{mod_name}." if mod_name else ""
                 out.update({k: v for k, v in state.items() if k.startswith(prefix) and "running_" in k})
         return out
+
+    def _trainable_names(self) -> set[str]:
+        if self.param_names is not None:
+            return set(self.param_names)
+        return {n for n, p in self.model.named_parameters() if p.requires_grad}
 
 
 def is_head_param(param_name: str) -> bool:
@@ -166,7 +194,8 @@ def is_head_param(param_name: str) -> bool:
 
 def build_classifier(backbone, num_classes: int, *, method: str, selection=None, skip_dim: int | None = None,
                      wiring: str = "add", lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
-                     freeze_bn: bool = True) -> AdaptedModel:
+                     freeze_bn: bool = True, head: str = "linear", etf_scale: float = 1.0, head_seed: int = 0,
+                     rgn_batches: int = 5, lisa_interval: int = 20, lisa_seed: int = 0) -> AdaptedModel:
     """Build the classifier for ``method`` and freeze everything that must not train.
 
     Call :func:`nc_finetune.utils.env.seed_everything` first: the head (and LoRA matrices) are initialised here.
@@ -181,26 +210,39 @@ def build_classifier(backbone, num_classes: int, *, method: str, selection=None,
         lora_r: LoRA rank.
         lora_alpha: LoRA alpha.
         lora_dropout: LoRA dropout.
-        freeze_bn: Keep BatchNorm running statistics frozen in trainable blocks.
+        freeze_bn: Keep BatchNorm running statistics frozen in trainable blocks (``auto_rgn``: always frozen).
+        head: ``linear`` or ``etf`` (a fixed simplex ETF; nothing of it trains).
+        etf_scale: Row norm of the ETF head.
+        head_seed: Seed of the ETF head's random rotation.
+        rgn_batches: ``auto_rgn``: mini-batches per relative-gradient-norm measurement.
+        lisa_interval: ``lisa``: optimizer steps between two draws of the trainable blocks.
+        lisa_seed: ``lisa``: seed of the draws.
 
     Raises:
-        ConfigError: unknown method, empty selection, or a block name that matches no module.
+        ConfigError: unknown method or head, empty selection, a block name that matches no module, or a fixed head
+            with nothing else to train (``linear_probe``).
     """
     if method not in METHODS:
         raise ConfigError(f"adapt.method must be one of {', '.join(METHODS)}; got {method!r}")
+    if head not in HEADS:
+        raise ConfigError(f"adapt.head must be one of {', '.join(HEADS)}; got {head!r}")
+    if head == "etf" and method == "linear_probe":
+        raise ConfigError("adapt.head=etf is fixed, so adapt.method=linear_probe would train nothing; tune blocks "
+                          "(e.g. adapt.method=finetune) or use adapt.head=linear")
     block_names = [b["name"] for b in selection.blocks] if selection is not None else []
-    if method in ("finetune", "lora", "scl") and not block_names:
+    if method in ("finetune", "lora", "scl", "lisa") and not block_names:
         raise ConfigError(f"adapt.method={method} needs at least one selected block")
     known = dict(backbone.model.named_modules())
     for name in block_names:
         if name not in known:
             raise ConfigError(f"selected block '{name}' is not a module of {backbone.spec}")
     order = {b.name: b.index for b in backbone.blocks}
-    blocks = sorted(block_names, key=lambda n: order.get(n, 0)) if method not in ("linear_probe", "full") else []
+    fixed = ("linear_probe", "full", "auto_rgn")
+    blocks = sorted(block_names, key=lambda n: order.get(n, 0)) if method not in fixed else []
     skip = blocks[-1] if method == "scl" else None
     model = Classifier(backbone.model, backbone.feature_dim, num_classes, pool=backbone.pool, skip_block=skip,
-                       skip_dim=skip_dim, wiring=wiring)
-    model.requires_grad_(method == "full")
+                       skip_dim=skip_dim, wiring=wiring, head=head, etf_scale=etf_scale, head_seed=head_seed)
+    model.requires_grad_(method in ("full", "lisa"))
     model.nc_head.requires_grad_(True)
     trainable = ["nc_head"]
     if skip is not None:
@@ -211,13 +253,30 @@ def build_classifier(backbone, num_classes: int, *, method: str, selection=None,
         for name in blocks:
             model.get_submodule(prefix + name).requires_grad_(True)
         trainable += [prefix + n for n in blocks]
-    if method == "full":
+    info: dict[str, Any] = {"blocks": blocks, "skip_block": skip, "wiring": wiring if skip else None, "head": head}
+    param_names = None
+    if method == "auto_rgn":
+        from nc_finetune.select.strategies import rgn_tensors
+
+        # The whole backbone as one pseudo-block: the tensors the Auto-RGN rule scores, by the ranking's own rule.
+        whole = type(backbone.blocks[0])(index=-1, name="", num_params=0)
+        for _, p in rgn_tensors(model, whole, prefix="backbone"):
+            p.requires_grad_(True)
+        info["rgn_batches"] = rgn_batches
+        freeze_bn = True  # as published: BatchNorm in eval mode
+    if method == "lisa":
+        info.update(lisa_pool=[b.name for b in sorted(backbone.blocks, key=lambda b: b.index)],
+                    lisa_interval=lisa_interval, lisa_seed=lisa_seed)
+        param_names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if method in ("full", "auto_rgn", "lisa"):
         trainable = [""]
-    first = prefix + blocks[0] if blocks else None
+    first = prefix + blocks[0] if blocks and method != "lisa" else None
     if method == "lora":
         import peft
 
         kwargs = selection.lora_kwargs(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, head="nc_head")
+        if head == "etf":  # a fixed head has nothing to save (peft would otherwise train a copy of it)
+            kwargs["modules_to_save"] = None
         model = peft.get_peft_model(model, peft.LoraConfig(**kwargs))
         wrap = "base_model.model."
         trainable = [wrap + "nc_head"] + [wrap + prefix + n for n in blocks]
@@ -225,7 +284,7 @@ def build_classifier(backbone, num_classes: int, *, method: str, selection=None,
         prefix = wrap + prefix
     return AdaptedModel(model=model, method=method, trainable_modules=trainable, first_trainable_block=first,
                         backbone_prefix=prefix.rstrip("."), frozen_bn=freeze_bn and method != "full",
-                        info={"blocks": blocks, "skip_block": skip, "wiring": wiring if skip else None})
+                        info=info, param_names=param_names)
 
 
 @contextlib.contextmanager

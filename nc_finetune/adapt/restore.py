@@ -107,13 +107,19 @@ def _merge_lora(backbone, run_dir: Path, src, weights: dict) -> dict:
     from nc_finetune.adapt import build_classifier
     from nc_finetune.select import Selection
 
-    head = next((v for k, v in weights.items() if k.endswith("nc_head.modules_to_save.default.weight")), None)
-    if head is None:
-        raise UserError(f"backbone.init_from: {run_dir}/trainable.safetensors holds no LoRA head (nc_head)")
     a = src.adapt
-    adapted = build_classifier(backbone, int(head.shape[0]), method="lora",
+    head = next((v for k, v in weights.items() if k.endswith("nc_head.modules_to_save.default.weight")), None)
+    if head is not None:
+        num_classes = int(head.shape[0])
+    elif a.head == "etf" and (run_dir / "probe.json").is_file():  # a fixed head is not saved: K from the probe
+        from nc_finetune.probe.result import ProbeResult
+
+        num_classes = len(ProbeResult.load(run_dir / "probe.json").meta["class_names"])
+    else:
+        raise UserError(f"backbone.init_from: {run_dir}/trainable.safetensors holds no LoRA head (nc_head)")
+    adapted = build_classifier(backbone, num_classes, method="lora",
                                selection=Selection.load(run_dir / "selection.json"), lora_r=a.lora_r,
-                               lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout)
+                               lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, head=a.head)
     prefix = _PEFT_PREFIX + _BACKBONE_PREFIX
     # Only the backbone part is loaded: the head is dropped anyway, and its input width differs from this
     # backbone's when the run was truncated (backbone.truncate_at).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from nc_finetune.select.cka import block_cka, linear_cka
 from nc_finetune.select.selection import DEFAULT_MAX_BLOCKS, Selection, fill_budget, select_blocks
 from nc_finetune.select.strategies import (
     STRATEGIES,
@@ -21,8 +22,10 @@ __all__ = [
     "Ranking",
     "Selection",
     "auto_rgn_scores",
+    "block_cka",
     "block_log_nc1",
     "fill_budget",
+    "linear_cka",
     "rank_blocks",
     "rank_knee",
     "rank_stall",

@@ -316,6 +316,7 @@ def select_blocks(
     rgn_scores: Mapping[int, float] | None = None,
     stall_fraction: float = 0.1,
     prefix: str = "backbone.",
+    cka_scores: Mapping[int, float] | None = None,
 ) -> Selection:
     """Rank the blocks with ``strategy`` and cut the ranking to the budget.
 
@@ -326,13 +327,14 @@ def select_blocks(
         max_blocks: At most this many blocks. With neither budget given, one block (:data:`DEFAULT_MAX_BLOCKS`).
         max_param_fraction: Selected block parameters / backbone parameters at most this, in (0, 1].
         manual: Block indices or names for ``manual``.
-        seed: Seed for ``random_k``.
+        seed: Seed for ``random_k`` and ``lisa``.
         head_params: Parameters of the classifier head (counted as trainable).
         total_params: Parameters of the whole classifier, backbone + head. Default: the blocks' sum + head (a
             backbone with parameters outside its blocks, e.g. stem or embeddings, should pass the true total).
         rgn_scores: Per-block scores from :func:`~nc_finetune.select.strategies.auto_rgn_scores` for ``auto_rgn``.
         stall_fraction: Threshold of the ``stall`` rule.
         prefix: Attribute path of the backbone inside the classifier.
+        cka_scores: Per-block CKA from :func:`~nc_finetune.select.cka.block_cka` for ``cka``.
 
     Returns:
         The selection, blocks in forward order.
@@ -347,7 +349,7 @@ def select_blocks(
     if head_params < 0:
         raise ConfigError(f"head_params must be >= 0, got {head_params}")
     ranking = rank_blocks(strategy, blocks, probe_result, manual=manual, seed=seed, rgn_scores=rgn_scores,
-                          stall_fraction=stall_fraction)
+                          stall_fraction=stall_fraction, cka_scores=cka_scores)
     block_sum = sum(int(b.num_params) for b in blocks)
     if total_params is None:
         total_params = block_sum + head_params

@@ -17,6 +17,9 @@ finite and positive:
 Baselines: ``last_k``, ``first_k`` (surgical fine-tuning's choice under input-level shift), ``random_k``, ``all``,
 ``manual`` and ``auto_rgn`` (surgical fine-tuning's relative gradient norm, method.md §4.2, aggregated per block by
 :func:`auto_rgn_scores`).
+
+Rivals: ``cka`` (label-free: lowest linear CKA between a block's input and output first, scores from
+:func:`nc_finetune.select.cka.block_cka`) and ``lisa`` (LISA's seeded uniform draw, :mod:`nc_finetune.select.lisa`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from torch import nn
 
 from nc_finetune.errors import ConfigError, DataError
 from nc_finetune.probe.result import ProbeResult
+from nc_finetune.select.lisa import lisa_permutation
 
 # Scores closer than this are ties (broken towards the deeper block): exact geometric NC1 curves otherwise
 # tie-break on float round-off.
@@ -338,6 +342,51 @@ def rank_auto_rgn(blocks: Sequence[BlockLike], rgn_scores: Mapping[int, float] |
                              f"to their size, are tuned first; block {order[0]} leads.")
 
 
+# ---------------------------------------------------------------------------------------------------------- rivals
+
+
+def rank_cka(blocks: Sequence[BlockLike], cka: Mapping[int, float] | None) -> Ranking:
+    """Blocks by how much they change the representation: score ``1 - CKA(input, output)``, highest first.
+
+    Blocks with NaN CKA (a side without variance) get ``-inf`` and are ranked last; ties go to the deeper block.
+
+    Raises:
+        ConfigError: no CKA values, or values for unknown / missing blocks.
+    """
+    blocks = _sorted_blocks(blocks)
+    if cka is None:
+        raise ConfigError("strategy 'cka' needs per-block CKA values: compute them with "
+                          "nc_finetune.select.cka.block_cka(backbone, split) and pass cka_scores=...")
+    values = {int(k): float(v) for k, v in cka.items()}
+    idx = {b.index for b in blocks}
+    if set(values) != idx:
+        raise ConfigError(f"cka_scores do not match the backbone's blocks {min(idx)}..{max(idx)}: missing "
+                          f"{sorted(idx - set(values))}, unknown {sorted(set(values) - idx)}")
+    scores = {i: (1.0 - v if math.isfinite(v) else -math.inf) for i, v in values.items()}
+    order = _sort_desc(idx, scores)
+    bad = [i for i in order if not math.isfinite(scores[i])]
+    shown = ", ".join(f"{i}: {values[i]:.3f}" for i in order[:3] if math.isfinite(scores[i]))
+    note = f" Blocks {_fmt_blocks(sorted(bad))} have undefined CKA (no variance): ranked last." if bad else ""
+    return Ranking(order=order, scores=scores,
+                   rationale=f"cka: label-free. Linear CKA between each block's mean-pooled input and output on the "
+                             f"probe data (1 = the block only rotates or rescales its input); the blocks that change "
+                             f"the representation most (lowest CKA; score 1 - CKA) are tuned first. Lowest CKA "
+                             f"(block: CKA): {shown or 'none finite'}.{note}")
+
+
+def rank_lisa(blocks: Sequence[BlockLike], seed: int = 0) -> Ranking:
+    """LISA's interval-0 draw: the blocks in the order of :func:`~nc_finetune.select.lisa.lisa_permutation`."""
+    blocks = _sorted_blocks(blocks)
+    order = [blocks[k].index for k in lisa_permutation(len(blocks), seed, 0)]
+    return Ranking(order=order, scores={i: float(len(order) - pos) for pos, i in enumerate(order)},
+                   rationale=f"lisa: LISA's uniform random draw of blocks (seed {seed}, interval 0); no data is looked "
+                             "at. With adapt.method=lisa these are the blocks of the first selection.lisa_interval "
+                             "steps, after which the trainer redraws as many blocks uniformly, every interval, while "
+                             "everything outside the blocks and the head always train. With any other adapt method "
+                             "this is the selection-only variant: one fixed seeded uniform sample (a random_k control "
+                             "drawn with LISA's generator).")
+
+
 # ---------------------------------------------------------------------------------------------------------- registry
 
 
@@ -361,6 +410,10 @@ _REGISTRY: dict[str, _Strategy] = {
                         lambda b, p, o: rank_manual(b, o["manual"])),
     "auto_rgn": _Strategy("surgical fine-tuning's Auto-RGN: blocks by relative gradient norm on a few batches",
                           lambda b, p, o: rank_auto_rgn(b, o["rgn_scores"])),
+    "cka": _Strategy("label-free: the blocks whose output differs most from their input (lowest linear CKA)",
+                     lambda b, p, o: rank_cka(b, o["cka_scores"])),
+    "lisa": _Strategy("LISA: a seeded uniform draw of blocks (redrawn during training with adapt.method=lisa)",
+                      lambda b, p, o: rank_lisa(b, o["seed"])),
 }
 
 #: Strategy name -> one-line description.
@@ -381,6 +434,7 @@ def rank_blocks(
     seed: int = 0,
     rgn_scores: Mapping[int, float] | None = None,
     stall_fraction: float = 0.1,
+    cka_scores: Mapping[int, float] | None = None,
 ) -> Ranking:
     """Rank blocks with one strategy (no budget applied).
 
@@ -389,7 +443,8 @@ def rank_blocks(
     """
     if strategy not in _REGISTRY:
         raise ConfigError(f"unknown selection strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
-    opts = {"manual": manual, "seed": seed, "rgn_scores": rgn_scores, "stall_fraction": stall_fraction}
+    opts = {"manual": manual, "seed": seed, "rgn_scores": rgn_scores, "stall_fraction": stall_fraction,
+            "cka_scores": cka_scores}
     return _REGISTRY[strategy].rank(blocks, probe_result, opts)
 
 

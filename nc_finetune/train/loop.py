@@ -30,6 +30,8 @@ from nc_finetune.data import Split
 from nc_finetune.errors import UserError
 from nc_finetune.train.cache import PrefixCache
 from nc_finetune.train.checkpoint import load_checkpoint, save_checkpoint, save_weights, set_rng_state
+from nc_finetune.train.hooks import HookContext, make_train_hook
+from nc_finetune.train.nc1_penalty import NC1Penalty
 from nc_finetune.utils.io import write_text_atomic
 
 
@@ -133,6 +135,11 @@ class Trainer:
         self.rank = self.accelerator.process_index
         self.cache: PrefixCache | None = None
         self.cache_store = cache_store
+        if not (isinstance(cfg.nc1_penalty, (int, float)) and math.isfinite(cfg.nc1_penalty) and cfg.nc1_penalty >= 0):
+            raise UserError(f"train.nc1_penalty must be a finite number >= 0, got {cfg.nc1_penalty!r}")
+        # The adapt mode's optimiser hook (auto_rgn, lisa) and the optional NC1 loss term.
+        self.hook = make_train_hook(adapted)
+        self.penalty = NC1Penalty.for_adapted(adapted, backbone) if cfg.nc1_penalty > 0 else None
 
     # -- data ---------------------------------------------------------------------------------------------------
     def _inputs(self, split_name: str, split: Split, idx: np.ndarray, train: bool) -> dict[str, torch.Tensor]:
@@ -201,6 +208,11 @@ class Trainer:
         t = self.accelerator.reduce(t, reduction="sum") if self.world > 1 else t
         return {"accuracy": float(t[0] / t[1]), "loss": float(t[2] / t[1]), "samples": int(t[1])}
 
+    def _hook_batch(self, idx: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """A training batch without augmentation, for hooks that measure the model (Auto-RGN)."""
+        inputs = self._inputs("train", self.data.train, idx, train=False)
+        return inputs, torch.as_tensor(np.asarray(self.data.train.labels)[idx], device=self.device)
+
     def _replay(self):
         return self.cache.replay() if self.cache is not None else contextlib.nullcontext()
 
@@ -228,7 +240,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         model = self.adapted.model.to(self.device)
         cache_info = self._setup_cache()
-        optimizer = make_optimizer(model, cfg)
+        optimizer = self.hook.make_optimizer(model, cfg) if self.hook else make_optimizer(model, cfg)
         n_train = len(self.data.train)
         micro_per_epoch = len(epoch_batches(n_train, cfg.batch_size, self.world, self.rank, cfg.seed, 0))
         steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.grad_accum_steps))
@@ -262,6 +274,13 @@ class Trainer:
                 save_checkpoint(ckpt_dir, weights, optimizer.state_dict(), scheduler.state_dict(), pos)
             acc.wait_for_everyone()
 
+        hook_ctx = None
+        if self.hook is not None:
+            hook_ctx = HookContext(model=acc.unwrap_model(model), optimizer=getattr(optimizer, "optimizer", optimizer),
+                                   scheduler=scheduler, accelerator=acc, cfg=cfg, batch=self._hook_batch)
+            self.hook.on_fit_start(hook_ctx, pos)
+        if self.penalty is not None:
+            self.penalty.attach()
         bar = tqdm(total=total_steps, initial=pos["step"], desc="train", unit="step",
                    disable=not self.progress or self.rank != 0, leave=False)
         stopped_early = bool(pos.get("stopped_early", False))  # a resumed run that had stopped early stays stopped
@@ -270,6 +289,9 @@ class Trainer:
             while pos["epoch"] < cfg.epochs and pos["step"] < total_steps and not stopped_early:
                 epoch = pos["epoch"]
                 batches = epoch_batches(n_train, cfg.batch_size, self.world, self.rank, cfg.seed, epoch)
+                if self.hook is not None and pos["micro"] == 0:
+                    with self._replay():
+                        self.hook.on_epoch_start(hook_ctx, epoch, batches, pos)
                 self.adapted.train_mode()
                 t0 = time.perf_counter()
                 with self._replay():
@@ -280,7 +302,12 @@ class Trainer:
                         sync = (pos["micro"] + 1) % cfg.grad_accum_steps == 0 or pos["micro"] + 1 == len(batches)
                         ctx = acc.no_sync(model) if not sync and self.world > 1 else contextlib.nullcontext()
                         with ctx, acc.autocast():
-                            loss = F.cross_entropy(model(**inputs).float(), y)
+                            if self.penalty is None:
+                                loss = F.cross_entropy(model(**inputs).float(), y)
+                            else:
+                                with self.penalty.capture(inputs):
+                                    logits = model(**inputs)
+                                loss = F.cross_entropy(logits.float(), y) + cfg.nc1_penalty * self.penalty.value(y)
                             acc.backward(loss / cfg.grad_accum_steps)
                         running.append(loss.item())
                         pos["micro"] += 1
@@ -293,6 +320,8 @@ class Trainer:
                         scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
                         pos["step"] += 1
+                        if self.hook is not None:
+                            self.hook.on_step_end(hook_ctx, pos)
                         bar.update(1)
                         if pos["step"] % cfg.log_every == 0 or pos["step"] == total_steps:
                             self._log({"step": pos["step"], "epoch": epoch, "loss": float(np.mean(running)),
@@ -314,6 +343,8 @@ class Trainer:
                 if self.stop_after_steps is not None and pos["step"] >= self.stop_after_steps:
                     raise StopTraining
         finally:
+            if self.penalty is not None:
+                self.penalty.detach()
             bar.close()
 
         if (self.out / "best.safetensors").exists():
@@ -339,6 +370,8 @@ class Trainer:
             "world_size": self.world,
             "prefix_cache": cache_info,
         }
+        if pos.get("hook"):
+            summary["train_hook"] = pos["hook"]
         self._log({"step": pos["step"], "epoch": pos["epoch"], "split": "final_test", **test})
         return summary
 

@@ -126,7 +126,8 @@ def test_last_k_all_and_unknown_strategy():
     assert r.order == [0, 1, 2, 3] and not r.uses_budget
     with pytest.raises(ConfigError, match="knee, stall, last_k"):
         rank_blocks("best", make_blocks(4))
-    assert set(STRATEGIES) == {"knee", "stall", "last_k", "first_k", "random_k", "all", "manual", "auto_rgn"}
+    assert set(STRATEGIES) == {"knee", "stall", "last_k", "first_k", "random_k", "all", "manual", "auto_rgn", "cka",
+                               "lisa"}
 
 
 def test_random_k_is_deterministic_per_seed_and_seeds_differ():
