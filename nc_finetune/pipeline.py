@@ -154,14 +154,18 @@ def check_selection_feasible(recipe: Recipe, backbone, num_classes: int) -> None
         ConfigError: as :func:`~nc_finetune.select.select_blocks`.
     """
     from nc_finetune.select import select_blocks
+    from nc_finetune.select.hooks import check_selection_inputs
 
     s = recipe.selection
+    check_selection_inputs(recipe)
     if s.strategy == "all":  # budgets do not apply
         return
     head = backbone.feature_dim * num_classes + num_classes
-    select_blocks(None, backbone.blocks, strategy="manual" if s.strategy == "manual" else "last_k",
-                  max_blocks=s.max_blocks, max_param_fraction=s.max_param_fraction, manual=s.blocks,
-                  head_params=head, total_params=backbone.num_params() + head)
+    # Rank-free strategies are checked as they will run; for the others only that some block fits can be known.
+    free = s.strategy in ("manual", "last_k", "first_k", "random_k")
+    select_blocks(None, backbone.blocks, strategy=s.strategy if free else "last_k",
+                  max_blocks=s.max_blocks, max_param_fraction=s.max_param_fraction, manual=s.blocks, seed=s.seed,
+                  head_params=head, total_params=backbone.num_params() + head, fill=s.fill if free else "skip")
 
 
 def run_select_stage(recipe: Recipe, backbone, probe_result, prepared: PreparedData, num_classes: int):
@@ -187,9 +191,13 @@ def run_select_stage(recipe: Recipe, backbone, probe_result, prepared: PreparedD
         rgn = auto_rgn_scores(tmp.model, backbone.blocks, batches, num_batches=s.rgn_batches)
         tmp.model.requires_grad_(True)
         del tmp
+    from nc_finetune.select.hooks import selection_inputs
+
+    extra = selection_inputs(recipe, backbone, prepared, num_classes)
     return select_blocks(probe_result, backbone.blocks, strategy=s.strategy, max_blocks=s.max_blocks,
                          max_param_fraction=s.max_param_fraction, manual=s.blocks, seed=s.seed, head_params=head,
-                         total_params=backbone.num_params() + head, rgn_scores=rgn, stall_fraction=s.stall_fraction)
+                         total_params=backbone.num_params() + head, rgn_scores=rgn, stall_fraction=s.stall_fraction,
+                         **extra)
 
 
 def _labels_tensor(labels: np.ndarray):
