@@ -21,7 +21,8 @@ def _fails_before_compute(capsys, tmp_path: Path, bert_dir, text_csv, *needles: 
     recipe_file = tmp_path / "tiny.yaml"
     recipe_file.write_text("adapt:\n  method: finetune\n", encoding="utf-8")
     capsys.readouterr()
-    argv = ["select", str(recipe_file), *recipe_overrides(bert_dir, text_csv, **overrides), "--out", str(out), "--quiet"]
+    argv = ["select", str(recipe_file), *recipe_overrides(bert_dir, text_csv, **overrides), "--out", str(out),
+            "--quiet"]
     assert main(argv) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("nc-finetune select: error: "), err
