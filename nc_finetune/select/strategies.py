@@ -220,7 +220,7 @@ def rank_stall(blocks: Sequence[BlockLike], probe_result: ProbeResult | None, st
     usable block; ``"min"``: the smallest ln NC1 of any block), ``T = z_first - z_ref`` is the total reduction and
     ``R_l = z_l - z_ref`` what the blocks after ``l`` still add. The stall point ``l*`` is the shallowest block with
     ``R_l < stall_fraction · T``. Against the last block, a curve whose NC1 rises again after its minimum stalls
-    early (the rise hides the later progress); against the minimum it stalls just before the minimum.
+    early (the rise hides the later progress); against the minimum it stalls at or before the minimum.
     Blocks after ``l*`` no longer separate the downstream classes; tuning the first of
     them (ideally with a skip connection to the head, SCL-FT) lets the task shape the representation earliest where
     it matters. Ranked ``l*+1, l*+2, …, last`` then ``l*, l*-1, …, first``; if collapse keeps progressing to the end
