@@ -96,19 +96,46 @@ class ProbeConfig:
 class SelectionConfig:
     """Which blocks to adapt, chosen from the probe (or a baseline rule) under a budget."""
 
-    strategy: Literal["knee", "stall", "last_k", "first_k", "random_k", "all", "manual", "auto_rgn", "cka",
-                      "lisa"] = "knee"
-    """NC-guided: ``knee``, ``stall``; baselines: ``last_k``, ``first_k``, ``random_k``, ``all``, ``manual``,
+    strategy: Literal["knee", "stall", "last_k", "first_k", "random_k", "all", "manual", "auto_rgn", "trial",
+                      "shift", "cka", "lisa"] = "knee"
+    """NC-guided: ``knee``, ``stall`` (from the probe), ``trial`` (short trial fine-tunes, Li et al.), ``shift``
+    (probe of reference vs target data); baselines: ``last_k``, ``first_k``, ``random_k``, ``all``, ``manual``,
     ``auto_rgn``; rivals: ``cka`` (label-free: the blocks whose input and output representations differ most),
     ``lisa`` (LISA's uniform draw of blocks; resampled during training with ``adapt.method=lisa``)."""
     max_blocks: int | None = 1
     """Budget in blocks."""
     max_param_fraction: float | None = None
-    """Budget as a fraction of the backbone's parameters."""
+    """Budget as a fraction of the backbone's parameters: selected block parameters / backbone parameters (the head
+    is not counted)."""
+    fill: Literal["stop", "skip", "per_param"] = "stop"
+    """How the ranking is cut to ``max_param_fraction``: ``stop`` at the first ranked block that does not fit;
+    ``skip`` it and try the next (greedy); ``per_param``: by rank weight per parameter, skipping what does not fit."""
     blocks: list[int | str] | None = None
     """For ``manual``: block indices or names."""
     stall_fraction: float = 0.1
     """For ``stall``: the remaining blocks must add less than this share of the total log-NC1 reduction."""
+    stall_reference: Literal["last", "min"] = "last"
+    """For ``stall``: measure the total and remaining log-NC1 reduction against the ``last`` block or the block with
+    the smallest NC1 (``min``)."""
+    knee_residual: Literal["shortfall", "two_sided"] = "shortfall"
+    """For ``knee``: score the one-sided ``shortfall`` of each block's collapse progress behind the equi-separation
+    law, or the ``two_sided`` absolute residual of the law's fit."""
+    bootstrap: int = 0
+    """For ``knee``/``stall``: apply the rule to this many stratified bootstrap resamples of the probe subset and
+    rank blocks by how often they are picked (0: off; costs one more forward pass over the probe subset)."""
+    trial_steps: int = 30
+    """For ``trial``: optimizer steps of each block's trial fine-tune (>= 1)."""
+    trial_samples: int = 20
+    """For ``trial``: training samples per class held out of the trials, on which NC1 and loss are measured."""
+    trial_score: Literal["nc1_drop_per_param", "nc1_drop", "loss_drop"] = "nc1_drop_per_param"
+    """For ``trial``: rank by the held-out last-layer NC1 drop per trainable block parameter, the NC1 drop, or the
+    held-out loss drop."""
+    reference: dict[str, Any] | str | None = None
+    """For ``shift``: the reference data, as ``data.*`` overrides of this recipe's data section (e.g.
+    ``{corruption: null}``), or ``source``: the data section of the ``backbone.init_from`` run."""
+    shift_jump: float = 0.5
+    """For ``shift``: the shift is located at the first block whose degradation jump reaches this share of the
+    largest jump, in (0, 1]."""
     rgn_batches: int = 5
     """For ``auto_rgn`` (strategy and adapt mode): mini-batches used to measure relative gradient norms."""
     cka_samples: int = 2048
@@ -116,7 +143,28 @@ class SelectionConfig:
     lisa_interval: int = 20
     """For ``adapt.method=lisa``: optimizer steps between two draws of the trainable blocks (LMFlow's default 20)."""
     seed: int = 0
-    """For ``random_k``."""
+    """For ``random_k`` (and the ``trial`` data order and ``bootstrap`` resamples)."""
+
+    def __post_init__(self) -> None:
+        if self.bootstrap < 0:
+            raise ConfigError(f"recipe key 'selection.bootstrap' must be >= 0; got {self.bootstrap}")
+        if self.bootstrap and self.strategy not in ("knee", "stall"):
+            raise ConfigError(f"selection.bootstrap applies to the knee and stall rules, not to strategy "
+                              f"'{self.strategy}'; set selection.bootstrap=0")
+        if self.trial_steps < 1:
+            raise ConfigError(f"recipe key 'selection.trial_steps' must be >= 1 (a trial of {self.trial_steps} steps "
+                              "measures nothing)")
+        if self.trial_samples < 2:
+            raise ConfigError(f"recipe key 'selection.trial_samples' must be >= 2 per class (NC1 needs within-class "
+                              f"spread); got {self.trial_samples}")
+        if not 0.0 < self.shift_jump <= 1.0:
+            raise ConfigError(f"recipe key 'selection.shift_jump' must be in (0, 1]; got {self.shift_jump}")
+        if isinstance(self.reference, str) and self.reference != "source":
+            raise ConfigError(f"recipe key 'selection.reference' must be 'source' or a mapping of data keys; got "
+                              f"{self.reference!r}")
+        if self.strategy == "shift" and self.reference is None:
+            raise ConfigError("strategy 'shift' needs reference data: set selection.reference to 'source' (the "
+                              "backbone.init_from run's data) or to data overrides, e.g. {corruption: null}")
 
 
 @dataclass

@@ -114,21 +114,25 @@ def check_selection_feasible(recipe: Recipe, backbone, num_classes: int) -> None
     """
     from nc_finetune.rivals import check_rival_options
     from nc_finetune.select import select_blocks
+    from nc_finetune.select.hooks import check_selection_inputs
 
     check_rival_options(recipe, backbone.feature_dim, num_classes)
     s = recipe.selection
+    check_selection_inputs(recipe)
     if s.strategy == "all":  # budgets do not apply
         return
     head = backbone.feature_dim * num_classes + num_classes
-    select_blocks(None, backbone.blocks, strategy="manual" if s.strategy == "manual" else "last_k",
-                  max_blocks=s.max_blocks, max_param_fraction=s.max_param_fraction, manual=s.blocks,
-                  head_params=head, total_params=backbone.num_params() + head)
+    # Rank-free strategies are checked as they will run; for the others only that some block fits can be known.
+    free = s.strategy in ("manual", "last_k", "first_k", "random_k")
+    select_blocks(None, backbone.blocks, strategy=s.strategy if free else "last_k",
+                  max_blocks=s.max_blocks, max_param_fraction=s.max_param_fraction, manual=s.blocks, seed=s.seed,
+                  head_params=head, total_params=backbone.num_params() + head, fill=s.fill if free else "skip")
 
 
 def run_select_stage(recipe: Recipe, backbone, probe_result, prepared: PreparedData, num_classes: int):
     """Choose blocks per ``recipe.selection``; Auto-RGN measures gradients on a temporary full classifier."""
     from nc_finetune.adapt import build_classifier
-    from nc_finetune.rivals import selection_inputs
+    from nc_finetune.rivals import selection_inputs as rival_inputs
     from nc_finetune.select import auto_rgn_scores, select_blocks
     from nc_finetune.utils.env import seed_everything
 
@@ -149,10 +153,13 @@ def run_select_stage(recipe: Recipe, backbone, probe_result, prepared: PreparedD
         rgn = auto_rgn_scores(tmp.model, backbone.blocks, batches, num_batches=s.rgn_batches)
         tmp.model.requires_grad_(True)
         del tmp
+    from nc_finetune.select.hooks import selection_inputs
+
+    extra = {**selection_inputs(recipe, backbone, prepared, num_classes), **rival_inputs(recipe, backbone, prepared)}
     return select_blocks(probe_result, backbone.blocks, strategy=s.strategy, max_blocks=s.max_blocks,
                          max_param_fraction=s.max_param_fraction, manual=s.blocks, seed=s.seed, head_params=head,
                          total_params=backbone.num_params() + head, rgn_scores=rgn, stall_fraction=s.stall_fraction,
-                         **selection_inputs(recipe, backbone, prepared))
+                         **extra)
 
 
 def _labels_tensor(labels: np.ndarray):

@@ -221,13 +221,23 @@ def _selection_section(sel: Mapping[str, Any]) -> list[str]:
         note = " (default: no budget given)" if budget.get("defaulted") else ""
         limits = ", ".join(f"{k} = {'none' if budget.get(k) is None else _fmt(budget.get(k))}"
                            for k in ("max_blocks", "max_param_fraction"))
-        lines += [f"Budget: {limits}{note}."
+        fill = f" Fill policy `{budget['fill']}`." if budget.get("fill") else ""
+        counts = (f" The fraction counts {budget['counts']}." if budget.get("counts") and
+                  budget.get("max_param_fraction") is not None else "")
+        stopped = f" Stopped at `{budget['stopped_at']}` (over the budget)." if budget.get("stopped_at") else ""
+        lines += [f"Budget: {limits}{note}.{fill}{counts}{stopped}"
                   + (f" Skipped (over the fraction budget): {', '.join(map(str, budget['skipped']))}."
                      if budget.get("skipped") else ""), ""]
     if sel.get("ranking"):
         lines += ["Ranking (tune first → last): " + " > ".join(str(i) for i in sel["ranking"]), ""]
     if sel.get("rationale"):
         lines += [f"**Rationale.** {sel['rationale']}", ""]
+    if sel.get("details"):
+        from nc_finetune.select.selection import explain_details
+
+        evidence = explain_details(sel["details"])
+        if evidence:
+            lines += ["**Evidence.**", "", "```", *evidence, "```", ""]
     return lines
 
 

@@ -29,6 +29,16 @@ from nc_finetune.utils.io import write_json_atomic
 #: Blocks tuned when no budget is given: one block, as in Li et al.'s Layer FT / SCL FT.
 DEFAULT_MAX_BLOCKS = 1
 
+#: How :func:`fill_budget` cuts a ranking to a parameter budget (policy -> one-line description).
+FILL_POLICIES: dict[str, str] = {
+    "stop": "take blocks in ranking order, stop at the first one that does not fit",
+    "skip": "take blocks in ranking order, skip any that does not fit and try the next",
+    "per_param": "take blocks by rank weight per parameter, skip any that does not fit",
+}
+
+#: What the fraction budget counts (stated in ``selection.json`` and by :meth:`Selection.explain`).
+BUDGET_COUNTS = "selected block parameters / backbone parameters (the head is not counted)"
+
 
 def _pct(fraction: float) -> str:
     pct = 100.0 * fraction
@@ -50,13 +60,17 @@ class Selection:
         head_params: Parameters of the classifier head.
         trainable_fraction: ``trainable_params / total_params``.
         budget: The budget as applied: ``max_blocks``, ``max_param_fraction``, ``backbone_params``,
-            ``selected_fraction`` (of the backbone), ``skipped`` (names of blocks ranked above a selected one but left
-            out because they did not fit the fraction budget), ``ignored`` (strategy ``all``), ``defaulted`` (no
-            budget given, so :data:`DEFAULT_MAX_BLOCKS` applied).
+            ``selected_fraction`` (of the backbone), ``counts`` (what the fraction counts, :data:`BUDGET_COUNTS`),
+            ``fill`` (the :data:`FILL_POLICIES` entry), ``skipped`` (names of blocks ranked above a selected one but
+            left out because they did not fit the fraction budget), ``stopped_at`` (``stop``: the name of the ranked
+            block that did not fit, or ``None``), ``ignored`` (strategy ``all``), ``defaulted`` (no budget given, so
+            :data:`DEFAULT_MAX_BLOCKS` applied).
         rationale: Why these blocks (one paragraph, from the strategy).
         ranking: Every ranked block index, first = tune first.
         num_blocks: Number of blocks of the backbone.
         prefix: Attribute path of the backbone inside the classifier.
+        details: Strategy-specific evidence (``trial``: every trial's numbers and the total cost; ``shift``: the
+            per-block degradation curves; ``bootstrap``: how often each block was picked).
     """
 
     strategy: str
@@ -73,6 +87,7 @@ class Selection:
     ranking: list[int] = field(default_factory=list)
     num_blocks: int = 0
     prefix: str = "backbone."
+    details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def indices(self) -> list[int]:
@@ -97,6 +112,7 @@ class Selection:
         kw["module_names"] = list(d["module_names"])
         kw["ranking"] = [int(i) for i in d.get("ranking", [])]
         kw["budget"] = dict(d.get("budget", {}))
+        kw["details"] = dict(d.get("details") or {})
         return cls(**kw)
 
     def save(self, path: str | Path) -> Path:
@@ -128,11 +144,20 @@ class Selection:
             note = " (default: no budget given)" if b.get("defaulted") else ""
             lines.append(f"budget: max_blocks={b.get('max_blocks')}, max_param_fraction={b.get('max_param_fraction')}"
                          f"{note}")
+            if b.get("max_param_fraction") is not None:
+                lines.append(f"  the fraction counts {b.get('counts', BUDGET_COUNTS)}: "
+                             f"{_pct(b.get('selected_fraction', math.nan))} used")
+            fill = b.get("fill")
+            if fill:
+                lines.append(f"  fill: {fill} ({FILL_POLICIES.get(fill, '')})")
+            if b.get("stopped_at"):
+                lines.append(f"  stopped at {b['stopped_at']} (next in the ranking, over the fraction budget)")
             if b.get("skipped"):
                 lines.append(f"  skipped (over the fraction budget): {', '.join(b['skipped'])}")
         if self.ranking:
             lines.append("ranking: " + " > ".join(str(i) for i in self.ranking))
         lines.append(f"why: {self.rationale}")
+        lines += explain_details(self.details)
         return "\n".join(lines)
 
     # ------------------------------------------------------------------------------------------------------ peft
@@ -212,6 +237,40 @@ class Selection:
         }
 
 
+def explain_details(details: Mapping[str, Any]) -> list[str]:
+    """Text lines for a selection's strategy evidence (``trial``, ``shift``, ``bootstrap``); shared with ``report``."""
+    lines: list[str] = []
+    trial = details.get("trial")
+    if trial:
+        lines.append(f"trials: {trial['steps']} steps of batch {trial['batch_size']} per block, NC1/loss on "
+                     f"{trial['held_out_samples']} held-out training samples (before: NC1 {_g(trial['nc1_before'])}, "
+                     f"loss {_g(trial['loss_before'])}); score {trial['score']}")
+        for t in trial["trials"]:
+            lines.append(f"  [{t['index']}] {t['name']}: NC1 {_g(t['nc1_after'])} (drop {_g(t['nc1_drop'])}), "
+                         f"loss {_g(t['loss_after'])} (drop {_g(t['loss_drop'])}), {t['params']:,} params, "
+                         f"{t['seconds']:.2f} s")
+        c = trial["cost"]
+        lines.append(f"  trial cost: {c['seconds']:.2f} s, {c['forward_passes']} forward and {c['backward_passes']} "
+                     f"backward passes ({c['forward_samples']:,} / {c['backward_samples']:,} samples)")
+    shift = details.get("shift")
+    if shift:
+        lines.append(f"shift: reference {shift['reference']}; located at block {shift['located']} "
+                     f"(first jump >= {shift['jump_fraction']:g} of the largest)")
+        for b in shift["blocks"]:
+            lines.append(f"  [{b['index']}] {b['name']}: Δ ln NC1 {_g(b['delta_log_nc1'])}, "
+                         f"Δ NCC acc {_g(b['ncc_drop'])}, jump {_g(b['jump'])}")
+    boot = details.get("bootstrap")
+    if boot:
+        freq = ", ".join(f"{k} {v:.0%}" for k, v in boot["pick_frequency"].items())
+        lines.append(f"bootstrap: {boot['replicates']} resampled probes; picked: {freq}; the most stable selection "
+                     f"({', '.join(map(str, boot['stable_selection']))}) in {boot['stability']:.0%} of them")
+    return lines
+
+
+def _g(v: Any) -> str:
+    return "nan" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4g}"
+
+
 def _adaptable_types() -> tuple[type[nn.Module], ...]:
     types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
     # Only look transformers' Conv1D up if transformers is already imported: a model holding one implies it is.
@@ -248,20 +307,30 @@ def fill_budget(
     max_blocks: int | None,
     max_param_fraction: float | None,
     backbone_params: int,
+    fill: str = "stop",
 ) -> tuple[list[int], list[int]]:
-    """Take blocks in ranking order while both budgets hold.
+    """Cut a ranking to the budget with one of the :data:`FILL_POLICIES`.
 
-    Greedy: a block that would push the selected parameters over ``max_param_fraction · backbone_params`` is skipped
-    and the next ranked block is tried; filling stops once ``max_blocks`` blocks are taken.
+    The fraction budget counts the selected *blocks'* parameters against ``backbone_params`` (the head is not
+    counted: it trains under every strategy). ``max_blocks`` caps the number of blocks under every policy.
+
+    * ``stop``: take blocks in ranking order and stop at the first one that does not fit, so a selection is always
+      a prefix of the ranking.
+    * ``skip``: greedy; a block that does not fit is skipped and the next ranked block is tried.
+    * ``per_param``: blocks by rank weight per parameter (``(n - position) / num_params``, ties in ranking order),
+      greedy as ``skip``. The rank weight, not the raw score, is used because scores differ in sign and scale
+      between strategies (``knee`` shortfalls can be negative, ``last_k`` scores are indices).
 
     Returns:
-        ``(selected, skipped)`` block indices: selected in forward order; skipped = blocks ranked above the last
-        selected one that did not fit the fraction budget, in ranking order.
+        ``(selected, skipped)`` block indices: selected in forward order; skipped = blocks ranked above the
+        lowest-ranked selected one but left out (``skip``/``per_param``), in ranking order; empty for ``stop``.
 
     Raises:
-        ConfigError: the fraction budget cannot hold any ranked block, or (``ranking.exact``) cannot hold every
-            ranked block.
+        ConfigError: unknown policy; the fraction budget cannot hold any ranked block; ``stop`` and the top-ranked
+            block does not fit; or (``ranking.exact``) the budget cannot hold every ranked block.
     """
+    if fill not in FILL_POLICIES:
+        raise ConfigError(f"unknown selection fill policy {fill!r}; choose one of: {', '.join(FILL_POLICIES)}")
     by_index = {b.index: b for b in blocks}
     limit = None if max_param_fraction is None else max_param_fraction * backbone_params
     if not ranking.uses_budget:
@@ -277,26 +346,53 @@ def fill_budget(
                               f"listed for strategy 'manual': they have {_pct(used / backbone_params)} of the "
                               "parameters")
         return sorted(chosen), []
-    selected: list[int] = []
-    skipped: list[int] = []
-    used = 0
-    for i in ranking.order:
-        if max_blocks is not None and len(selected) >= max_blocks:
-            break
-        n = by_index[i].num_params
-        if limit is not None and used + n > limit:
-            skipped.append(i)
-            continue
-        selected.append(i)
-        used += n
-    if not selected:
+    if limit is not None and all(by_index[i].num_params > limit for i in ranking.order):
         smallest = min((by_index[i] for i in ranking.order), key=lambda b: (b.num_params, b.index))
         raise ConfigError(f"selection budget max_param_fraction={max_param_fraction:g} cannot hold any block: the "
                           f"smallest block '{smallest.name}' has {_pct(smallest.num_params / backbone_params)} of the "
                           "parameters")
-    # Only blocks that gave way to a lower-ranked one are worth reporting.
-    skipped = [i for i in skipped if ranking.order.index(i) < ranking.order.index(selected[-1])]
+    n = len(ranking.order)
+    if fill == "per_param":
+        # Rank weight n - position per parameter; a parameter-free block comes first (it costs nothing).
+        density = {i: (n - pos) / max(by_index[i].num_params, 1e-12) for pos, i in enumerate(ranking.order)}
+        candidates = sorted(ranking.order, key=lambda i: (-density[i], ranking.order.index(i)))
+    else:
+        candidates = list(ranking.order)
+    selected: list[int] = []
+    passed: list[int] = []
+    used = 0
+    for i in candidates:
+        if max_blocks is not None and len(selected) >= max_blocks:
+            break
+        size = by_index[i].num_params
+        if limit is not None and used + size > limit:
+            if fill == "stop":
+                if not selected:
+                    top = by_index[i]
+                    raise ConfigError(f"selection budget max_param_fraction={max_param_fraction:g} cannot hold the "
+                                      f"top-ranked block '{top.name}' ({_pct(top.num_params / backbone_params)} of "
+                                      "the parameters) and selection.fill=stop never passes over a block; raise the "
+                                      "budget or use selection.fill=skip or per_param")
+                break
+            passed.append(i)
+            continue
+        selected.append(i)
+        used += size
+    # Only blocks ranked above a selected one are worth reporting.
+    lowest = max(ranking.order.index(i) for i in selected)
+    skipped = [i for i in ranking.order if i not in selected and ranking.order.index(i) < lowest]
     return sorted(selected), skipped
+
+
+def _stopped_at(ranking: Ranking, selected: list[int], fill: str, max_blocks: int | None) -> int | None:
+    """The block ``stop`` halted on: the next ranked block after the selection, when the budget (not
+    ``max_blocks``, not the end of the ranking) made it stop."""
+    if fill != "stop" or not ranking.uses_budget or ranking.exact or not selected:
+        return None
+    if max_blocks is not None and len(selected) >= max_blocks:
+        return None
+    nxt = len(selected)
+    return ranking.order[nxt] if nxt < len(ranking.order) else None
 
 
 # -------------------------------------------------------------------------------------------------------------- entry
@@ -317,6 +413,14 @@ def select_blocks(
     stall_fraction: float = 0.1,
     prefix: str = "backbone.",
     cka_scores: Mapping[int, float] | None = None,
+    fill: str = "stop",
+    stall_reference: str = "last",
+    knee_residual: str = "shortfall",
+    trial_results: Mapping[str, Any] | None = None,
+    trial_score: str = "nc1_drop_per_param",
+    reference_probe: ProbeResult | None = None,
+    shift_jump: float = 0.5,
+    bootstrap_probes: Sequence[ProbeResult] | None = None,
 ) -> Selection:
     """Rank the blocks with ``strategy`` and cut the ranking to the budget.
 
@@ -335,6 +439,16 @@ def select_blocks(
         stall_fraction: Threshold of the ``stall`` rule.
         prefix: Attribute path of the backbone inside the classifier.
         cka_scores: Per-block CKA from :func:`~nc_finetune.select.cka.block_cka` for ``cka``.
+        fill: How the ranking is cut to the budget, one of :data:`FILL_POLICIES` (default ``stop``).
+        stall_reference: ``stall`` measures the remaining progress against the ``last`` block or the NC1 ``min``.
+        knee_residual: ``knee`` scores the one-sided ``shortfall`` or the ``two_sided`` deviation from the law.
+        trial_results: For ``trial``: the measured trials (:func:`nc_finetune.select.trial.run_trials`).
+        trial_score: For ``trial``: ``nc1_drop_per_param``, ``nc1_drop`` or ``loss_drop``.
+        reference_probe: For ``shift``: the probe of the reference (source / clean) data.
+        shift_jump: For ``shift``: the share of the largest degradation jump that locates the shift.
+        bootstrap_probes: For ``knee``/``stall``: probes of resampled probe subsets
+            (:func:`nc_finetune.select.bootstrap.bootstrap_probes`); the rule is applied to each, and blocks are
+            ranked by how often they are picked under the budget (the most stable pick first).
 
     Returns:
         The selection, blocks in forward order.
@@ -348,8 +462,13 @@ def select_blocks(
     _check_budget(max_blocks, max_param_fraction)
     if head_params < 0:
         raise ConfigError(f"head_params must be >= 0, got {head_params}")
-    ranking = rank_blocks(strategy, blocks, probe_result, manual=manual, seed=seed, rgn_scores=rgn_scores,
-                          stall_fraction=stall_fraction, cka_scores=cka_scores)
+    if fill not in FILL_POLICIES:
+        raise ConfigError(f"unknown selection fill policy {fill!r}; choose one of: {', '.join(FILL_POLICIES)}")
+    options = {"manual": manual, "seed": seed, "rgn_scores": rgn_scores, "stall_fraction": stall_fraction,
+               "stall_reference": stall_reference, "knee_residual": knee_residual, "trial_results": trial_results,
+               "trial_score": trial_score, "reference_probe": reference_probe, "shift_jump": shift_jump,
+               "cka_scores": cka_scores}
+    ranking = rank_blocks(strategy, blocks, probe_result, **options)
     block_sum = sum(int(b.num_params) for b in blocks)
     if total_params is None:
         total_params = block_sum + head_params
@@ -362,8 +481,20 @@ def select_blocks(
     defaulted = ranking.uses_budget and not ranking.exact and max_blocks is None and max_param_fraction is None
     if defaulted:
         max_blocks = DEFAULT_MAX_BLOCKS
-    selected, skipped = fill_budget(ranking, blocks, max_blocks=max_blocks, max_param_fraction=max_param_fraction,
-                                    backbone_params=backbone_params)
+    if bootstrap_probes:
+        from nc_finetune.select.bootstrap import bootstrap_ranking
+
+        def cut(r: Ranking) -> list[int]:
+            return fill_budget(r, blocks, max_blocks=max_blocks, max_param_fraction=max_param_fraction,
+                               backbone_params=backbone_params, fill=fill)[0]
+
+        ranking = bootstrap_ranking(strategy, blocks, ranking, bootstrap_probes, cut, options)
+        # The most stable pick is itself a budgeted selection (of one replicate): taken as it is.
+        selected, skipped, stopped = list(ranking.details["bootstrap"]["stable_indices"]), [], None
+    else:
+        selected, skipped = fill_budget(ranking, blocks, max_blocks=max_blocks, max_param_fraction=max_param_fraction,
+                                        backbone_params=backbone_params, fill=fill)
+        stopped = _stopped_at(ranking, selected, fill, max_blocks)
     by_index = {b.index: b for b in blocks}
     chosen = [by_index[i] for i in selected]
     block_params = sum(int(b.num_params) for b in chosen)
@@ -373,7 +504,10 @@ def select_blocks(
         "max_param_fraction": max_param_fraction,
         "backbone_params": backbone_params,
         "selected_fraction": block_params / backbone_params if backbone_params else math.nan,
+        "counts": BUDGET_COUNTS,
+        "fill": fill if ranking.uses_budget and not ranking.exact else None,
         "skipped": [by_index[i].name for i in skipped],
+        "stopped_at": by_index[stopped].name if stopped is not None and max_param_fraction is not None else None,
         "ignored": not ranking.uses_budget,
         "defaulted": defaulted,
     }
@@ -392,4 +526,5 @@ def select_blocks(
         ranking=list(ranking.order),
         num_blocks=len(blocks),
         prefix=prefix,
+        details=dict(ranking.details),
     )

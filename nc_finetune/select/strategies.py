@@ -28,7 +28,7 @@ import itertools
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -39,6 +39,11 @@ from torch import nn
 from nc_finetune.errors import ConfigError, DataError
 from nc_finetune.probe.result import ProbeResult
 from nc_finetune.select.lisa import lisa_permutation
+
+#: ``stall`` references: the remaining collapse progress is measured against the last block or the NC1 minimum.
+STALL_REFERENCES = ("last", "min")
+#: ``knee`` residuals: the one-sided shortfall behind the equi-separation law, or the absolute deviation from it.
+KNEE_RESIDUALS = ("shortfall", "two_sided")
 
 # Scores closer than this are ties (broken towards the deeper block): exact geometric NC1 curves otherwise
 # tie-break on float round-off.
@@ -65,6 +70,8 @@ class Ranking:
         uses_budget: False when budgets do not apply (``all``).
         exact: True when every ranked block must be selected (``manual``): a budget that cannot hold them all is
             an error instead of a cut.
+        details: Strategy-specific evidence copied into ``selection.json`` (trial numbers, shift curves, bootstrap
+            pick counts).
     """
 
     order: list[int]
@@ -72,6 +79,7 @@ class Ranking:
     rationale: str
     uses_budget: bool = True
     exact: bool = False
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 def _sort_desc(indices: Iterable[int], scores: Mapping[int, float]) -> list[int]:
@@ -131,7 +139,7 @@ def _unusable_note(bad: list[int]) -> str:
 # ---------------------------------------------------------------------------------------------------------- NC rules
 
 
-def rank_knee(blocks: Sequence[BlockLike], probe_result: ProbeResult | None) -> Ranking:
+def rank_knee(blocks: Sequence[BlockLike], probe_result: ProbeResult | None, residual: str = "shortfall") -> Ranking:
     """Rank blocks by their shortfall against the equi-separation law (method.md §3.4 rule (b)).
 
     With ``z_l = ln nc1_l`` over the usable blocks, OLS ``z_l ≈ a + b·l`` gives the expected per-block collapse
@@ -141,9 +149,16 @@ def rank_knee(blocks: Sequence[BlockLike], probe_result: ProbeResult | None) -> 
     The first usable block has no measured predecessor (the raw input is not probed): it is left unscored (NaN)
     and ranked after the scored blocks. Blocks with non-finite NC1 get ``-inf`` and are ranked last.
 
+    With ``residual="two_sided"`` the score is the absolute residual of the fit itself, ``|z_l - (a + b·l)|``, for
+    every usable block (the first included): the block whose collapse level deviates most from the law, above or
+    below it. A level residual integrates the per-block steps, so one block where NC1 rises briefly (a large
+    one-sided shortfall) does not by itself outrank a sustained departure from the law.
+
     Raises:
-        ConfigError: no probe, or fewer than two blocks with finite positive NC1.
+        ConfigError: no probe, fewer than two blocks with finite positive NC1, or an unknown ``residual``.
     """
+    if residual not in KNEE_RESIDUALS:
+        raise ConfigError(f"knee_residual must be one of {', '.join(KNEE_RESIDUALS)}; got {residual!r}")
     blocks = _sorted_blocks(blocks)
     z = block_log_nc1(blocks, probe_result, "knee")
     good = [b.index for b in blocks if math.isfinite(z[b.index])]
@@ -166,13 +181,29 @@ def rank_knee(blocks: Sequence[BlockLike], probe_result: ProbeResult | None) -> 
     for p, l in itertools.pairwise(good):
         progress[l] = (z[p] - z[l]) / (l - p)
         scores[l] = expected - progress[l]
-    scored = _sort_desc(good[1:], scores)
-    order = scored + [good[0]] + sorted(bad, reverse=True)
+    if residual == "two_sided":
+        scores.update({i: abs(float(r)) for i, r in zip(good, resid, strict=True)})
+        scored = _sort_desc(good, scores)
+        order = scored + sorted(bad, reverse=True)
+    else:
+        scored = _sort_desc(good[1:], scores)
+        order = scored + [good[0]] + sorted(bad, reverse=True)
 
     top = scored[0]
     name = next(b.name for b in blocks if b.index == top)
     fit_note = f"R² = {r2:.3f}" if math.isfinite(r2) else "R² undefined (flat curve)"
     weak = " The law fits poorly (R² < 0.5), so the knee is a weak signal." if not (r2 >= 0.5) else ""
+    if residual == "two_sided":
+        side = "above (less collapsed than)" if z[top] > zs.mean() + slope * (top - ls.mean()) else \
+            "below (more collapsed than)"
+        rationale = (
+            f"knee (two-sided residual): least-squares fit of ln NC1 over block depth on {len(good)} blocks gives "
+            f"ρ = {math.exp(slope):.3g} per block ({fit_note}). Block {top} '{name}' lies furthest from the fitted "
+            f"line (|residual| {scores[top]:.3g}, {side} the law): that is where the representation departs most "
+            "from steady collapse on the downstream task, so it is tuned first; the other blocks follow by "
+            f"|residual| (ties to the deeper block).{weak}{_unusable_note(bad)}"
+        )
+        return Ranking(order=order, scores=scores, rationale=rationale)
     rationale = (
         f"knee: least-squares fit of ln NC1 over block depth on {len(good)} blocks gives ρ = {math.exp(slope):.3g} "
         f"per block ({fit_note}), i.e. an expected collapse progress of -ln ρ = {expected:.3g} per block. "
@@ -185,22 +216,29 @@ def rank_knee(blocks: Sequence[BlockLike], probe_result: ProbeResult | None) -> 
     return Ranking(order=order, scores=scores, rationale=rationale)
 
 
-def rank_stall(blocks: Sequence[BlockLike], probe_result: ProbeResult | None, stall_fraction: float = 0.1) -> Ranking:
+def rank_stall(blocks: Sequence[BlockLike], probe_result: ProbeResult | None, stall_fraction: float = 0.1,
+               reference: str = "last") -> Ranking:
     """Rank the blocks right after the collapse stall point first.
 
-    With ``z_l = ln nc1_l`` over the usable blocks, ``T = z_first - z_last`` is the total reduction and
-    ``R_l = z_l - z_last`` what the blocks after ``l`` still add. The stall point ``l*`` is the shallowest block with
-    ``R_l < stall_fraction · T``. Blocks after ``l*`` no longer separate the downstream classes; tuning the first of
+    With ``z_l = ln nc1_l`` over the usable blocks and the reference ``z_ref`` (``reference="last"``: the last
+    usable block; ``"min"``: the smallest ln NC1 of any block), ``T = z_first - z_ref`` is the total reduction and
+    ``R_l = z_l - z_ref`` what the blocks after ``l`` still add. The stall point ``l*`` is the shallowest block with
+    ``R_l < stall_fraction · T``. Against the last block, a curve whose NC1 rises again after its minimum stalls
+    early (the rise hides the later progress); against the minimum it stalls at or before the minimum.
+    Blocks after ``l*`` no longer separate the downstream classes; tuning the first of
     them (ideally with a skip connection to the head, SCL-FT) lets the task shape the representation earliest where
     it matters. Ranked ``l*+1, l*+2, …, last`` then ``l*, l*-1, …, first``; if collapse keeps progressing to the end
     (``l* = last``) the last block ranks first. If NC1 does not decrease overall (``T <= 0``), ``l*`` is the first
     block. Scores are rank-derived (``n - position``); unusable blocks get ``-inf`` and are ranked last.
 
     Raises:
-        ConfigError: no probe, ``stall_fraction`` outside (0, 1), or fewer than two blocks with finite NC1.
+        ConfigError: no probe, ``stall_fraction`` outside (0, 1), an unknown ``reference``, or fewer than two blocks
+            with finite NC1.
     """
     if not (isinstance(stall_fraction, (int, float)) and 0.0 < stall_fraction < 1.0):
         raise ConfigError(f"stall_fraction must be in (0, 1), got {stall_fraction!r}")
+    if reference not in STALL_REFERENCES:
+        raise ConfigError(f"stall_reference must be one of {', '.join(STALL_REFERENCES)}; got {reference!r}")
     blocks = _sorted_blocks(blocks)
     z = block_log_nc1(blocks, probe_result, "stall")
     good = [b.index for b in blocks if math.isfinite(z[b.index])]
@@ -208,14 +246,17 @@ def rank_stall(blocks: Sequence[BlockLike], probe_result: ProbeResult | None, st
     if len(good) < 2:
         raise ConfigError(f"strategy 'stall' needs finite NC1 at two or more blocks, the probe has {len(good)}; "
                           "use 'last_k' or 'manual' instead")
-    total = z[good[0]] - z[good[-1]]
+    # Reference block: the last one, or the NC1 minimum (ties to the shallower block).
+    ref = good[-1] if reference == "last" else min(good, key=lambda i: (z[i], i))
+    total = z[good[0]] - z[ref]
     if total > 0:
-        stall = next(i for i in good if z[i] - z[good[-1]] < stall_fraction * total)
-        why = (f"ln NC1 falls by {total:.3g} from block {good[0]} to block {good[-1]}; after block {stall} the "
-               f"remaining blocks add {z[stall] - z[good[-1]]:.3g} (< {stall_fraction:g} of it)")
+        stall = next(i for i in good if z[i] - z[ref] < stall_fraction * total)
+        ref_note = "" if reference == "last" else " (its NC1 minimum)"
+        why = (f"ln NC1 falls by {total:.3g} from block {good[0]} to block {ref}{ref_note}; after block {stall} the "
+               f"remaining blocks add {z[stall] - z[ref]:.3g} (< {stall_fraction:g} of it)")
     else:
         stall = good[0]
-        why = (f"ln NC1 does not decrease from block {good[0]} to block {good[-1]} (change {-total:+.3g}), so no "
+        why = (f"ln NC1 does not decrease from block {good[0]} to block {ref} (change {-total:+.3g}), so no "
                f"block after the first separates the downstream classes better; the stall point is block {stall}")
     after = [i for i in good if i > stall]
     before = [i for i in reversed(good) if i <= stall]
@@ -230,7 +271,8 @@ def rank_stall(blocks: Sequence[BlockLike], probe_result: ProbeResult | None, st
     else:
         what = (f"collapse keeps progressing to the last block, so the last block ({stall}) ranks first and the "
                 "rest follow from deep to shallow")
-    rationale = f"stall (fraction {stall_fraction:g}): {why}; {what}.{_unusable_note(bad)}"
+    rationale = (f"stall (fraction {stall_fraction:g}, reference: {reference} block): {why}; {what}."
+                 f"{_unusable_note(bad)}")
     return Ranking(order=ranked + sorted(bad, reverse=True), scores=scores, rationale=rationale)
 
 
@@ -399,9 +441,11 @@ class _Strategy:
 
 _REGISTRY: dict[str, _Strategy] = {
     "knee": _Strategy("NC-guided, training-free: the block whose downstream NC1 decrease falls furthest behind the "
-                      "fitted equi-separation rate", lambda b, p, o: rank_knee(b, p), needs_probe=True),
+                      "fitted equi-separation rate", lambda b, p, o: rank_knee(b, p, o["knee_residual"]),
+                      needs_probe=True),
     "stall": _Strategy("NC-guided, training-free: the blocks right after downstream collapse stalls, in forward "
-                       "order", lambda b, p, o: rank_stall(b, p, o["stall_fraction"]), needs_probe=True),
+                       "order", lambda b, p, o: rank_stall(b, p, o["stall_fraction"], o["stall_reference"]),
+                       needs_probe=True),
     "last_k": _Strategy("baseline: the deepest blocks", lambda b, p, o: rank_last_k(b)),
     "first_k": _Strategy("baseline: the shallowest blocks (input-level shift)", lambda b, p, o: rank_first_k(b)),
     "random_k": _Strategy("baseline: a seeded random order of blocks", lambda b, p, o: rank_random_k(b, o["seed"])),
@@ -410,11 +454,28 @@ _REGISTRY: dict[str, _Strategy] = {
                         lambda b, p, o: rank_manual(b, o["manual"])),
     "auto_rgn": _Strategy("surgical fine-tuning's Auto-RGN: blocks by relative gradient norm on a few batches",
                           lambda b, p, o: rank_auto_rgn(b, o["rgn_scores"])),
+    "trial": _Strategy("NC-guided, trained (Li et al.): the block whose short trial fine-tune most reduces the "
+                       "held-out last-layer NC1 per parameter", lambda b, p, o: _rank_trial(b, o)),
+    "shift": _Strategy("NC-guided, training-free: the block where collapse first degrades from the reference data "
+                       "to the target data, and its neighbours", lambda b, p, o: _rank_shift(b, p, o),
+                       needs_probe=True),
     "cka": _Strategy("label-free: the blocks whose output differs most from their input (lowest linear CKA)",
                      lambda b, p, o: rank_cka(b, o["cka_scores"])),
     "lisa": _Strategy("LISA: a seeded uniform draw of blocks (redrawn during training with adapt.method=lisa)",
                       lambda b, p, o: rank_lisa(b, o["seed"])),
 }
+
+def _rank_trial(blocks: Sequence[BlockLike], o: Mapping[str, Any]) -> Ranking:
+    from nc_finetune.select.trial import rank_trial  # lazy: trial.py imports this module
+
+    return rank_trial(blocks, o.get("trial_results"), o.get("trial_score", "nc1_drop_per_param"))
+
+
+def _rank_shift(blocks: Sequence[BlockLike], probe_result: ProbeResult | None, o: Mapping[str, Any]) -> Ranking:
+    from nc_finetune.select.shift import rank_shift  # lazy: shift.py imports this module
+
+    return rank_shift(blocks, o.get("reference_probe"), probe_result, jump=o.get("shift_jump", 0.5))
+
 
 #: Strategy name -> one-line description.
 STRATEGIES: dict[str, str] = {name: s.description for name, s in _REGISTRY.items()}
@@ -434,9 +495,17 @@ def rank_blocks(
     seed: int = 0,
     rgn_scores: Mapping[int, float] | None = None,
     stall_fraction: float = 0.1,
+    stall_reference: str = "last",
+    knee_residual: str = "shortfall",
+    trial_results: Mapping[str, Any] | None = None,
+    trial_score: str = "nc1_drop_per_param",
+    reference_probe: ProbeResult | None = None,
+    shift_jump: float = 0.5,
     cka_scores: Mapping[int, float] | None = None,
 ) -> Ranking:
     """Rank blocks with one strategy (no budget applied).
+
+    The keyword options are those of :func:`nc_finetune.select.select_blocks`; each strategy reads its own.
 
     Raises:
         ConfigError: unknown strategy (the message lists them), or a strategy's own input error.
@@ -444,6 +513,8 @@ def rank_blocks(
     if strategy not in _REGISTRY:
         raise ConfigError(f"unknown selection strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
     opts = {"manual": manual, "seed": seed, "rgn_scores": rgn_scores, "stall_fraction": stall_fraction,
+            "stall_reference": stall_reference, "knee_residual": knee_residual, "trial_results": trial_results,
+            "trial_score": trial_score, "reference_probe": reference_probe, "shift_jump": shift_jump,
             "cka_scores": cka_scores}
     return _REGISTRY[strategy].rank(blocks, probe_result, opts)
 

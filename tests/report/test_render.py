@@ -187,3 +187,18 @@ def test_run_dir_names_its_starting_run_cut_and_data_shift(run_dir: Path) -> Non
     assert "- started from the weights of run `runs/source`" in text
     assert "- truncated after block `blocks.1`" in text
     assert "- dataset: `toy-data` corrupted by `gaussian_noise` (severity 5)" in text
+
+
+def test_run_dir_shows_the_fill_policy_and_the_selection_evidence(run_dir: Path) -> None:
+    sel = json.loads((run_dir / "selection.json").read_text(encoding="utf-8"))
+    sel["strategy"] = "stall"
+    sel["budget"].update({"max_param_fraction": 0.1, "fill": "stop", "stopped_at": "blocks.0", "defaulted": False,
+                          "counts": "selected block parameters / backbone parameters (the head is not counted)"})
+    sel["details"] = {"bootstrap": {"replicates": 10, "pick_frequency": {"blocks.1": 0.8, "blocks.0": 0.2},
+                                    "stable_selection": ["blocks.1"], "stability": 0.8}}
+    write_json_atomic(run_dir / "selection.json", sel)
+    text = render_report(run_dir).read_text(encoding="utf-8")
+    assert "Fill policy `stop`." in text and "Stopped at `blocks.0` (over the budget)." in text
+    assert "the head is not counted" in text
+    assert "bootstrap: 10 resampled probes; picked: blocks.1 80%, blocks.0 20%; the most stable selection " \
+           "(blocks.1) in 80% of them" in text

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from nc_finetune.errors import ConfigError
-from nc_finetune.select import Selection, select_blocks
+from nc_finetune.select import Ranking, Selection, fill_budget, select_blocks
 
 from .test_strategies import Blk, log_curve, make_blocks, make_probe
 
@@ -31,15 +31,80 @@ def test_no_budget_means_one_block():
 def test_max_param_fraction_skips_blocks_that_do_not_fit():
     # Backbone = 1000 (blocks 600 + stem 400). Budget 0.25 -> 250 params.
     blocks = make_blocks(4, [50, 100, 150, 300])
-    sel = select_blocks(None, blocks, strategy="last_k", max_param_fraction=0.25, head_params=20, total_params=1020)
+    sel = select_blocks(None, blocks, strategy="last_k", max_param_fraction=0.25, head_params=20, total_params=1020,
+                        fill="skip")
     # Ranking 3, 2, 1, 0: block 3 (300) does not fit, 2 (150) fits, 1 (100) fits exactly (250), 0 no longer fits.
     assert sel.indices == [1, 2]
     assert sel.block_params == 250
     assert sel.budget["skipped"] == ["blocks.3"]
     assert sel.budget["selected_fraction"] == pytest.approx(0.25)
     # Both budgets: max_blocks stops first.
-    sel = select_blocks(None, blocks, strategy="last_k", max_blocks=1, max_param_fraction=0.25, total_params=1000)
+    sel = select_blocks(None, blocks, strategy="last_k", max_blocks=1, max_param_fraction=0.25, total_params=1000,
+                        fill="skip")
     assert sel.indices == [2]
+
+
+# Sizes 50, 100, 150, 300 (blocks 0..3) in a backbone of 1000 parameters (600 in the blocks + 400 outside).
+_SIZES = [50, 100, 150, 300]
+
+
+def _fill(order: list[int], fraction: float, fill: str, max_blocks: int | None = None) -> tuple[list[int], list[int]]:
+    ranking = Ranking(order=order, scores={i: float(len(order) - p) for p, i in enumerate(order)}, rationale="")
+    return fill_budget(ranking, make_blocks(4, _SIZES), max_blocks=max_blocks, max_param_fraction=fraction,
+                       backbone_params=1000, fill=fill)
+
+
+def test_fill_stop_never_passes_over_a_ranked_block():
+    # Limit 250: block 1 (100) fits, block 3 (300) does not -> stop there, even though block 0 (50) would fit.
+    assert _fill([1, 3, 0, 2], 0.25, "stop") == ([1], [])
+    # Limit 450: 3 (300) + 2 (150) = 450 fits exactly, then 0 does not fit: stop.
+    assert _fill([3, 2, 0, 1], 0.45, "stop") == ([2, 3], [])
+    # max_blocks still applies.
+    assert _fill([3, 2, 0, 1], 0.45, "stop", max_blocks=1) == ([3], [])
+
+
+def test_fill_skip_tops_up_with_lower_ranked_blocks():
+    # Today's greedy: block 3 is passed over and block 0 (ranked third) tops the budget up.
+    assert _fill([1, 3, 0, 2], 0.25, "skip") == ([0, 1], [3])
+    assert _fill([3, 2, 0, 1], 0.45, "skip") == ([2, 3], [])
+
+
+def test_fill_per_param_takes_rank_weight_per_parameter():
+    # Rank weights 4, 3, 2, 1 for blocks 3, 2, 0, 1: per parameter 4/300, 3/150, 2/50, 1/100 -> order 0, 2, 3, 1.
+    # Limit 450: 0 (50) + 2 (150) = 200; 3 (300) would make 500: skipped; 1 (100) -> 300.
+    assert _fill([3, 2, 0, 1], 0.45, "per_param") == ([0, 1, 2], [3])
+    # Equal weight per parameter (blocks 1 and 0: 4/100 and 2/50) keeps the ranking order.
+    assert _fill([1, 3, 0, 2], 0.25, "per_param") == ([0, 1], [3])
+
+
+def test_fill_stop_refuses_when_the_top_block_does_not_fit():
+    with pytest.raises(ConfigError) as e:
+        _fill([3, 2, 0, 1], 0.25, "stop")
+    assert str(e.value) == ("selection budget max_param_fraction=0.25 cannot hold the top-ranked block 'blocks.3' "
+                            "(30.0% of the parameters) and selection.fill=stop never passes over a block; raise the "
+                            "budget or use selection.fill=skip or per_param")
+    with pytest.raises(ConfigError, match="unknown selection fill policy 'greedy'"):
+        _fill([3, 2, 0, 1], 0.25, "greedy")
+    with pytest.raises(ConfigError, match="unknown selection fill policy"):
+        select_blocks(None, make_blocks(4), strategy="last_k", fill="greedy")
+
+
+def test_selection_records_fill_policy_what_the_budget_counts_and_where_it_stopped(tmp_path):
+    blocks = make_blocks(4, _SIZES)
+    sel = select_blocks(None, blocks, strategy="first_k", max_param_fraction=0.25, head_params=20, total_params=1020)
+    # Default policy stop: 0 (50) + 1 (100) = 150, block 2 (150) would make 300 > 250.
+    assert sel.indices == [0, 1]
+    assert sel.budget["fill"] == "stop" and sel.budget["stopped_at"] == "blocks.2" and sel.budget["skipped"] == []
+    # The fraction counts block parameters against the backbone (1000), not the head (20).
+    assert sel.budget["selected_fraction"] == pytest.approx(0.15)
+    assert "head is not counted" in sel.budget["counts"]
+    text = Selection.load(sel.save(tmp_path / "selection.json")).explain()
+    assert "fill: stop" in text and "stopped at blocks.2" in text and "head is not counted" in text
+    assert "15.0% used" in text
+    skip = select_blocks(None, blocks, strategy="last_k", max_param_fraction=0.25, total_params=1000, fill="skip")
+    text = skip.explain()
+    assert "fill: skip" in text and "skipped (over the fraction budget): blocks.3" in text
+    assert skip.budget["stopped_at"] is None
 
 
 def test_impossible_and_invalid_budgets():

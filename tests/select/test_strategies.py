@@ -6,6 +6,7 @@ import copy
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -126,8 +127,8 @@ def test_last_k_all_and_unknown_strategy():
     assert r.order == [0, 1, 2, 3] and not r.uses_budget
     with pytest.raises(ConfigError, match="knee, stall, last_k"):
         rank_blocks("best", make_blocks(4))
-    assert set(STRATEGIES) == {"knee", "stall", "last_k", "first_k", "random_k", "all", "manual", "auto_rgn", "cka",
-                               "lisa"}
+    assert set(STRATEGIES) == {"knee", "stall", "last_k", "first_k", "random_k", "all", "manual", "auto_rgn", "trial",
+                               "shift", "cka", "lisa"}
 
 
 def test_random_k_is_deterministic_per_seed_and_seeds_differ():
@@ -262,3 +263,44 @@ def test_recipe_schema_allows_exactly_the_registered_strategies():
 
     allowed = typing.get_args(typing.get_type_hints(SelectionConfig)["strategy"])
     assert set(allowed) == set(STRATEGIES)
+
+
+# ------------------------------------------------------------------------------------------ stall / knee variants
+
+
+def test_stall_reference_min_measures_progress_against_the_nc1_minimum():
+    # NC1 falls to its minimum at block 3, then rises again.
+    z = [0.0, -1.0, -2.0, -3.0, -2.5, -1.0]
+    probe = make_probe(log_curve(z))
+    # Against the last block (today's rule): total 1.0, block 1 already has remaining 0.0 < 0.1 -> stall at 1.
+    last = rank_blocks("stall", make_blocks(6), probe)
+    assert last.order == [2, 3, 4, 5, 1, 0]
+    assert "reference: last block" in last.rationale
+    # Against the minimum: total 3.0, remaining 3, 2, 1, 0 -> the first below 0.3 is block 3 itself.
+    low = rank_blocks("stall", make_blocks(6), probe, stall_reference="min")
+    assert low.order == [4, 5, 3, 2, 1, 0]
+    assert "block 3 (its NC1 minimum)" in low.rationale
+    # A monotone curve has its minimum at the last block: both references agree.
+    mono = make_probe(log_curve([0.0, -1.0, -2.0, -2.05, -2.1]))
+    assert rank_blocks("stall", make_blocks(5), mono).order == \
+        rank_blocks("stall", make_blocks(5), mono, stall_reference="min").order
+    with pytest.raises(ConfigError, match="stall_reference must be one of last, min"):
+        rank_blocks("stall", make_blocks(5), mono, stall_reference="first")
+
+
+def test_knee_two_sided_ranks_by_absolute_residual_of_the_fit():
+    # A plateau over blocks 2..4, and the last block rises slightly: the rise is the largest one-sided shortfall,
+    # the plateau the largest departure of the level from the law (block 4, residual +0.6).
+    z = [0.0, -1.0, -1.1, -1.2, -1.3, -2.3, -3.3, -3.2]
+    probe = make_probe(log_curve(z))
+    assert rank_blocks("knee", make_blocks(8), probe).order[0] == 7
+    r = rank_blocks("knee", make_blocks(8), probe, knee_residual="two_sided")
+    # Independent: numpy's least-squares line and its residuals.
+    slope, intercept = np.polyfit(np.arange(8), np.asarray(z), 1)
+    resid = np.abs(np.asarray(z) - (intercept + slope * np.arange(8)))
+    expected = sorted(range(8), key=lambda i: (-round(float(resid[i]), 9), -i))
+    assert r.order == expected
+    assert all(r.scores[i] == pytest.approx(resid[i]) for i in range(8))
+    assert r.order[0] == 4 and "two-sided residual" in r.rationale and "above (less collapsed than)" in r.rationale
+    with pytest.raises(ConfigError, match="knee_residual must be one of shortfall, two_sided"):
+        rank_blocks("knee", make_blocks(8), probe, knee_residual="abs")

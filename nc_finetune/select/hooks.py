@@ -1,0 +1,101 @@
+"""Recipe hooks of the selection: check a strategy's inputs before any compute, then compute them.
+
+``trial`` needs its trial fine-tunes, ``shift`` a probe of the reference data, and the ``bootstrap`` of ``knee`` /
+``stall`` the resampled probes; :func:`selection_inputs` computes them from a recipe and returns the keyword
+arguments of :func:`~nc_finetune.select.select_blocks`. :func:`check_selection_inputs` refuses what cannot work
+before the probe is paid for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from nc_finetune.errors import ConfigError, DataError
+
+
+def reference_recipe(recipe):
+    """The recipe whose data section is ``selection.reference`` (``source``: the ``backbone.init_from`` run's data;
+    a mapping: ``data.*`` overrides of this recipe's data), and a label for it.
+
+    Raises:
+        ConfigError: no reference, ``source`` without ``backbone.init_from``, or unknown data keys.
+        UserError: ``source`` names a directory that is not a finished run.
+    """
+    from nc_finetune.config import DataConfig, from_dict
+
+    ref = recipe.selection.reference
+    if ref is None:
+        raise ConfigError("strategy 'shift' needs reference data: set selection.reference to 'source' (the "
+                          "backbone.init_from run's data) or to data overrides, e.g. {corruption: null}")
+    if ref == "source":
+        if not recipe.backbone.init_from:
+            raise ConfigError("selection.reference=source means the data of the backbone.init_from run, but "
+                              "backbone.init_from is not set; give data overrides instead, e.g. {corruption: null}")
+        from nc_finetune.adapt.restore import load_run_recipe
+
+        data = load_run_recipe(Path(recipe.backbone.init_from), "selection.reference=source").data
+        label = f"source (the data of {recipe.backbone.init_from})"
+    else:
+        raw = {**dataclasses.asdict(recipe.data), **ref}
+        data = from_dict(DataConfig, raw, "selection.reference")
+        label = "data with " + ", ".join(f"{k}={v!r}" for k, v in ref.items())
+    return dataclasses.replace(recipe, data=data), label
+
+
+def check_selection_inputs(recipe) -> None:
+    """Refuse a strategy whose inputs cannot be had, before any model compute (exit 2, one line).
+
+    Raises:
+        ConfigError / UserError: as :func:`reference_recipe` (``shift``) or the trial options (``trial``).
+    """
+    s = recipe.selection
+    if s.strategy == "shift":
+        reference_recipe(recipe)
+    if s.strategy == "trial":
+        from nc_finetune.select.trial import check_trial_options
+
+        check_trial_options(s.trial_steps, s.trial_samples, s.trial_score)
+
+
+def selection_inputs(recipe, backbone, prepared, num_classes: int, *, progress: bool = False) -> dict[str, Any]:
+    """Keyword arguments of :func:`~nc_finetune.select.select_blocks` for ``recipe.selection``.
+
+    Computes the trials (``trial``), the reference probe (``shift``) and the resampled probes (``bootstrap``).
+
+    Raises:
+        DataError: the reference data has a different number of classes.
+    """
+    s, t, p = recipe.selection, recipe.train, recipe.probe
+    kw: dict[str, Any] = {"fill": s.fill, "stall_reference": s.stall_reference, "knee_residual": s.knee_residual,
+                          "trial_score": s.trial_score, "shift_jump": s.shift_jump}
+    if s.strategy == "trial":
+        from nc_finetune.select.trial import run_trials
+
+        kw["trial_results"] = run_trials(
+            backbone, prepared.data.train, num_classes, steps=s.trial_steps, held_out_per_class=s.trial_samples,
+            batch_size=t.batch_size, lr=t.lr, head_lr=t.head_lr, weight_decay=t.weight_decay,
+            max_grad_norm=t.max_grad_norm, seed=s.seed, device=t.device,
+            cache_prefix=t.cache_prefix != "off" and not t.augment, freeze_bn=recipe.adapt.freeze_bn,
+            score=s.trial_score)
+    if s.strategy == "shift":
+        from nc_finetune.pipeline import prepare_data
+        from nc_finetune.probe.runner import probe
+
+        ref_recipe, label = reference_recipe(recipe)
+        ref = prepare_data(ref_recipe)
+        if ref.data.num_classes != num_classes:
+            raise DataError(f"selection.reference has {ref.data.num_classes} classes, the target data "
+                            f"{num_classes}: the shift rule compares collapse of the same classes")
+        kw["reference_probe"] = probe(backbone, ref.probe_split, num_classes, batch_size=p.batch_size,
+                                      layers=p.layers, ncc_samples=p.ncc_samples, autocast=p.autocast,
+                                      device=p.device, seed=p.seed, progress=progress,
+                                      meta={"reference": label, "dataset": ref.data.name})
+    if s.bootstrap:
+        from nc_finetune.select.bootstrap import bootstrap_probes, collect_block_features
+
+        feats, labels = collect_block_features(backbone, prepared.probe_split, layers=p.layers,
+                                               batch_size=p.batch_size, device=p.device)
+        kw["bootstrap_probes"] = bootstrap_probes(feats, labels, backbone.blocks, num_classes, s.bootstrap, s.seed)
+    return kw
