@@ -43,6 +43,12 @@ from nc_finetune.sweep import mean_ci95, verdict  # noqa: E402
 NAME = "selection_regret"
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "cpu" / f"{NAME}.json"
 BUDGETS = "[{max_blocks: 1}, {max_param_fraction: 0.1, max_blocks: null}]"
+#: Every rule and its variants (``name@selection.key=value``), the rivals and the baselines.
+STRATEGIES = ["knee", "knee@knee_residual=two_sided", "stall", "stall@stall_reference=min", "trial", "cka", "lisa",
+              "last_k", "first_k", "random_k", "auto_rgn"]
+#: The fraction budget is filled greedily past blocks that do not fit (``skip``), as in the earlier evidence; with
+#: ``stop`` a deep-first rule whose first block exceeds 10% (EfficientNet-Lite0's last blocks) would pick nothing.
+_COMMON = ["selection.fill=skip"]
 #: Per-cell size: small enough for 2 CPU cores, large enough that blocks differ (see README for the timing).
 _IMAGE = ["backbone.image_size=64", "data.max_train_samples=1000", "data.max_eval_samples=500",
           "probe.samples_per_class=50", "train.epochs=2", "train.val_fraction=0.1", "train.log_every=50",
@@ -64,8 +70,8 @@ def _settings() -> dict[str, dict[str, Any]]:
         for shift, keys in _CORRUPTIONS.items():
             out[f"effnet-{short}-{shift}"] = {
                 "recipe": "effnet-lite0-fashion-mnist", "overrides": [f"data.name={data}", *_IMAGE, *keys],
-                "source": f"effnet-{short}", "about": f"EfficientNet-Lite0 fine-tuned on clean {data} -> "
-                                                     f"{keys[0].split('=')[1]} (severity 5)"}
+                "source": f"effnet-{short}", "strategies": ["shift"],
+                "about": f"EfficientNet-Lite0 fine-tuned on clean {data} -> {keys[0].split('=')[1]} (severity 5)"}
     out["minilm-rt"] = {"recipe": "minilm-rotten-tomatoes", "overrides": _TEXT,
                         "about": "MiniLM-L6 -> Rotten Tomatoes"}
     out["minilm-spam"] = {"recipe": "minilm-rotten-tomatoes", "overrides": ["data.name=spam-assassin", *_TEXT],
@@ -79,7 +85,8 @@ ORDER = ["effnet-fm", "minilm-rt", "effnet-fm-noise", "effnet-fm-contrast", "eff
          "effnet-mnist-noise", "effnet-mnist-contrast", "minilm-spam", "effnet-digits-noise",
          "effnet-digits-contrast"]
 #: Strategies that train nothing before choosing (their cost is a probe or a few gradient batches at most).
-_CHEAP = ("knee", "stall", "last_k", "first_k", "random_k", "auto_rgn", "cka", "lisa")
+_CHEAP = ("knee", "knee@knee_residual=two_sided", "stall", "stall@stall_reference=min", "shift", "last_k", "first_k",
+          "random_k", "auto_rgn", "cka", "lisa")
 
 
 def _cli(*args: str) -> list[str]:
@@ -108,9 +115,11 @@ def run_setting(name: str, workdir: Path, extra: list[str], log) -> Path:
             _run(_cli("run", src["recipe"], *src_overrides, *_SOURCE, *extra, "--out", str(src_dir), "--quiet",
                       *(["--resume"] if (src_dir / "resolved.yaml").exists() else [])), log)
         overrides.append(f"backbone.init_from={src_dir.resolve()}")
+        overrides.append("selection.reference=source")  # for shift: the clean data the source model saw
+    strategies = "[" + ", ".join([*STRATEGIES, *s.get("strategies", [])]) + "]"
     out = workdir / name
-    _run(_cli("sweep", s["recipe"], *overrides, f"sweep.budgets={BUDGETS}", *extra, "--out", str(out), "--quiet"),
-         log)
+    _run(_cli("sweep", s["recipe"], *overrides, *_COMMON, f"sweep.budgets={BUDGETS}", f"sweep.strategies={strategies}",
+              *extra, "--out", str(out), "--quiet"), log)
     return out
 
 
@@ -208,7 +217,7 @@ def main() -> int:
     extra = [f"sweep.seeds={args.seeds}", *args.set]
     if args.smoke:
         extra += ["data.max_train_samples=120", "data.max_eval_samples=60", "probe.samples_per_class=6",
-                  "train.max_steps=2", "train.epochs=1"]
+                  "train.max_steps=2", "train.epochs=1", "selection.trial_samples=2", "selection.trial_steps=2"]
     info = machine_info()
     cmd = command_line()
     print_header("Selection regret: each strategy's pick against the best block set", info, cmd)
@@ -249,7 +258,7 @@ def _write(args, sweeps: dict[str, dict[str, Any]], info: dict[str, Any], cmd: s
             "test_samples": rep.get("test_samples"), "oracle": rep["oracle"], "regret": rep["regret"],
             "cells": [{k: c[k] for k in ("names", "kind", "block_params", "lr", "mean_test", "sd_test", "mean_val",
                                          "test_accuracy", "val_accuracy")} for c in rep["cells"]],
-            "probe": rep.get("probe"), "skipped_strategies": rep.get("skipped_strategies"),
+            "probe": rep.get("probe"), "unpicked": rep.get("unpicked"),
         }
     payload = {"benchmark": NAME, "command": cmd, "machine": info, "budgets": BUDGETS,
                "unit_of_replication": "(setting, seed) pair: regret and paired differences per seed, pooled over "

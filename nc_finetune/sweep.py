@@ -28,7 +28,7 @@ import numpy as np
 
 from nc_finetune import runs
 from nc_finetune.config import Recipe, SweepBudget, recipe_to_dict
-from nc_finetune.errors import ConfigError, UserError
+from nc_finetune.errors import ConfigError, DataError, UserError
 from nc_finetune.runs import RunDir
 
 #: Strategies never scored by a sweep: ``all`` ignores budgets, ``manual`` is the user's own choice.
@@ -117,8 +117,31 @@ def cell_recipe(recipe: Recipe, seed: int, names: Sequence[str], lr: float) -> R
     return dataclasses.replace(r, train=dataclasses.replace(r.train, lr=float(lr)))
 
 
-def _strategy_recipe(recipe: Recipe, strategy: str, budget: SweepBudget) -> Recipe:
-    return _with_selection(recipe, strategy=strategy, max_blocks=budget.max_blocks,
+def parse_strategy(spec: str) -> tuple[str, dict[str, Any]]:
+    """``name`` or ``name@key=value,key=value`` (a variant: ``selection.*`` options, values parsed as YAML).
+
+    Raises:
+        ConfigError: an option that is not a ``selection`` key, or a value it does not accept.
+    """
+    import yaml
+
+    from nc_finetune.config import SelectionConfig, from_dict
+
+    name, _, rest = spec.partition("@")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"sweep.strategies: {spec!r}: options look like name@key=value,key=value")
+        options[key.strip()] = yaml.safe_load(value)
+    if options:
+        from_dict(SelectionConfig, {"strategy": name, **options}, f"sweep.strategies[{spec}]")
+    return name, options
+
+
+def _strategy_recipe(recipe: Recipe, spec: str, budget: SweepBudget) -> Recipe:
+    name, options = parse_strategy(spec)
+    return _with_selection(recipe, **options, strategy=name, max_blocks=budget.max_blocks,
                            max_param_fraction=budget.max_param_fraction, blocks=None)
 
 
@@ -323,7 +346,7 @@ def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print)
     run = RunDir(out)
     explicit = cfg.strategies is not None
     strategies = list(cfg.strategies) if explicit else default_strategies()
-    unknown = [s for s in strategies if s not in STRATEGIES or s in _NOT_SCORED]
+    unknown = [s for s in strategies if parse_strategy(s)[0] not in STRATEGIES or parse_strategy(s)[0] in _NOT_SCORED]
     if unknown:
         raise ConfigError(f"sweep.strategies: {unknown[0]!r} cannot be scored; choose from "
                           f"{', '.join(default_strategies())}")
@@ -368,30 +391,31 @@ def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print)
         scores: dict[str, dict[int, float]] = {s: {int(k): (math.nan if v is None else v) for k, v in d.items()}
                                                for s, d in saved.get("scores", {}).items()}
         seed_costs: dict[str, float] = dict(saved.get("costs", {}))
-        skipped.update(saved.get("skipped", {}))
+        unpicked: dict[str, dict[str, str]] = saved.get("unpicked", {})
         todo = [(b, s) for b in cfg.budgets for s in strategies
-                if s not in skipped and s not in picks.get(b.label, {})]
+                if s not in picks.get(b.label, {}) and s not in unpicked.get(b.label, {})]
         for budget, strategy in todo:
-            if strategy in skipped:
-                continue
             start = time.perf_counter()
             try:
                 sel = run_select_stage(_strategy_recipe(srecipe, strategy, budget), backbone, probe_result,
                                        prepared, prepared.data.num_classes)
-            except ConfigError as e:
-                if explicit:
-                    raise ConfigError(f"sweep strategy {strategy!r}: {e}") from None
-                skipped[strategy] = str(e)
+            except (ConfigError, DataError) as e:
+                # It cannot run on this recipe (e.g. shift without reference data) or pick under this budget
+                # (e.g. fill=stop and its first block is larger than the budget): recorded, not scored.
+                unpicked.setdefault(budget.label, {})[strategy] = str(e)
                 continue
             spent = time.perf_counter() - start
-            if strategy_needs_probe(strategy):
+            if strategy_needs_probe(parse_strategy(strategy)[0]):
                 spent += float(probe_result.meta.get("seconds", 0.0))
             seed_costs[strategy] = seed_costs.get(strategy, 0.0) + spent
             picks.setdefault(budget.label, {})[strategy] = sel.indices
             scores[strategy] = {int(k): float(v) for k, v in sel.scores.items()}
         if todo or not seed_dir.has("picks.json"):
             write_json_atomic(seed_dir / "picks.json", {"picks": picks, "scores": scores, "costs": seed_costs,
-                                                        "skipped": skipped})
+                                                        "unpicked": unpicked})
+        for label, by_s in unpicked.items():
+            for strategy, why in by_s.items():
+                skipped.setdefault(f"{strategy} ({label})", why)
         for s, c in seed_costs.items():
             if s in strategies:
                 costs.setdefault(s, []).append(c)
@@ -464,8 +488,8 @@ def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print)
         "lr_grid": lrs,
         "budgets": [dataclasses.asdict(b) | {"label": b.label} for b in cfg.budgets],
         "candidates": cfg.candidates if isinstance(cfg.candidates, str) else [list(c) for c in candidates],
-        "strategies": [s for s in strategies if s not in skipped],
-        "skipped_strategies": skipped,
+        "strategies": strategies,
+        "unpicked": skipped,
         "probe": {str(s): [{k: r.get(k) for k in ("index", "name", *PLOT_METRICS, "ncc_accuracy")}
                            for r in state[s]["probe"].blocks()] for s in seeds},
         "train_samples": len(first["prepared"].data.train),

@@ -96,7 +96,7 @@ def test_sweep_end_to_end_resumes_and_writes_run_directories(tmp_path, bert_dir,
 
     overrides = recipe_overrides(bert_dir, text_csv, **{
         "train.val_fraction": 0.25, "train.epochs": 1, "sweep.seeds": "[0, 1]", "sweep.lr_grid": "[0.01, 0.001]",
-        "sweep.strategies": "[knee, stall, last_k, random_k, first_k]",
+        "sweep.strategies": "[knee, stall, 'stall@stall_reference=min', last_k, random_k, first_k]",
         "sweep.budgets": "[{max_blocks: 1}, {max_blocks: 2}]"})
     recipe = load_recipe(None, overrides)
     out = tmp_path / "sweep"
@@ -130,7 +130,7 @@ def test_sweep_end_to_end_resumes_and_writes_run_directories(tmp_path, bert_dir,
         assert c["lr"] in (0.01, 0.001)
     best = max(report["cells"], key=lambda c: (c["mean_test"], -c["block_params"]))
     assert report["oracle"]["2_blocks"]["by_test"]["indices"] == best["indices"]
-    for strategy in ("knee", "stall", "last_k", "random_k", "first_k"):
+    for strategy in ("knee", "stall", "stall@stall_reference=min", "last_k", "random_k", "first_k"):
         r = report["regret"]["1_block"][strategy]
         assert r["mean"] >= 0.0 and set(r["picks"]) == {"0", "1"}
     assert report["regret"]["1_block"]["last_k"]["picks"]["0"] == ["hf.encoder.layer.2"]
@@ -155,6 +155,7 @@ def test_sweep_end_to_end_resumes_and_writes_run_directories(tmp_path, bert_dir,
     ("sweep.lr_grid=[0.01, 0.001]", "train.val_fraction"),
     ("sweep.seeds=[]", "at least one seed"),
     ("sweep.strategies=[knee, nc_magic]", "nc_magic"),
+    ("sweep.strategies=['stall@stall_reference=median']", "stall_reference"),
     ("sweep.budgets=[]", "at least one budget"),
 ])
 def test_bad_sweep_input_is_one_line_before_any_data_loads(capsys, tmp_path, bert_dir, text_csv, monkeypatch,
