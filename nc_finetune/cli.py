@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "max_param_fraction. Writes DIR/selection.json and prints the rationale.")
     _add_recipe_args(p)
     _add_out_args(p, "selection.json")
+    p.add_argument("--emit-peft", type=Path, default=None, metavar="FILE",
+                   help="also write a peft LoraConfig (adapter_config.json format) for the plain model (no wrapper)")
 
     p = sub.add_parser("run", help="probe -> select -> adapt -> train -> summary.json",
                        description="The whole pipeline. Writes resolved.yaml, probe.json/png, selection.json, "
@@ -156,6 +158,10 @@ def _cmd_select(args: argparse.Namespace) -> int:
     selection = select_stage(recipe, args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(selection.explain())
     print(f"wrote {args.out / 'selection.json'}")
+    if args.emit_peft is not None:
+        from nc_finetune.export import write_peft_config
+
+        print(f"wrote {write_peft_config(recipe, selection, args.emit_peft)}")
     return 0
 
 
