@@ -102,6 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["test", "train"])
     p.add_argument("--batch-size", type=int, default=None)
 
+    p = sub.add_parser("export", help="write a finished run's model in its library's format (transformers, timm, peft)",
+                       description="Write the model of a finished run so that transformers / timm / peft load it "
+                                   "without nc-finetune: a save_pretrained directory with id2label (Hugging Face), "
+                                   "a timm local-dir checkpoint, or a peft adapter for LoRA runs (--merge: a plain "
+                                   "model). SCL-FT and truncated backbones: weights + nc_finetune.export.load_export. "
+                                   "DIR/nc_export.json says how to load it.")
+    p.add_argument("run_dir", type=Path, metavar="RUN")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="new export directory")
+    p.add_argument("--merge", action="store_true", help="LoRA runs: merge the adapter into the weights")
+
     p = sub.add_parser("rank", help="rank candidate backbones and their layers by downstream collapse -> rank.json",
                        description="Probe every backbone in rank.candidates on the recipe's data (one pass each: "
                                    "NC1, trace ratio, CDNV, LogME, H-score, NCTI terms, size) and correlate each "
@@ -190,6 +200,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from nc_finetune.export import export_run
+
+    m = export_run(args.run_dir, args.out, merge=args.merge)
+    print(f"wrote {args.out} ({m['format']}, {len(m['class_names'])} classes); load it with:\n"
+          + m["load"].replace("DIR", repr(str(args.out))))
+    return 0
+
+
 def _cmd_rank(args: argparse.Namespace) -> int:
     from nc_finetune.config import load_recipe
     from nc_finetune.pipeline import rank_stage
@@ -268,7 +287,7 @@ def _silence_library_progress_bars() -> None:
             getattr(sys.modules[module], switch)()
 
 
-_COMMANDS = {"probe": _cmd_probe, "select": _cmd_select, "run": _cmd_run, "eval": _cmd_eval,
+_COMMANDS = {"probe": _cmd_probe, "select": _cmd_select, "run": _cmd_run, "eval": _cmd_eval, "export": _cmd_export,
              "rank": _cmd_rank, "report": _cmd_report, "ufm": _cmd_ufm, "validate": _cmd_validate, "ls": _cmd_ls}
 
 
