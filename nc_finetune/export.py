@@ -137,7 +137,9 @@ def _rebuild(recipe, run_dir: Path, weights: dict, num_classes: int):
     from nc_finetune.adapt import build_classifier
     from nc_finetune.pipeline import load_recipe_backbone
     from nc_finetune.select import Selection
+    from nc_finetune.utils.env import seed_everything
 
+    seed_everything(recipe.train.seed)  # as run_stage: a randomly initialised backbone is drawn right after seeding
     backbone = load_recipe_backbone(recipe)
     a = recipe.adapt
     proj = weights.get("skip_proj.weight")
@@ -188,7 +190,9 @@ def _export_adapter(adapted, recipe, run_dir: Path, num_classes: int, class_name
     from nc_finetune.backbones.export_target import export_target, published_base
     from nc_finetune.pipeline import load_recipe_backbone
     from nc_finetune.select import Selection
+    from nc_finetune.utils.env import seed_everything
 
+    seed_everything(recipe.train.seed)
     base = load_recipe_backbone(recipe)  # the weights LoRA was trained on
     head = adapted.model.base_model.model.nc_head.modules_to_save["default"]
     base_clf = Classifier(base.model, base.feature_dim, num_classes)

@@ -366,6 +366,7 @@ def eval_stage(run_dir: Path, split: str = "test", batch_size: int | None = None
     from nc_finetune.probe.result import ProbeResult
     from nc_finetune.select import Selection
     from nc_finetune.train.loop import TrainData, Trainer
+    from nc_finetune.utils.env import seed_everything
 
     run_dir = Path(run_dir)
     needed = ["resolved.yaml", "selection.json", "probe.json", "trainable.safetensors"]
@@ -387,6 +388,7 @@ def eval_stage(run_dir: Path, split: str = "test", batch_size: int | None = None
         raise DataError(f"{run_dir} was trained on {len(trained_classes)} classes; data '{data.name}' has "
                         f"{data.num_classes}")
     data = align_class_names(run_class_names(run_dir), data, str(run_dir))  # head outputs are the run's classes
+    seed_everything(recipe.train.seed)  # as run_stage: a randomly initialised backbone is drawn right after seeding
     backbone = load_recipe_backbone(recipe)
     selection = Selection.load(run_dir / "selection.json")
     adapted = build_recipe_classifier(recipe, backbone, data.num_classes, selection, probe_result, data.train)

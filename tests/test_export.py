@@ -153,3 +153,113 @@ def test_unfinished_run_and_used_out_dir_exit_2(finished_run, tmp_path, capsys) 
     (used / "x").write_text("keep")
     assert main(["export", str(finished_run["out"]), "--out", str(used)]) == 2
     assert "not an empty directory" in capsys.readouterr().err and (used / "x").read_text() == "keep"
+
+
+# --------------------------------------------------------------------------------------------------- images
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> str:
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("cat", "dog", "emu")):
+        (root / name).mkdir()
+        for i in range(8):
+            arr = np.clip(rng.integers(0, 180, size=(12, 12, 3)) + 30 * c, 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / name / f"{i}.png")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def vit_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny_vit")
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=32)
+    transformers.ViTModel(config).save_pretrained(d)
+    return d
+
+
+def _image_overrides(bert_dir, text_csv, image_folder, backbone: list[str], **extra) -> list[str]:
+    base = recipe_overrides(bert_dir, text_csv, **{"data.name": "imagefolder", "data.data_files": image_folder,
+                                                   "data.test_size": 0.25, "train.epochs": 1, **extra})
+    return base + backbone
+
+
+IMAGES = np.random.default_rng(3).integers(0, 256, size=(4, 12, 12, 3), dtype=np.uint8)
+TIMM = ["backbone.name=timm:test_efficientnet", "backbone.pretrained=false", "backbone.image_size=16"]
+
+
+@pytest.mark.parametrize("method", ["finetune", "lora"])
+def test_timm_loads_with_timm_and_peft(tmp_path_factory, tmp_path, bert_dir, text_csv, image_folder, method) -> None:
+    import timm
+
+    run = _run(tmp_path_factory, _image_overrides(bert_dir, text_csv, image_folder, TIMM,
+                                                  **{"adapt.method": method}), f"timm-{method}")
+    ours, backbone = _ours(run)
+    inputs = backbone.prepare(IMAGES)
+    expected = _logits(ours, inputs)
+    merged = tmp_path / "model"
+    assert export_run(run, merged, merge=True)["format"] == "timm"
+    model = timm.create_model(f"local-dir:{merged}", pretrained=True).eval()
+    assert model.num_classes == 3 and model.pretrained_cfg["label_names"] == ["cat", "dog", "emu"]
+    torch.testing.assert_close(_logits(model, inputs), expected, atol=1e-5, rtol=0)
+    # eval's accuracy and loss are the exported model's (a random-init backbone: eval must draw the run's weights)
+    from nc_finetune.config import load_recipe
+    from nc_finetune.pipeline import eval_stage, prepare_data
+
+    test = prepare_data(load_recipe(run / "resolved.yaml")).data.test
+    logits = _logits(model, backbone.prepare(test.inputs[:]))
+    labels = torch.as_tensor(test.labels)
+    r = eval_stage(run)
+    assert r["accuracy"] == int((logits.argmax(1) == labels).sum()) / len(labels)
+    assert r["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)), abs=1e-5)
+    # the documented alternative: the architecture name with the checkpoint file
+    plain = timm.create_model("test_efficientnet", num_classes=3, checkpoint_path=str(merged / "model.safetensors"))
+    torch.testing.assert_close(_logits(plain.eval(), inputs), expected,
+                               atol=1e-5, rtol=0)
+    if method == "lora":
+        out = tmp_path / "adapter"
+        manifest = export_run(run, out)
+        assert manifest["format"] == "peft+timm" and manifest["base"] == "base"  # random init: the base ships
+        cfg = json.loads((out / "adapter_config.json").read_text())
+        assert cfg["modules_to_save"] == [model.pretrained_cfg["classifier"]]
+        base = timm.create_model(f"local-dir:{out / 'base'}", pretrained=True)
+        loaded = peft.PeftModel.from_pretrained(base, str(out)).eval()
+        torch.testing.assert_close(_logits(loaded, inputs), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("pooling", "kind"), [("cls", "transformers"), ("mean", "transformers-remote-code")])
+def test_vit_exports_to_its_own_class_when_it_pools_the_same(tmp_path_factory, tmp_path, bert_dir, text_csv,
+                                                             image_folder, vit_dir, pooling, kind) -> None:
+    vit = [f"backbone.name=hf:{vit_dir}", f"backbone.pooling={pooling}", "backbone.image_size=16"]
+    run = _run(tmp_path_factory, _image_overrides(bert_dir, text_csv, image_folder, vit), f"vit-{pooling}")
+    out = tmp_path / "export"
+    assert export_run(run, out)["format"] == kind
+    model = transformers.AutoModelForImageClassification.from_pretrained(str(out), trust_remote_code=True)
+    if kind == "transformers":
+        assert type(model).__name__ == "ViTForImageClassification"
+    assert model.config.id2label == {0: "cat", 1: "dog", 2: "emu"}
+    ours, backbone = _ours(run)
+    inputs = backbone.prepare(IMAGES)
+    torch.testing.assert_close(_logits(model.eval(), inputs), _logits(ours, inputs), atol=1e-5, rtol=0)
+
+
+def test_vit_lora_adapter_on_the_published_checkpoint(tmp_path_factory, tmp_path, bert_dir, text_csv, image_folder,
+                                                      vit_dir) -> None:
+    vit = [f"backbone.name=hf:{vit_dir}", "backbone.image_size=16", "adapt.method=lora"]
+    run = _run(tmp_path_factory, _image_overrides(bert_dir, text_csv, image_folder, vit), "vit-lora")
+    out = tmp_path / "adapter"
+    manifest = export_run(run, out)
+    assert manifest["format"] == "peft+transformers" and manifest["base"] == str(vit_dir)
+    assert not (out / "base").exists()
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(vit_dir) and cfg["modules_to_save"] == ["classifier"]
+    base = transformers.AutoModelForImageClassification.from_pretrained(str(vit_dir), num_labels=3,
+                                                                         ignore_mismatched_sizes=True)
+    model = peft.PeftModel.from_pretrained(base, str(out)).eval()
+    ours, backbone = _ours(run)
+    inputs = backbone.prepare(IMAGES)
+    torch.testing.assert_close(_logits(model, inputs), _logits(ours, inputs), atol=1e-5, rtol=0)
