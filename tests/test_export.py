@@ -263,3 +263,27 @@ def test_vit_lora_adapter_on_the_published_checkpoint(tmp_path_factory, tmp_path
     ours, backbone = _ours(run)
     inputs = backbone.prepare(IMAGES)
     torch.testing.assert_close(_logits(model, inputs), _logits(ours, inputs), atol=1e-5, rtol=0)
+
+
+def test_builtin_efficientnet_lite_exports_as_its_timm_architecture(tmp_path) -> None:
+    import timm
+
+    from nc_finetune.backbones import load_backbone
+    from nc_finetune.backbones.export_target import export_target
+
+    torch.manual_seed(0)
+    backbone = load_backbone("efficientnet-lite0", pretrained=False, image_size=32)
+    head = torch.nn.Linear(backbone.feature_dim, 2)
+    inputs = backbone.prepare(IMAGES)
+    with torch.no_grad():
+        reference = head(backbone.model(**inputs))
+    target = export_target(backbone, head, ["no", "yes"], inputs, reference)
+    assert target.kind == "timm"
+    target.save(target.model, tmp_path)
+    model = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    assert model.pretrained_cfg["architecture"] == "tf_efficientnet_lite0"
+    torch.testing.assert_close(_logits(model, inputs), reference, atol=1e-5, rtol=0)
+    from nc_finetune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no library format reproduces its logits"):
+        export_target(backbone, head, ["no", "yes"], inputs, reference + 1.0)
