@@ -224,7 +224,7 @@ def _export_adapter(adapted, recipe, run_dir: Path, num_classes: int, class_name
     _check(model, inputs, reference, "adapter")
     model.peft_config["default"].base_model_name_or_path = published[0] if published else "base"
     model.save_pretrained(str(out))
-    base_code = published[1] if published else target.load_code.replace("(DIR", '(f"{DIR}/base"')
+    base_code = published[1] if published else 'BASE = f"{DIR}/base"\n' + target.load_code.replace("DIR", "BASE")
     return {"format": f"peft+{target.kind}", "base": published[0] if published else "base",
             "load": f"{base_code.replace('model = ', 'base = ')}\nfrom peft import PeftModel\n"
                     "model = PeftModel.from_pretrained(base, DIR)"}

@@ -115,6 +115,9 @@ def test_lora_adapter_loads_with_plain_peft(lora_run, tmp_path) -> None:
     torch.testing.assert_close(_logits(model, inputs), _logits(ours, inputs), atol=1e-5, rtol=0)
     lora = [n for n, _ in model.named_modules() if n.endswith(".lora_A")]
     assert lora and all(".encoder.layer.1." in n for n in lora)
+    scope = {"DIR": str(out)}
+    exec(manifest["load"], scope)  # the loading code the manifest (and the CLI) gives
+    torch.testing.assert_close(_logits(scope["model"].eval(), inputs), _logits(ours, inputs), atol=1e-5, rtol=0)
 
 
 def test_lora_merged_is_a_plain_model(lora_run, tmp_path) -> None:
@@ -229,6 +232,9 @@ def test_timm_loads_with_timm_and_peft(tmp_path_factory, tmp_path, bert_dir, tex
         base = timm.create_model(f"local-dir:{out / 'base'}", pretrained=True)
         loaded = peft.PeftModel.from_pretrained(base, str(out)).eval()
         torch.testing.assert_close(_logits(loaded, inputs), expected, atol=1e-5, rtol=0)
+        scope = {"DIR": str(out)}
+        exec(manifest["load"], scope)  # the loading code the manifest (and the CLI) gives
+        torch.testing.assert_close(_logits(scope["model"].eval(), inputs), expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(("pooling", "kind"), [("cls", "transformers"), ("mean", "transformers-remote-code")])
@@ -263,6 +269,9 @@ def test_vit_lora_adapter_on_the_published_checkpoint(tmp_path_factory, tmp_path
     ours, backbone = _ours(run)
     inputs = backbone.prepare(IMAGES)
     torch.testing.assert_close(_logits(model, inputs), _logits(ours, inputs), atol=1e-5, rtol=0)
+    scope = {"DIR": str(out)}
+    exec(manifest["load"], scope)
+    torch.testing.assert_close(_logits(scope["model"].eval(), inputs), _logits(ours, inputs), atol=1e-5, rtol=0)
 
 
 def test_builtin_efficientnet_lite_exports_as_its_timm_architecture(tmp_path) -> None:
