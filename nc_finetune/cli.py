@@ -165,6 +165,8 @@ def _cmd_select(args: argparse.Namespace) -> int:
     from nc_finetune.pipeline import select_stage
 
     recipe = load_recipe(resolve_recipe_path(args.recipe), args.overrides)
+    if args.emit_peft is not None and args.emit_peft.is_dir():
+        raise UserError(f"--emit-peft {args.emit_peft} is a directory; give a file name (e.g. adapter_config.json)")
     selection = select_stage(recipe, args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(selection.explain())
     print(f"wrote {args.out / 'selection.json'}")

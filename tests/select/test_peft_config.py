@@ -93,3 +93,11 @@ def test_select_emit_peft_writes_a_loadable_adapter_config(finished_run, tmp_pat
     config = peft.LoraConfig.from_pretrained(str(target.parent))
     assert sorted(config.target_modules) == sorted(raw["target_modules"])
     assert config.r == finished_run["recipe"].adapt.lora_r
+
+
+def test_emit_peft_into_a_directory_is_refused_before_any_work(tmp_path, capsys) -> None:
+    from nc_finetune.cli import main
+
+    assert main(["select", "recipes/minilm-rotten-tomatoes.yaml", "--out", str(tmp_path / "sel"),
+                 "--emit-peft", str(tmp_path)]) == 2
+    assert "--emit-peft" in capsys.readouterr().err and not (tmp_path / "sel").exists()
