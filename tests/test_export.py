@@ -296,3 +296,16 @@ def test_builtin_efficientnet_lite_exports_as_its_timm_architecture(tmp_path) ->
 
     with pytest.raises(ConfigError, match="no library format reproduces its logits"):
         export_target(backbone, head, ["no", "yes"], inputs, reference + 1.0)
+
+
+def test_truncated_backbone_exports_weights_with_the_loader(tmp_path_factory, bert_dir, text_csv, tmp_path) -> None:
+    run = _run(tmp_path_factory, recipe_overrides(bert_dir, text_csv, **{"backbone.truncate_at": 1,
+                                                                          "selection.blocks": "[0]",
+                                                                          "train.epochs": 1}), "truncated")
+    out = tmp_path / "export"
+    assert export_run(run, out)["format"] == "nc-finetune"
+    model, backbone = load_export(out)
+    assert len(backbone.blocks) == 2
+    ours, _ = _ours(run)
+    inputs = backbone.prepare(TEXTS)
+    torch.testing.assert_close(_logits(model, inputs), _logits(ours, inputs), atol=1e-5, rtol=0)
