@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "max_param_fraction. Writes DIR/selection.json and prints the rationale.")
     _add_recipe_args(p)
     _add_out_args(p, "selection.json")
+    p.add_argument("--emit-peft", type=Path, default=None, metavar="FILE",
+                   help="also write a peft LoraConfig (adapter_config.json format) for the plain model (no wrapper)")
 
     p = sub.add_parser("run", help="probe -> select -> adapt -> train -> summary.json",
                        description="The whole pipeline. Writes resolved.yaml, probe.json/png, selection.json, "
@@ -100,6 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="change the run's data section (other sections describe the trained model and stay)")
     p.add_argument("--split", default="test", choices=["test", "train"])
     p.add_argument("--batch-size", type=int, default=None)
+
+    p = sub.add_parser("export", help="write a finished run's model in its library's format (transformers, timm, peft)",
+                       description="Write the model of a finished run so that transformers / timm / peft load it "
+                                   "without nc-finetune: a save_pretrained directory with id2label (Hugging Face), "
+                                   "a timm local-dir checkpoint, or a peft adapter for LoRA runs (--merge: a plain "
+                                   "model). SCL-FT and truncated backbones: weights + nc_finetune.export.load_export. "
+                                   "DIR/nc_export.json says how to load it.")
+    p.add_argument("run_dir", type=Path, metavar="RUN")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="new export directory")
+    p.add_argument("--merge", action="store_true", help="LoRA runs: merge the adapter into the weights")
 
     p = sub.add_parser("rank", help="rank candidate backbones and their layers by downstream collapse -> rank.json",
                        description="Probe every backbone in rank.candidates on the recipe's data (one pass each: "
@@ -169,9 +181,15 @@ def _cmd_select(args: argparse.Namespace) -> int:
     from nc_finetune.pipeline import select_stage
 
     recipe = load_recipe(resolve_recipe_path(args.recipe), args.overrides)
+    if args.emit_peft is not None and args.emit_peft.is_dir():
+        raise UserError(f"--emit-peft {args.emit_peft} is a directory; give a file name (e.g. adapter_config.json)")
     selection = select_stage(recipe, args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(selection.explain())
     print(f"wrote {args.out / 'selection.json'}")
+    if args.emit_peft is not None:
+        from nc_finetune.export import write_peft_config
+
+        print(f"wrote {write_peft_config(recipe, selection, args.emit_peft)}")
     return 0
 
 
@@ -197,6 +215,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     shifted = f" ({' '.join(args.overrides)})" if args.overrides else ""
     print(f"{args.run_dir} {r['split']}{shifted}: accuracy {r['accuracy']:.4f}, loss {r['loss']:.4f} "
           f"on {r['samples']} samples")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from nc_finetune.export import export_run
+
+    m = export_run(args.run_dir, args.out, merge=args.merge)
+    print(f"wrote {args.out} ({m['format']}, {len(m['class_names'])} classes); load it with:\n"
+          + m["load"].replace("DIR", repr(str(args.out))))
     return 0
 
 
@@ -291,7 +318,7 @@ def _silence_library_progress_bars() -> None:
             getattr(sys.modules[module], switch)()
 
 
-_COMMANDS = {"probe": _cmd_probe, "select": _cmd_select, "run": _cmd_run, "eval": _cmd_eval,
+_COMMANDS = {"probe": _cmd_probe, "select": _cmd_select, "run": _cmd_run, "eval": _cmd_eval, "export": _cmd_export,
              "rank": _cmd_rank, "sweep": _cmd_sweep, "report": _cmd_report, "ufm": _cmd_ufm,
              "validate": _cmd_validate, "ls": _cmd_ls}
 

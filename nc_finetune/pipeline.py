@@ -247,6 +247,7 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
         "backbone": recipe.backbone.name,
         "backbone_provenance": backbone.provenance,
         "dataset": data.name,
+        "class_names": list(data.class_names),  # head output k is class_names[k] (nc_finetune.labels)
         "train_samples": len(train_split),
         "selection": selection.to_dict(),
         "recipe": recipe_to_dict(recipe),
@@ -329,7 +330,9 @@ def eval_stage(run_dir: Path, split: str = "test", batch_size: int | None = None
     """
     from safetensors.torch import load_file
 
+    from nc_finetune.labels import align_class_names, run_class_names
     from nc_finetune.train.loop import TrainData, Trainer
+    from nc_finetune.utils.env import seed_everything
 
     run = RunDir(run_dir)
     run_dir = run.path
@@ -348,6 +351,8 @@ def eval_stage(run_dir: Path, split: str = "test", batch_size: int | None = None
     if trained_classes is not None and len(trained_classes) != data.num_classes:
         raise DataError(f"{run_dir} was trained on {len(trained_classes)} classes; data '{data.name}' has "
                         f"{data.num_classes}")
+    data = align_class_names(run_class_names(run_dir), data, str(run_dir))  # head outputs are the run's classes
+    seed_everything(recipe.train.seed)  # as run_stage: a randomly initialised backbone is drawn right after seeding
     backbone = load_recipe_backbone(recipe)
     selection = run.read_selection()
     adapted = build_recipe_classifier(recipe, backbone, data.num_classes, selection, probe_result, data.train)

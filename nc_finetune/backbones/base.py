@@ -62,6 +62,8 @@ class Backbone:
         channels_last: Whether 4-D block outputs are ``(B, H, W, C)`` (e.g. timm Swin) instead of ``(B, C, H, W)``.
         family: ``"timm"``, ``"hf"`` or ``"builtin"``.
         provenance: Where the weights came from (source path/id, sha256, ...), for run manifests.
+        plain_prefix: Attribute path, with a trailing dot, of the library's own model inside :attr:`model` (``"hf."``
+            for Hugging Face models wrapped to pool their output; ``""`` when :attr:`model` is the library's model).
     """
 
     spec: str
@@ -76,6 +78,11 @@ class Backbone:
     channels_last: bool = False
     family: str = ""
     provenance: dict[str, str] = field(default_factory=dict)
+    plain_prefix: str = ""
+
+    def plain_model(self) -> nn.Module:
+        """The library's own model (``transformers`` ``AutoModel``, timm model), without nc-finetune's wrapper."""
+        return self.model.get_submodule(self.plain_prefix.rstrip("."))
 
     def prepare(self, raw: Sequence[Any], train: bool = False) -> dict[str, Tensor]:
         """Turn a raw batch into model inputs on CPU.

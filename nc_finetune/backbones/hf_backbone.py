@@ -153,6 +153,7 @@ def load_hf_backbone(
         num_prefix_tokens=num_prefix,
         family=family,
         provenance=prov,
+        plain_prefix="hf.",
     )
 
 

@@ -180,7 +180,7 @@ class Selection:
         r: int = 8,
         alpha: int = 16,
         dropout: float = 0.0,
-        head: str | Sequence[str] = "head",
+        head: str | Sequence[str] | None = None,
     ) -> dict[str, Any]:
         """Keyword arguments for ``peft.LoraConfig`` that adapt exactly the selected blocks.
 
@@ -194,14 +194,17 @@ class Selection:
             r: LoRA rank.
             alpha: ``lora_alpha``.
             dropout: ``lora_dropout``.
-            head: Name(s) of the head module(s) in ``model``, for ``modules_to_save``.
+            head: Name(s) of the head module(s) in ``model``, for ``modules_to_save``; default: ``nc_head`` (the head
+                of :func:`~nc_finetune.adapt.build_classifier`'s classifier) when ``model`` has one, else ``head``.
 
         Raises:
             ConfigError: a selected block is not a module of ``model``, contains no adaptable module, or contains a
                 module that peft would skip because it matches the head's name.
         """
-        heads = [head] if isinstance(head, str) else list(head)
         modules = dict(model.named_modules())
+        if head is None:
+            head = _CLASSIFIER_HEAD if _CLASSIFIER_HEAD in modules else "head"
+        heads = [head] if isinstance(head, str) else list(head)
         adaptable = _adaptable_types()
         targets: list[str] = []
         for name in self.module_names:
@@ -235,6 +238,90 @@ class Selection:
             "target_modules": sorted(set(targets)),
             "modules_to_save": heads,
         }
+
+
+    def peft_config(
+        self,
+        model: nn.Module,
+        r: int = 8,
+        alpha: int = 16,
+        dropout: float = 0.0,
+        ranks: Mapping[int, int] | None = None,
+        modules_to_save: Sequence[str] | None = None,
+    ) -> Any:
+        """A ``peft.LoraConfig`` that adapts the selected blocks of a plain model (no nc-finetune wrapper).
+
+        Selected blocks are found in ``model`` by the longest trailing part of their name, so the same selection
+        applies to the library's own model (``AutoModel``, ``AutoModelForSequenceClassification``, a timm model)
+        whatever prefix it puts in front of the layer stack. When every selected block is ``<stack>.<pattern>.<i>``
+        of one stack (``encoder.layer.3``, ``blocks.7``), the config is portable: ``target_modules`` are the
+        adaptable modules' names inside a block, ``layers_pattern`` and ``layers_to_transform`` pick the blocks, and
+        it applies to any model with that layer stack. Otherwise (nested timm stages such as ``layer2.0``) it names
+        every module in full. Either way it is checked against ``model`` with peft's own matching rule.
+
+        Args:
+            model: The plain model the config is for (e.g. ``backbone.plain_model()``).
+            r: LoRA rank of every block without an entry in ``ranks``.
+            alpha: ``lora_alpha``.
+            dropout: ``lora_dropout``.
+            ranks: Rank per selected block index; blocks whose rank differs from ``r`` go to ``rank_pattern``.
+            modules_to_save: Modules trained in full (e.g. the task model's ``classifier``).
+
+        Returns:
+            ``peft.LoraConfig``; ``config.save_pretrained(dir)`` writes ``adapter_config.json``.
+
+        Raises:
+            ConfigError: a selected block is not found (or found twice) in ``model``, or holds nothing to adapt.
+        """
+        import peft
+        from peft.tuners.tuners_utils import check_target_module_exists
+
+        modules = dict(model.named_modules())
+        adaptable = _adaptable_types()
+        located = {int(b["index"]): _locate(modules, b["name"]) for b in self.blocks}
+        wanted: dict[str, int] = {}  # full module name in model -> block index
+        for index, path in located.items():
+            found = [n for n, m in modules.items() if n.startswith(path + ".") and isinstance(m, adaptable)
+                     and getattr(m, "groups", 1) == 1]
+            if not found:
+                raise ConfigError(f"selected block '{path}' contains no Linear/Conv2d/Conv1D module that LoRA can "
+                                  "adapt")
+            wanted.update({n: index for n in found})
+        block_rank = {i: int((ranks or {}).get(i, r)) for i in located}
+        common = dict(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                      modules_to_save=list(modules_to_save) if modules_to_save else None)
+        stacks = {path.rsplit(".", 2)[-2] if path.count(".") >= 1 else "" for path in located.values()}
+        parents = {path.rsplit(".", 1)[0] if "." in path else "" for path in located.values()}
+        numbered = all(path.rsplit(".", 1)[-1].isdigit() for path in located.values())
+        if numbered and len(parents) == 1 and len(stacks) == 1 and stacks != {""}:
+            pattern = stacks.pop()
+            layer = {i: int(p.rsplit(".", 1)[-1]) for i, p in located.items()}
+            inner = sorted({n[len(located[i]) + 1:] for n, i in wanted.items()})
+            rank_pattern = {rf"{re.escape(pattern)}\.{layer[i]}\..*": k for i, k in block_rank.items() if k != r}
+            config = peft.LoraConfig(target_modules=inner, layers_to_transform=sorted(layer.values()),
+                                     layers_pattern=pattern, rank_pattern=rank_pattern, **common)
+            if {n for n, m in modules.items() if isinstance(m, adaptable) and
+                    check_target_module_exists(config, n) is True} == set(wanted):
+                return config
+        rank_pattern = {re.escape(n): block_rank[i] for n, i in wanted.items() if block_rank[i] != r}
+        return peft.LoraConfig(target_modules=sorted(wanted), rank_pattern=rank_pattern, **common)
+
+
+#: Attribute name of the head of nc-finetune's classifier (:class:`~nc_finetune.adapt.Classifier`).
+_CLASSIFIER_HEAD = "nc_head"
+
+
+def _locate(modules: Mapping[str, nn.Module], block: str) -> str:
+    """The module of ``modules`` whose name ends with the longest trailing part of ``block`` (dot-aligned)."""
+    parts = block.split(".")
+    for start in range(len(parts)):
+        tail = ".".join(parts[start:])
+        hits = [n for n in modules if n == tail or n.endswith("." + tail)]
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            raise ConfigError(f"selected block '{block}' matches several modules of the model: {', '.join(hits[:3])}")
+    raise ConfigError(f"selected block '{block}' is not part of the model (no module name ends with any part of it)")
 
 
 def explain_details(details: Mapping[str, Any]) -> list[str]:
