@@ -126,8 +126,8 @@ def test_full_finetune_has_no_prefix_to_cache(bert_dir, text_data, tmp_path) -> 
 
 
 class _WorkBetweenModules(nn.Module):
-    """``a`` -> functional work (not a module) -> ``b`` -> ``c``: the cache keeps b's input, but replaying it as the
-    output of ``a`` applies the functional work a second time."""
+    """``a`` -> functional work (not a module) -> ``b`` -> ``c``: the cache keeps b's input; replaying it as the output
+    of ``a`` would apply the functional work a second time, so the replay feeds it to ``b`` directly."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -140,9 +140,18 @@ class _WorkBetweenModules(nn.Module):
         return self.c(torch.relu(self.b(h)))
 
 
-def _toy_backbone() -> Backbone:
+class _PrefixOutputReusedAfterTarget(_WorkBetweenModules):
+    """``a``'s output also reaches ``c`` past the trainable ``b`` (a skip connection around it): the replayed ``a``
+    returns b's cached input, which is not a's output, so the cache cannot reproduce this forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.c(torch.relu(self.b(h * 2.0 + 1.0)) + h)
+
+
+def _toy_backbone(cls: type[nn.Module] = _PrefixOutputReusedAfterTarget) -> Backbone:
     torch.manual_seed(0)
-    model = _WorkBetweenModules().eval()
+    model = cls().eval()
     return Backbone(spec="toy", model=model, modality="image", blocks=make_block_infos(model, ["a", "b", "c"]),
                     feature_dim=8, pooling="mean", final_tap=None,
                     preprocess=lambda raw, train=False: {"x": torch.as_tensor(np.asarray(raw), dtype=torch.float32)})
@@ -165,8 +174,8 @@ def _toy_run(cache: str, out: Path):
                    out, progress=False), adapted
 
 
-def test_verify_rejects_a_prefix_with_work_between_modules() -> None:
-    bb = _toy_backbone()
+def _toy_cache(cls: type[nn.Module]) -> tuple[PrefixCache, Backbone, np.ndarray]:
+    bb = _toy_backbone(cls)
     sel = select_blocks(None, bb.blocks, strategy="manual", manual=["b"])
     model = build_classifier(bb, 2, method="finetune", selection=sel).model
     x = _toy_data()["train"].inputs
@@ -174,7 +183,29 @@ def test_verify_rejects_a_prefix_with_work_between_modules() -> None:
     with eval_mode(model):
         cache.build("train", iter([bb.prepare(x[:8]), bb.prepare(x[8:])]), torch.device("cpu"))
     assert cache.prefix == ["backbone.a"]
+    return cache, bb, x
+
+
+def test_verify_rejects_a_prefix_whose_output_is_reused_after_the_target() -> None:
+    cache, bb, x = _toy_cache(_PrefixOutputReusedAfterTarget)
     assert not cache.verify("train", bb.prepare(x[:8]), list(range(8)), torch.device("cpu"))
+
+
+def test_functional_work_between_prefix_and_target_is_replayed_exactly() -> None:
+    """GPT-2 sums two embedding modules, Gemma scales its embeddings: the target still gets exactly its cached input."""
+    cache, bb, x = _toy_cache(_WorkBetweenModules)
+    assert cache.verify("train", bb.prepare(x[:8]), list(range(8)), torch.device("cpu"))
+    seen = {}
+    b = cache.model.get_submodule("backbone.b")
+    with torch.no_grad():
+        cache.batch("train", [3, 4], torch.device("cpu"))
+        with cache.replay():  # a hook registered after the replay's own sees what b really receives
+            handle = b.register_forward_pre_hook(lambda _m, args: seen.setdefault("x", args[0]))
+            cache.model(**bb.prepare(x[3:5]))
+            handle.remove()
+    with torch.no_grad():
+        expected = cache.model.backbone.a(torch.as_tensor(x[3:5])) * 2.0 + 1.0  # (2, 8): b's real input
+    torch.testing.assert_close(seen["x"], expected)
 
 
 def test_trainer_falls_back_when_the_replay_differs(tmp_path) -> None:
