@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from nc_finetune.adapt import build_classifier, eval_mode
-from nc_finetune.backbones import Backbone
+from nc_finetune.backbones import Backbone, load_backbone
 from nc_finetune.backbones.base import make_block_infos
 from nc_finetune.data import Split
 from nc_finetune.errors import UserError
@@ -237,3 +237,45 @@ def test_verify_catches_a_corrupted_cache(bert_dir) -> None:
     _, x = cache.samples["train"][5]
     x[0] += 1.0  # the CLS position of one sample
     assert not cache.verify("train", inputs, list(range(8)), torch.device("cpu"))
+
+
+# ------------------------------------------------------------------------------------ decoder LLMs and other families
+
+FAMILY_CASES = {
+    # name: (family, padding side, method, selected block, expected replayed prefix modules inside the backbone)
+    # Llama computes rotary position embeddings once at model level and passes them to every layer: they are not
+    # replayed (the cache would hand the layer hidden states instead of (cos, sin)); left padding is trimmed.
+    "llama-left-lora": ("llama", "left", "lora", 1, ["hf.embed_tokens", "hf.layers.0"]),
+    # Gemma scales its embeddings between embed_tokens and layer 0 (functional work the replay must not repeat).
+    "gemma-finetune-block0": ("gemma", "right", "finetune", 0, ["hf.embed_tokens"]),
+    # GPT-2: Conv1D LoRA, token + position embeddings summed before block 0.
+    "gpt2-lora-block0": ("gpt2", "right", "lora", 0, ["hf.wte", "hf.wpe", "hf.drop"]),
+    # DeBERTa-v2: layers return (hidden, None); the normalised relative embeddings are a side computation.
+    "deberta-v2-scl": ("deberta-v2", "right", "scl", 1, ["hf.embeddings", "hf.encoder.layer.0"]),
+}
+
+
+@pytest.mark.parametrize("case", list(FAMILY_CASES))
+def test_cached_training_equals_uncached_on_other_families(tmp_path, case) -> None:
+    from tests.hf_families import make_family_dir
+
+    family, side, method, block, expected = FAMILY_CASES[case]
+    ref = make_family_dir(tmp_path / family, family, side)
+    texts, labels = make_texts(24, 2, seed=1)
+    data = TrainData(train=Split(texts[:16], labels[:16]), test=Split(texts[16:], labels[16:]))
+    runs = {}
+    for cache in ("off", "on"):
+        seed_everything(0)
+        bb = load_backbone(f"hf:{ref}")
+        sel = select_blocks(None, bb.blocks, strategy="manual", manual=[block])
+        adapted = build_classifier(bb, 2, method=method, selection=sel, skip_dim=bb.feature_dim, wiring="concat")
+        trainer = Trainer(adapted, bb, data, train_config(cache_prefix=cache), tmp_path / cache, progress=False)
+        runs[cache] = (trainer.fit(), adapted)
+    (s_off, a_off), (s_on, a_on) = runs["off"], runs["on"]
+    wrap = "base_model.model.backbone." if method == "lora" else "backbone."
+    assert s_on["prefix_cache"]["enabled"], s_on["prefix_cache"]
+    assert s_on["prefix_cache"]["prefix_modules"] == [wrap + n for n in expected]
+    np.testing.assert_allclose(_losses(tmp_path / "on"), _losses(tmp_path / "off"), atol=1e-5, rtol=1e-5)
+    for k, v in a_off.trainable_state_dict().items():
+        torch.testing.assert_close(a_on.trainable_state_dict()[k], v, atol=1e-5, rtol=1e-5)
+    assert s_on["test_loss"] == pytest.approx(s_off["test_loss"], abs=1e-5)
