@@ -149,6 +149,19 @@ class _PrefixOutputReusedAfterTarget(_WorkBetweenModules):
         return self.c(torch.relu(self.b(h * 2.0 + 1.0)) + h)
 
 
+class _PrefixOutputSplitAfterward(_WorkBetweenModules):
+    """Half of ``a``'s output feeds ``b``, the other half reaches ``c``: the replayed ``a`` returns only b's input,
+    so the forward fails (cannot unpack one chunk into two) instead of giving other logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u, v = self.a(x).split(8, dim=1)
+        return self.c(torch.relu(self.b(u)) + v)
+
+
 def _toy_backbone(cls: type[nn.Module] = _PrefixOutputReusedAfterTarget) -> Backbone:
     torch.manual_seed(0)
     model = cls().eval()
@@ -164,9 +177,9 @@ def _toy_data() -> dict[str, Split]:
     return {"train": Split(x[:16], y[:16]), "test": Split(x[16:], y[16:])}
 
 
-def _toy_run(cache: str, out: Path):
+def _toy_run(cache: str, out: Path, cls: type[nn.Module] = _PrefixOutputReusedAfterTarget):
     seed_everything(0)
-    bb = _toy_backbone()
+    bb = _toy_backbone(cls)
     sel = select_blocks(None, bb.blocks, strategy="manual", manual=["b"])
     adapted = build_classifier(bb, 2, method="finetune", selection=sel)
     data = _toy_data()
@@ -206,6 +219,16 @@ def test_functional_work_between_prefix_and_target_is_replayed_exactly() -> None
     with torch.no_grad():
         expected = cache.model.backbone.a(torch.as_tensor(x[3:5])) * 2.0 + 1.0  # (2, 8): b's real input
     torch.testing.assert_close(seen["x"], expected)
+
+
+def test_a_replay_that_breaks_the_forward_is_refused_not_raised(tmp_path) -> None:
+    cache, bb, x = _toy_cache(_PrefixOutputSplitAfterward)
+    assert not cache.verify("train", bb.prepare(x[:8]), list(range(8)), torch.device("cpu"))
+    auto, _ = _toy_run("auto", tmp_path / "auto", _PrefixOutputSplitAfterward)
+    assert auto.fit()["prefix_cache"] == {"enabled": False, "reason": "cached path differs from the real forward"}
+    on, _ = _toy_run("on", tmp_path / "on", _PrefixOutputSplitAfterward)
+    with pytest.raises(UserError, match="cache_prefix=on"):
+        on.fit()
 
 
 def test_trainer_falls_back_when_the_replay_differs(tmp_path) -> None:
