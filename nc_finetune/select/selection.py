@@ -161,10 +161,10 @@ class Selection:
 
         ``target_modules`` is the sorted list of fully qualified names of every ``nn.Linear``, ``nn.Conv2d`` (and
         transformers ``Conv1D``) inside the selected blocks, found by walking ``model.named_modules()``; peft matches
-        such names exactly. For a decoder layer that is its attention and MLP projections (q/k/v/o and gate/up/down
-        for Llama/Qwen2/Mistral/Gemma, c_attn/c_proj/c_fc for GPT-2). When every target is a ``Conv1D`` (GPT-2),
-        ``fan_in_fan_out`` is set (its weight is stored transposed). ``modules_to_save`` holds the head (trained in full). ``layers_to_transform`` is never
-        used (anchors.md §1.1: it cannot address timm blocks).
+        such names exactly. ``modules_to_save`` holds the head (trained in full). ``layers_to_transform`` is never
+        used (anchors.md §1.1: it cannot address timm blocks). For a decoder layer the targets are its attention and
+        MLP projections (q/k/v/o and gate/up/down for Llama/Qwen2/Mistral/Gemma, c_attn/c_proj/c_fc for GPT-2); when
+        every target is a ``Conv1D`` (GPT-2), ``fan_in_fan_out`` is set (its weight is stored transposed).
 
         Args:
             model: The classifier the selection refers to (the model later passed to ``get_peft_model``).

@@ -8,8 +8,8 @@ the first trainable block then hands it the cached tensor exactly, so functional
 sum of token and position embeddings, Gemma's embedding scale) does not corrupt it.
 
 Only prefix modules whose output is the per-sample stream (a tensor of the cached input's rank and batch size, or a
-tuple of it and ``None``) are replayed. Side computations that the later layers receive as arguments (the rotary position
-embeddings Llama/Qwen2 compute once at model level and pass to every layer, DeBERTa's normalised relative
+tuple of it and ``None``) are replayed. Side computations that the later layers receive as arguments (the rotary
+position embeddings Llama/Qwen2 compute once at model level and pass to every layer, DeBERTa's normalised relative
 embeddings) keep running for real: they are cheap and depend on the batch's positions, not on the cached tensor.
 
 Before use the cached path is checked against the real forward on a batch; if they differ (an architecture whose
