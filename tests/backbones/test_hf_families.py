@@ -157,3 +157,18 @@ def test_encoders_ignore_padding(family_dir, family: str) -> None:
     for i, text in enumerate(TEXTS):
         f_alone, _ = _taps(bb, bb.prepare([text]))
         np.testing.assert_allclose(feats[i].numpy(), f_alone[0].numpy(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_truncated_decoder_gives_the_pooled_output_of_its_cut_block(family_dir, family: str) -> None:
+    from nc_finetune.backbones.truncate import truncate_backbone
+
+    ref = family_dir(family)
+    full = load_backbone(f"hf:{ref}")
+    full.preprocess.tokenizer.padding_side = "left"
+    inputs = full.prepare(TEXTS)
+    _, pooled = _taps(full, inputs)
+    cut = truncate_backbone(load_backbone(f"hf:{ref}"), 1)
+    assert [b.name for b in cut.blocks] == [b.name for b in full.blocks[:2]] and cut.final_tap is None
+    with torch.no_grad():
+        torch.testing.assert_close(cut.model(**inputs), pooled[full.blocks[1].name])
