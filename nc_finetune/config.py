@@ -26,8 +26,9 @@ class BackboneConfig:
 
     name: str = "minilm-l6"
     """Built-in short name (``minilm-l6``, ``efficientnet-lite0``), ``timm:<model>`` or ``hf:<hub id or path>``."""
-    pooling: Literal["auto", "cls", "mean"] = "auto"
-    """Token pooling for transformer outputs; ``auto`` uses the model family's convention. Feature maps use GAP."""
+    pooling: Literal["auto", "cls", "mean", "last"] = "auto"
+    """Token pooling for transformer outputs; ``auto`` uses the model family's convention (CLS for BERT-like and
+    vision encoders, ``last`` = the last real token for decoder-only LLMs). Feature maps use GAP."""
     image_size: int | None = None
     """Input resolution for image backbones; default from the model's pretrained config."""
     max_length: int = 128

@@ -3,7 +3,8 @@
 Spec grammar accepted by :func:`load_backbone`:
 
 * ``timm:<model name>`` (``timm:resnet50.a1_in1k``, ``timm:vit_base_patch16_224``);
-* ``hf:<hub id or local path>`` (BERT-family text encoders, ViT-family vision encoders);
+* ``hf:<hub id or local path>`` (BERT-like text encoders, decoder-only LLMs such as GPT-2/Llama/Qwen2, ViT-family
+  vision encoders);
 * a built-in short name from :data:`BUILTIN_BACKBONES` (``minilm-l6``, ``efficientnet-lite0``).
 
 Example::
@@ -82,7 +83,7 @@ def load_backbone(
 
     Args:
         spec: See :func:`parse_spec`.
-        pooling: ``"auto"`` (the model's own), ``"cls"`` or ``"mean"`` for token outputs.
+        pooling: ``"auto"`` (the model's own), ``"cls"``, ``"mean"`` or ``"last"`` (last real token) for token outputs.
         image_size: Square input resolution of image backbones (default: the model's).
         max_length: Truncation length of text backbones (clamped to the model's limit).
         pretrained: Load pretrained weights.

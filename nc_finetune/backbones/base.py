@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from nc_finetune.errors import ConfigError
 
 #: Values accepted by ``load_backbone(pooling=...)``; "auto" resolves per family to one of the others.
-POOLING_CHOICES: tuple[str, ...] = ("auto", "cls", "mean")
+POOLING_CHOICES: tuple[str, ...] = ("auto", "cls", "mean", "last")
 
 Modality = Literal["image", "text"]
 
@@ -53,7 +53,8 @@ class Backbone:
         modality: ``"image"`` or ``"text"``.
         blocks: Every block in forward order.
         feature_dim: Width of the final feature.
-        pooling: Resolved pooling of token outputs, ``"cls"`` or ``"mean"`` (feature maps are always averaged).
+        pooling: Resolved pooling of token outputs, ``"cls"``, ``"mean"`` or ``"last"`` (feature maps are always
+            averaged).
         final_tap: Module name (``""`` = the root of :attr:`model`) whose pooled output is the final feature, when it
             differs from the last block's pooled output; ``None`` when the last block already gives the final feature.
         preprocess: Callable behind :meth:`prepare`.
@@ -177,18 +178,30 @@ def pool_tokens(
 
     Args:
         tokens: Hidden states ``(B, N, D)``.
-        pooling: ``"cls"`` (token 0) or ``"mean"``.
-        attention_mask: ``(B, N)``; when given, the mean runs over non-pad tokens only (sentence-transformers style).
+        pooling: ``"cls"`` (token 0), ``"mean"`` or ``"last"`` (the last real token: what a decoder-only model's
+            next-token head reads).
+        attention_mask: ``(B, N)``; when given, the mean runs over non-pad tokens only (sentence-transformers style)
+            and "last" picks the last position whose mask is 1, so right padding (the last non-pad token) and left
+            padding (index -1) both pick the last real token.
         num_prefix_tokens: Leading tokens the unmasked mean skips (CLS/register tokens of vision transformers).
     """
     if pooling == "cls":
         return tokens[:, 0]
-    if pooling != "mean":
-        raise ConfigError(f"unknown pooling {pooling!r}; allowed: cls, mean")
-    if attention_mask is not None and attention_mask.shape == tokens.shape[:2]:
-        mask = attention_mask.to(tokens.dtype).unsqueeze(-1)  # (B, N, 1)
+    if pooling not in ("mean", "last"):
+        raise ConfigError(f"unknown pooling {pooling!r}; allowed: cls, mean, last")
+    masked = attention_mask is not None and attention_mask.shape == tokens.shape[:2]
+    if pooling == "last":
+        if not masked:
+            return tokens[:, -1]
+        positions = torch.arange(1, tokens.shape[1] + 1, device=tokens.device)  # (N,), 1-based so pads (0) lose
+        last = ((attention_mask > 0).long() * positions).argmax(1)  # (B,)
+        return tokens[torch.arange(tokens.shape[0], device=tokens.device), last]
+    if masked:
+        keep = (attention_mask > 0).unsqueeze(-1)  # (B, N, 1)
+        # masked_fill, not a product: a pad position may hold NaN (a fully masked attention row), and NaN * 0 = NaN
+        total = tokens.masked_fill(~keep, 0.0).sum(1)  # (B, D)
         # clamp: an all-pad row (should not happen) gives zeros instead of NaN
-        return (tokens * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        return total / keep.sum(1).to(tokens.dtype).clamp_min(1e-9)
     return tokens[:, num_prefix_tokens:].mean(1)
 
 

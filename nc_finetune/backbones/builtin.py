@@ -124,7 +124,7 @@ def load_builtin(
 
     Args:
         name: Built-in short name.
-        pooling: ``"auto"``, ``"cls"`` or ``"mean"``.
+        pooling: ``"auto"``, ``"cls"``, ``"mean"`` or ``"last"``.
         image_size: Square input resolution (image backbones).
         max_length: Tokenizer truncation length (text backbones).
         pretrained: Load the packaged weights; False gives the same architecture randomly initialised.

@@ -134,6 +134,8 @@ def load_timm_backbone(
 
 def _resolve_pooling(model: nn.Module, name: str, pooling: str) -> str:
     """Resolve "auto" and align a token model's own global pooling with an explicit choice."""
+    if pooling == "last":
+        raise ConfigError(f"pooling 'last' (last token) is for text models; timm model {name!r} takes cls or mean")
     global_pool = getattr(model, "global_pool", None)
     if not isinstance(global_pool, str):  # a pooling module: CNN feature maps are always averaged
         if pooling == "cls":

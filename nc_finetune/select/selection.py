@@ -187,7 +187,9 @@ class Selection:
         ``target_modules`` is the sorted list of fully qualified names of every ``nn.Linear``, ``nn.Conv2d`` (and
         transformers ``Conv1D``) inside the selected blocks, found by walking ``model.named_modules()``; peft matches
         such names exactly. ``modules_to_save`` holds the head (trained in full). ``layers_to_transform`` is never
-        used (anchors.md §1.1: it cannot address timm blocks).
+        used (anchors.md §1.1: it cannot address timm blocks). For a decoder layer the targets are its attention and
+        MLP projections (q/k/v/o and gate/up/down for Llama/Qwen2/Mistral/Gemma, c_attn/c_proj/c_fc for GPT-2); when
+        every target is a ``Conv1D`` (GPT-2), ``fan_in_fan_out`` is set (its weight is stored transposed).
 
         Args:
             model: The classifier the selection refers to (the model later passed to ``get_peft_model``).
@@ -231,13 +233,19 @@ class Selection:
             extra = [n for n in modules if n != h and n.endswith(h)]
             if extra:
                 warnings.warn(f"peft will also treat {extra} as modules_to_save (names ending in '{h}')", stacklevel=2)
-        return {
+        kwargs: dict[str, Any] = {
             "r": r,
             "lora_alpha": alpha,
             "lora_dropout": dropout,
             "target_modules": sorted(set(targets)),
             "modules_to_save": heads,
         }
+        # transformers' Conv1D (GPT-2's c_attn/c_proj/c_fc) stores its weight transposed; say so, as peft asks.
+        # Mixed Linear/Conv1D targets are left to peft, which sets the flag per module (with a warning).
+        conv1d = _transformers_conv1d()
+        if conv1d is not None and all(isinstance(modules[t], conv1d) for t in targets):
+            kwargs["fan_in_fan_out"] = True
+        return kwargs
 
 
     def peft_config(
@@ -360,10 +368,15 @@ def _g(v: Any) -> str:
 
 def _adaptable_types() -> tuple[type[nn.Module], ...]:
     types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
-    # Only look transformers' Conv1D up if transformers is already imported: a model holding one implies it is.
-    pu = sys.modules.get("transformers.pytorch_utils")
-    conv1d = getattr(pu, "Conv1D", None) if pu is not None else None
+    conv1d = _transformers_conv1d()
     return (*types, conv1d) if conv1d is not None else types
+
+
+def _transformers_conv1d() -> type[nn.Module] | None:
+    """transformers' ``Conv1D``, looked up only if transformers is already imported (a model holding one implies it
+    is)."""
+    pu = sys.modules.get("transformers.pytorch_utils")
+    return getattr(pu, "Conv1D", None) if pu is not None else None
 
 
 def _missing_module_message(model: nn.Module, name: str) -> str:

@@ -240,3 +240,42 @@ def test_lora_trains_nothing_but_adapters_and_the_head_on_a_model_with_conv_head
     adapted = build_classifier(backbone, 3, method="lora", selection=sel)
     trainable = [n for n, p in adapted.model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_" in n or ".nc_head." in n for n in trainable), trainable
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "phi"])
+def test_lora_on_a_decoder_block_adapts_its_attention_and_mlp_projections(tmp_path, family) -> None:
+    """The LoRA targets of a selected decoder layer are its q/k/v/o and MLP projections (GPT-2: the Conv1D modules
+    c_attn/c_proj/c_fc, with peft's fan_in_fan_out); a merged adapter gives the logits of the unmerged one, which
+    checks that the transposed Conv1D weights are handled."""
+    import warnings
+
+    from nc_finetune.backbones import load_backbone
+    from tests.hf_families import BLOCK_LINEARS, make_family_dir
+
+    torch.manual_seed(0)
+    bb = load_backbone(f"hf:{make_family_dir(tmp_path, family)}")
+    block = bb.blocks[1].name
+    sel = _select(bb)
+    plain = build_classifier(bb, K, method="finetune", selection=sel).model
+    kwargs = sel.lora_kwargs(plain, head="nc_head")
+    assert kwargs["target_modules"] == [f"backbone.{block}.{m}" for m in BLOCK_LINEARS[family]]
+    assert kwargs.get("fan_in_fan_out", False) is (family == "gpt2")
+
+    torch.manual_seed(0)
+    bb = load_backbone(f"hf:{make_family_dir(tmp_path / 'fresh', family)}")
+    inputs = bb.prepare(["the cat sat on the mat", "a dog"])
+    with torch.no_grad():
+        before = build_classifier(bb, K, method="finetune", selection=sel).model.backbone(**inputs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*fan_in_fan_out.*")  # peft warns when the flag is wrong
+        adapted = build_classifier(bb, K, method="lora", selection=_select(bb), lora_r=LORA_R)
+    model = adapted.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.base_model.model.backbone(**inputs), before)  # lora_B starts at zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+        adapted_feats = model.base_model.model.backbone(**inputs)
+        assert not torch.allclose(adapted_feats, before)
+        merged = model.merge_and_unload()
+        torch.testing.assert_close(merged.backbone(**inputs), adapted_feats, atol=1e-5, rtol=1e-5)

@@ -159,8 +159,10 @@ def test_vit_image_size_override_and_mean(vit_dir: Path) -> None:
 
 
 def test_unsupported_and_missing_hf_models(tmp_path: Path) -> None:
-    transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32).save_pretrained(tmp_path)
-    with pytest.raises(ConfigError, match="BERT-family"):
+    # GPT-2 and the other decoder-only models are supported now (tests/backbones/test_hf_families.py)
+    transformers.T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=32).save_pretrained(
+        tmp_path)
+    with pytest.raises(ConfigError, match="encoder-decoder.*supported: BERT-like"):
         load_backbone(f"hf:{tmp_path}", pretrained=False)
     with pytest.raises(UserError, match="cannot load"):
         load_backbone(f"hf:{tmp_path / 'does-not-exist'}")

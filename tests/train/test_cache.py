@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from nc_finetune.adapt import build_classifier, eval_mode
-from nc_finetune.backbones import Backbone
+from nc_finetune.backbones import Backbone, load_backbone
 from nc_finetune.backbones.base import make_block_infos
 from nc_finetune.data import Split
 from nc_finetune.errors import UserError
@@ -126,8 +126,8 @@ def test_full_finetune_has_no_prefix_to_cache(bert_dir, text_data, tmp_path) -> 
 
 
 class _WorkBetweenModules(nn.Module):
-    """``a`` -> functional work (not a module) -> ``b`` -> ``c``: the cache keeps b's input, but replaying it as the
-    output of ``a`` applies the functional work a second time."""
+    """``a`` -> functional work (not a module) -> ``b`` -> ``c``: the cache keeps b's input; replaying it as the output
+    of ``a`` would apply the functional work a second time, so the replay feeds it to ``b`` directly."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -140,9 +140,31 @@ class _WorkBetweenModules(nn.Module):
         return self.c(torch.relu(self.b(h)))
 
 
-def _toy_backbone() -> Backbone:
+class _PrefixOutputReusedAfterTarget(_WorkBetweenModules):
+    """``a``'s output also reaches ``c`` past the trainable ``b`` (a skip connection around it): the replayed ``a``
+    returns b's cached input, which is not a's output, so the cache cannot reproduce this forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.c(torch.relu(self.b(h * 2.0 + 1.0)) + h)
+
+
+class _PrefixOutputSplitAfterward(_WorkBetweenModules):
+    """Half of ``a``'s output feeds ``b``, the other half reaches ``c``: the replayed ``a`` returns only b's input,
+    so the forward fails (cannot unpack one chunk into two) instead of giving other logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u, v = self.a(x).split(8, dim=1)
+        return self.c(torch.relu(self.b(u)) + v)
+
+
+def _toy_backbone(cls: type[nn.Module] = _PrefixOutputReusedAfterTarget) -> Backbone:
     torch.manual_seed(0)
-    model = _WorkBetweenModules().eval()
+    model = cls().eval()
     return Backbone(spec="toy", model=model, modality="image", blocks=make_block_infos(model, ["a", "b", "c"]),
                     feature_dim=8, pooling="mean", final_tap=None,
                     preprocess=lambda raw, train=False: {"x": torch.as_tensor(np.asarray(raw), dtype=torch.float32)})
@@ -155,9 +177,9 @@ def _toy_data() -> dict[str, Split]:
     return {"train": Split(x[:16], y[:16]), "test": Split(x[16:], y[16:])}
 
 
-def _toy_run(cache: str, out: Path):
+def _toy_run(cache: str, out: Path, cls: type[nn.Module] = _PrefixOutputReusedAfterTarget):
     seed_everything(0)
-    bb = _toy_backbone()
+    bb = _toy_backbone(cls)
     sel = select_blocks(None, bb.blocks, strategy="manual", manual=["b"])
     adapted = build_classifier(bb, 2, method="finetune", selection=sel)
     data = _toy_data()
@@ -165,8 +187,8 @@ def _toy_run(cache: str, out: Path):
                    out, progress=False), adapted
 
 
-def test_verify_rejects_a_prefix_with_work_between_modules() -> None:
-    bb = _toy_backbone()
+def _toy_cache(cls: type[nn.Module]) -> tuple[PrefixCache, Backbone, np.ndarray]:
+    bb = _toy_backbone(cls)
     sel = select_blocks(None, bb.blocks, strategy="manual", manual=["b"])
     model = build_classifier(bb, 2, method="finetune", selection=sel).model
     x = _toy_data()["train"].inputs
@@ -174,7 +196,39 @@ def test_verify_rejects_a_prefix_with_work_between_modules() -> None:
     with eval_mode(model):
         cache.build("train", iter([bb.prepare(x[:8]), bb.prepare(x[8:])]), torch.device("cpu"))
     assert cache.prefix == ["backbone.a"]
+    return cache, bb, x
+
+
+def test_verify_rejects_a_prefix_whose_output_is_reused_after_the_target() -> None:
+    cache, bb, x = _toy_cache(_PrefixOutputReusedAfterTarget)
     assert not cache.verify("train", bb.prepare(x[:8]), list(range(8)), torch.device("cpu"))
+
+
+def test_functional_work_between_prefix_and_target_is_replayed_exactly() -> None:
+    """GPT-2 sums two embedding modules, Gemma scales its embeddings: the target still gets exactly its cached input."""
+    cache, bb, x = _toy_cache(_WorkBetweenModules)
+    assert cache.verify("train", bb.prepare(x[:8]), list(range(8)), torch.device("cpu"))
+    seen = {}
+    b = cache.model.get_submodule("backbone.b")
+    with torch.no_grad():
+        cache.batch("train", [3, 4], torch.device("cpu"))
+        with cache.replay():  # a hook registered after the replay's own sees what b really receives
+            handle = b.register_forward_pre_hook(lambda _m, args: seen.setdefault("x", args[0]))
+            cache.model(**bb.prepare(x[3:5]))
+            handle.remove()
+    with torch.no_grad():
+        expected = cache.model.backbone.a(torch.as_tensor(x[3:5])) * 2.0 + 1.0  # (2, 8): b's real input
+    torch.testing.assert_close(seen["x"], expected)
+
+
+def test_a_replay_that_breaks_the_forward_is_refused_not_raised(tmp_path) -> None:
+    cache, bb, x = _toy_cache(_PrefixOutputSplitAfterward)
+    assert not cache.verify("train", bb.prepare(x[:8]), list(range(8)), torch.device("cpu"))
+    auto, _ = _toy_run("auto", tmp_path / "auto", _PrefixOutputSplitAfterward)
+    assert auto.fit()["prefix_cache"] == {"enabled": False, "reason": "cached path differs from the real forward"}
+    on, _ = _toy_run("on", tmp_path / "on", _PrefixOutputSplitAfterward)
+    with pytest.raises(UserError, match="cache_prefix=on"):
+        on.fit()
 
 
 def test_trainer_falls_back_when_the_replay_differs(tmp_path) -> None:
@@ -206,3 +260,45 @@ def test_verify_catches_a_corrupted_cache(bert_dir) -> None:
     _, x = cache.samples["train"][5]
     x[0] += 1.0  # the CLS position of one sample
     assert not cache.verify("train", inputs, list(range(8)), torch.device("cpu"))
+
+
+# ------------------------------------------------------------------------------------ decoder LLMs and other families
+
+FAMILY_CASES = {
+    # name: (family, padding side, method, selected block, expected replayed prefix modules inside the backbone)
+    # Llama computes rotary position embeddings once at model level and passes them to every layer: they are not
+    # replayed (the cache would hand the layer hidden states instead of (cos, sin)); left padding is trimmed.
+    "llama-left-lora": ("llama", "left", "lora", 1, ["hf.embed_tokens", "hf.layers.0"]),
+    # Gemma scales its embeddings between embed_tokens and layer 0 (functional work the replay must not repeat).
+    "gemma-finetune-block0": ("gemma", "right", "finetune", 0, ["hf.embed_tokens"]),
+    # GPT-2: Conv1D LoRA, token + position embeddings summed before block 0.
+    "gpt2-lora-block0": ("gpt2", "right", "lora", 0, ["hf.wte", "hf.wpe", "hf.drop"]),
+    # DeBERTa-v2: layers return (hidden, None); the normalised relative embeddings are a side computation.
+    "deberta-v2-scl": ("deberta-v2", "right", "scl", 1, ["hf.embeddings", "hf.encoder.layer.0"]),
+}
+
+
+@pytest.mark.parametrize("case", list(FAMILY_CASES))
+def test_cached_training_equals_uncached_on_other_families(tmp_path, case) -> None:
+    from tests.hf_families import make_family_dir
+
+    family, side, method, block, expected = FAMILY_CASES[case]
+    ref = make_family_dir(tmp_path / family, family, side)
+    texts, labels = make_texts(24, 2, seed=1)
+    data = TrainData(train=Split(texts[:16], labels[:16]), test=Split(texts[16:], labels[16:]))
+    runs = {}
+    for cache in ("off", "on"):
+        seed_everything(0)
+        bb = load_backbone(f"hf:{ref}")
+        sel = select_blocks(None, bb.blocks, strategy="manual", manual=[block])
+        adapted = build_classifier(bb, 2, method=method, selection=sel, skip_dim=bb.feature_dim, wiring="concat")
+        trainer = Trainer(adapted, bb, data, train_config(cache_prefix=cache), tmp_path / cache, progress=False)
+        runs[cache] = (trainer.fit(), adapted)
+    (s_off, a_off), (s_on, a_on) = runs["off"], runs["on"]
+    wrap = "base_model.model.backbone." if method == "lora" else "backbone."
+    assert s_on["prefix_cache"]["enabled"], s_on["prefix_cache"]
+    assert s_on["prefix_cache"]["prefix_modules"] == [wrap + n for n in expected]
+    np.testing.assert_allclose(_losses(tmp_path / "on"), _losses(tmp_path / "off"), atol=1e-5, rtol=1e-5)
+    for k, v in a_off.trainable_state_dict().items():
+        torch.testing.assert_close(a_on.trainable_state_dict()[k], v, atol=1e-5, rtol=1e-5)
+    assert s_on["test_loss"] == pytest.approx(s_off["test_loss"], abs=1e-5)
