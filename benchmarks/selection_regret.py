@@ -102,7 +102,7 @@ def _run(cmd: list[str], log) -> None:
         raise RuntimeError(f"command failed with status {proc.returncode}: {' '.join(cmd)} (see the log)")
 
 
-def run_setting(name: str, workdir: Path, extra: list[str], log) -> Path:
+def run_setting(name: str, workdir: Path, extra: list[str], log, budgets: str = BUDGETS) -> Path:
     """Run (or resume) one setting's sweep; return its directory."""
     s = SETTINGS[name]
     overrides = list(s["overrides"])
@@ -118,7 +118,7 @@ def run_setting(name: str, workdir: Path, extra: list[str], log) -> Path:
         overrides.append("selection.reference=source")  # for shift: the clean data the source model saw
     strategies = "[" + ", ".join([*STRATEGIES, *s.get("strategies", [])]) + "]"
     out = workdir / name
-    _run(_cli("sweep", s["recipe"], *overrides, *_COMMON, f"sweep.budgets={BUDGETS}", f"sweep.strategies={strategies}",
+    _run(_cli("sweep", s["recipe"], *overrides, *_COMMON, f"sweep.budgets={budgets}", f"sweep.strategies={strategies}",
               *extra, "--out", str(out), "--quiet"), log)
     return out
 
@@ -208,6 +208,7 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=REPO_ROOT / "runs" / "bench-regret")
     ap.add_argument("--out", type=Path, default=RESULTS, help=f"pooled JSON (default {RESULTS.relative_to(REPO_ROOT)})")
     ap.add_argument("--seeds", default="[0, 1, 2]", help="sweep.seeds (YAML list)")
+    ap.add_argument("--budgets", default=BUDGETS, help=f"sweep.budgets (YAML list; default {BUDGETS})")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra recipe override for every setting (repeatable)")
     ap.add_argument("--pool-only", action="store_true", help="pool the finished sweeps under --workdir, run nothing")
@@ -230,7 +231,7 @@ def main() -> int:
                 start = time.perf_counter()
                 print(f"[{name}] {SETTINGS[name]['about']} ...", flush=True)
                 try:
-                    run_setting(name, args.workdir, extra, log)
+                    run_setting(name, args.workdir, extra, log, args.budgets)
                 except RuntimeError as e:
                     print(f"    failed: {e}", flush=True)
                     continue
@@ -260,7 +261,7 @@ def _write(args, sweeps: dict[str, dict[str, Any]], info: dict[str, Any], cmd: s
                                          "test_accuracy", "val_accuracy")} for c in rep["cells"]],
             "probe": rep.get("probe"), "unpicked": rep.get("unpicked"),
         }
-    payload = {"benchmark": NAME, "command": cmd, "machine": info, "budgets": BUDGETS,
+    payload = {"benchmark": NAME, "command": cmd, "machine": info, "budgets": args.budgets,
                "unit_of_replication": "(setting, seed) pair: regret and paired differences per seed, pooled over "
                                       "settings; a 95% t-interval that contains 0 is a tie",
                "settings": settings, "pooled": pooled, "default_strategy": default_strategy(pooled)}

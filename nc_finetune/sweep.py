@@ -33,6 +33,8 @@ from nc_finetune.runs import RunDir
 
 #: Strategies never scored by a sweep: ``all`` ignores budgets, ``manual`` is the user's own choice.
 _NOT_SCORED = ("all", "manual")
+#: Recipe sections that a resumed sweep may change: they decide what is picked and scored, not what a cell trains.
+_GROWABLE = ("sweep", "selection", "description")
 #: Metrics drawn beside the per-block accuracy in ``sweep.png`` (probe keys, all lower = more collapsed).
 PLOT_METRICS = ("nc1", "nc1_trace", "cdnv")
 
@@ -111,9 +113,17 @@ def _with_selection(recipe: Recipe, **changes: Any) -> Recipe:
 
 
 def cell_recipe(recipe: Recipe, seed: int, names: Sequence[str], lr: float) -> Recipe:
-    """The ``run`` recipe of one cell: the seeded recipe, these blocks (``manual``), this learning rate."""
+    """The ``run`` recipe of one cell: the seeded recipe, these blocks (``manual``), this learning rate.
+
+    Its ``selection`` section holds only the blocks and the seed (the strategies' options do not change what a
+    cell trains), and its ``sweep`` section is the default: so a sweep whose strategies, budgets or grid grow keeps
+    every finished cell.
+    """
+    from nc_finetune.config import SelectionConfig, SweepConfig
+
     r = seeded_recipe(recipe, seed)
-    r = _with_selection(r, strategy="manual", blocks=list(names), max_blocks=None, max_param_fraction=None)
+    r = dataclasses.replace(r, selection=SelectionConfig(strategy="manual", blocks=list(names), max_blocks=None,
+                                                         seed=seed), sweep=SweepConfig())
     return dataclasses.replace(r, train=dataclasses.replace(r.train, lr=float(lr)))
 
 
@@ -351,7 +361,11 @@ def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print)
         raise ConfigError(f"sweep.strategies: {unknown[0]!r} cannot be scored; choose from "
                           f"{', '.join(default_strategies())}")
     if run.has(runs.RESOLVED):
-        diff = runs.first_difference(run._read_yaml(runs.RESOLVED), recipe_to_dict(recipe))
+        # The sweep and selection sections may grow (more seeds, rates, candidates, strategies, budgets): the
+        # finished cells stay valid. Everything that decides what a cell trains must match.
+        before, now = run._read_yaml(runs.RESOLVED), recipe_to_dict(recipe)
+        diff = runs.first_difference({k: v for k, v in (before or {}).items() if k not in _GROWABLE},
+                                     {k: v for k, v in now.items() if k not in _GROWABLE})
         if diff is not None:
             raise UserError(f"{run.path} holds a sweep of another recipe ({diff}); rerun it with the same recipe "
                             "to resume, or choose another --out")
@@ -387,6 +401,9 @@ def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print)
                                            prepared=prepared, backbone=backbone)
         # Picks already made (a resumed sweep) are kept; strategies added since are picked now.
         saved = seed_dir.read_json("picks.json") if seed_dir.has("picks.json") else {}
+        selection_now = recipe_to_dict(srecipe)["selection"]
+        if saved.get("selection") != selection_now:  # picks made with other strategy options are stale
+            saved = {}
         picks: dict[str, dict[str, list[int]]] = saved.get("picks", {})
         scores: dict[str, dict[int, float]] = {s: {int(k): (math.nan if v is None else v) for k, v in d.items()}
                                                for s, d in saved.get("scores", {}).items()}
@@ -412,7 +429,7 @@ def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print)
             scores[strategy] = {int(k): float(v) for k, v in sel.scores.items()}
         if todo or not seed_dir.has("picks.json"):
             write_json_atomic(seed_dir / "picks.json", {"picks": picks, "scores": scores, "costs": seed_costs,
-                                                        "unpicked": unpicked})
+                                                        "unpicked": unpicked, "selection": selection_now})
         for label, by_s in unpicked.items():
             for strategy, why in by_s.items():
                 skipped.setdefault(f"{strategy} ({label})", why)

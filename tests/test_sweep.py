@@ -147,6 +147,14 @@ def test_sweep_end_to_end_resumes_and_writes_run_directories(tmp_path, bert_dir,
     before = len(calls)
     again = sweep_stage(recipe, out, progress=False, echo=lambda line: None)
     assert len(calls) == before and again["regret"] == report["regret"]
+    # a sweep may grow (another strategy): finished cells and picks are kept, only new pick cells train
+    grown = load_recipe(None, [*overrides, "sweep.strategies=[knee, stall, 'stall@stall_reference=min', last_k, "
+                                            "random_k, first_k, lisa]"])
+    bigger = sweep_stage(grown, out, progress=False, echo=lambda line: None)
+    new_cells = len(bigger["cells"]) - n_cells
+    assert len(calls) == before + 2 * 2 * new_cells
+    assert {k: v for k, v in bigger["regret"]["1_block"].items() if k != "lisa"} == report["regret"]["1_block"]
+    assert "lisa" in bigger["regret"]["1_block"]
 
 
 @pytest.mark.parametrize(("override", "needle"), [
@@ -182,9 +190,9 @@ def test_a_directory_with_another_sweep_is_refused(tmp_path, bert_dir, text_csv)
     out = tmp_path / "sweep"
     out.mkdir()
     recipe = load_recipe(None, recipe_overrides(bert_dir, text_csv, **{"sweep.seeds": "[0]"}))
-    other = load_recipe(None, recipe_overrides(bert_dir, text_csv, **{"sweep.seeds": "[1]"}))
+    other = load_recipe(None, recipe_overrides(bert_dir, text_csv, **{"sweep.seeds": "[0]", "train.epochs": 3}))
     runs.RunDir(out).write_recipe(other)
     before = tree_bytes(out)
-    with pytest.raises(UserError, match=r"another recipe \(sweep.seeds"):
+    with pytest.raises(UserError, match=r"another recipe \(train.epochs"):
         sweep_stage(recipe, out, progress=False)
     assert tree_bytes(out) == before
