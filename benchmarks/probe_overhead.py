@@ -188,7 +188,26 @@ def time_case(recipe_name: str, overrides: list[str], repeats: int) -> dict[str,
 
 
 def _rss_mb() -> float:
-    """Peak RSS of this process so far (``ru_maxrss``), in MB."""
+    """Peak RSS of this process since the last high-water reset, in MB.
+
+    Linux: ``VmHWM`` of ``/proc/self/status``, which ``clear_refs`` resets. Not ``ru_maxrss``: the kernel folds the
+    high-water mark into the process's ``maxrss`` whenever a thread exits (torch's worker threads do), so after a
+    reset ``ru_maxrss`` still reports the model-loading peak and hides the pass's own memory. Elsewhere
+    ``ru_maxrss``.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def _process_peak_mb() -> float:
+    """The whole process's peak RSS (``ru_maxrss``, never reset), in MB."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
@@ -252,11 +271,11 @@ def memory_worker(spec: dict[str, Any]) -> dict[str, Any]:
         metric = "torch.cuda.max_memory_allocated"
     else:
         peak = _rss_mb()
-        metric = "peak RSS during the pass (ru_maxrss after a high-water reset)" if reset_ok else \
-            "peak RSS of the process (ru_maxrss; high-water reset unavailable)"
+        metric = "peak RSS during the pass (VmHWM after a high-water reset)" if reset_ok else \
+            "peak RSS of the process (high-water reset unavailable)"
     return {"mode": spec["mode"], "samples": len(split), "device": str(device), "metric": metric,
             "peak_mb": peak, "before_mb": before, "compute_mb": peak - before if reset_ok else float("nan"),
-            "process_peak_mb": max(load_peak, _rss_mb()), "load_peak_rss_mb": load_peak,
+            "process_peak_mb": _process_peak_mb(), "load_peak_rss_mb": load_peak,
             "peak_reset": reset_ok, "seconds": seconds}
 
 
@@ -361,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-large", type=int, default=500, metavar="N",
                    help="samples per class of the large memory measurement, usually 10x --n-small (default 500)")
     p.add_argument("--skip-memory", action="store_true", help="time only; no memory subprocesses")
+    p.add_argument("--skip-timing", action="store_true", help="memory only (it does not depend on other load)")
     p.add_argument("--linear-probe", action="store_true",
                    help="include the per-layer logistic-regression probe (off by default, whatever the recipe says)")
     p.add_argument("--batch-size", type=int, default=None, help="forward batch size (default: the recipe's)")
@@ -421,12 +441,13 @@ def main(argv: list[str] | None = None) -> int:
         spc = [f"probe.samples_per_class={args.samples_per_class}"] if args.samples_per_class else []
         overrides = common_over + extra + spc
         entry: dict[str, Any] = {"case": case, "recipe": recipe, "overrides": overrides}
-        print(f"[{case}] timing forward vs probe ({args.repeats} repeats) ...", file=sys.stderr, flush=True)
-        try:
-            entry["timing"] = time_case(recipe, overrides, args.repeats)
-        except Exception as e:  # keep going: the other cases are still worth reporting
-            entry["timing"] = {"error": f"{type(e).__name__}: {e}"}
-            print(f"[{case}] timing failed: {e}", file=sys.stderr)
+        if not args.skip_timing:
+            print(f"[{case}] timing forward vs probe ({args.repeats} repeats) ...", file=sys.stderr, flush=True)
+            try:
+                entry["timing"] = time_case(recipe, overrides, args.repeats)
+            except Exception as e:  # keep going: the other cases are still worth reporting
+                entry["timing"] = {"error": f"{type(e).__name__}: {e}"}
+                print(f"[{case}] timing failed: {e}", file=sys.stderr)
         if not args.skip_memory:
             mem: dict[str, Any] = {}
             for size, n in (("small", args.n_small), ("large", args.n_large)):
@@ -440,12 +461,13 @@ def main(argv: list[str] | None = None) -> int:
             entry["memory"] = mem
         results.append(entry)
 
-    print("### Wall time (same process, alternating forward/probe, medians)\n")
-    print(timing_table(results))
     lp = "with" if args.linear_probe else "without"
-    print(f"\nprobe = every block + final feature, all metrics, {lp} the linear probe; both include "
-          f"backbone.prepare (tokenisation / resizing) and the same host-to-device copies. The ratio of minimums "
-          f"is less sensitive to other load on the machine; all repeats are in the JSON.\n")
+    if not args.skip_timing:
+        print("### Wall time (same process, alternating forward/probe, medians)\n")
+        print(timing_table(results))
+        print(f"\nprobe = every block + final feature, all metrics, {lp} the linear probe; both include "
+              f"backbone.prepare (tokenisation / resizing) and the same host-to-device copies. The ratio of "
+              f"minimums is less sensitive to other load on the machine; all repeats are in the JSON.\n")
     if not args.skip_memory:
         t1, t2 = memory_tables(results)
         metrics = {c["metric"] for r in results for s in ("small", "large")
@@ -464,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
                "results": results}
     path = write_results(args.out, payload)
     print(f"raw results: {path}")
-    failed = any("error" in r.get("timing", {}) for r in results) or any(
+    failed = any("error" in (r.get("timing") or {}) for r in results) or any(
         "error" in r.get("memory", {}).get(s, {}).get(m, {}) for r in results for s in ("small", "large")
         for m in ("forward", "probe"))
     return 1 if failed else 0

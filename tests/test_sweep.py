@@ -196,3 +196,26 @@ def test_a_directory_with_another_sweep_is_refused(tmp_path, bert_dir, text_csv)
     with pytest.raises(UserError, match=r"another recipe \(train.epochs"):
         sweep_stage(recipe, out, progress=False)
     assert tree_bytes(out) == before
+
+
+def test_report_renders_a_sweep(tmp_path) -> None:
+    from nc_finetune.report.render import render_report
+    from nc_finetune.sweep import plot_sweep
+
+    acc = {0: [0.70, 0.75], 1: [0.80, 0.78], 2: [0.91, 0.88], 3: [0.85, 0.86]}
+    cells = [_cell((i,), dict(enumerate(a))) for i, a in acc.items()]
+    picks = {s: {"1_block": {"knee": [2], "last_k": [3]}} for s in (0, 1)}
+    scores = {s: {"knee": {0: 0.0, 1: 1.0, 2: 3.0, 3: 2.0}, "last_k": {i: float(i) for i in range(4)}} for s in (0, 1)}
+    rep = summarize(cells, picks, scores, [SweepBudget(max_blocks=1)], [0, 1], backbone_params=100)
+    rep.update({"backbone": "tiny", "dataset": "toy", "seeds": [0, 1], "lr_grid": [1e-3],
+                "blocks": [{"index": b.index, "name": b.name, "num_params": b.num_params} for b in BLOCKS],
+                "probe": {"0": [{"index": i, "name": f"layer.{i}", "nc1": 4.0 / (i + 1), "nc1_trace": 1.0,
+                                 "cdnv": 0.5} for i in range(4)]}})
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / runs.SWEEP).write_text(json.dumps(rep))
+    plot_sweep(rep, out / runs.SWEEP_PLOT)
+    text = render_report(out).read_text()
+    assert "- kind: sweep" in text and "![per-block accuracy and collapse](sweep.png)" in text
+    assert "oracle (best mean test accuracy of 4 block sets): `layer.2`" in text
+    assert "| knee | +0.00 |" in text and "| last_k | +4.00 |" in text

@@ -28,7 +28,7 @@ from nc_finetune.errors import UserError
 from nc_finetune.utils.io import atomic_write, write_text_atomic
 
 #: Files whose presence makes a directory renderable.
-MARKERS = ("probe.json", "summary.json", "rank.json", "ufm.json")
+MARKERS = ("probe.json", "summary.json", "rank.json", "sweep.json", "ufm.json")
 
 # Per-layer columns after index/name/dim: (key, format), shown when any layer has the key.
 _LAYER_COLUMNS = (
@@ -76,13 +76,16 @@ def render_report(run_dir: Path, out: Path | None = None) -> Path:
     if not isinstance(selection, Mapping):
         selection = None
     rank = _load_json(run_dir / "rank.json")
+    sweep = _load_json(run_dir / "sweep.json")
     ufm = _load_json(run_dir / "ufm.json")
     metrics_path = run_dir / "metrics.jsonl"
     metrics = _load_jsonl(metrics_path) if metrics_path.is_file() else None
     page = _Page(run_dir, report.parent)
     page.dest.mkdir(parents=True, exist_ok=True)
 
-    lines = _header(run_dir, probe, summary, rank, ufm)
+    lines = _header(run_dir, probe, summary, rank, ufm, sweep)
+    if sweep is not None:
+        lines += _sweep_section(page, sweep)
     if probe is not None:
         lines += _probe_section(page, probe, selection)
     if selection:
@@ -121,8 +124,9 @@ class _Page:
         return True
 
 
-def _header(run_dir: Path, probe: Any, summary: dict | None, rank: dict | None, ufm: dict | None) -> list[str]:
-    kinds = []
+def _header(run_dir: Path, probe: Any, summary: dict | None, rank: dict | None, ufm: dict | None,
+            sweep: dict | None = None) -> list[str]:
+    kinds = ["sweep"] if sweep is not None else []
     if summary is not None:
         kinds.append("run")
     elif (run_dir / "metrics.jsonl").is_file():
@@ -137,7 +141,7 @@ def _header(run_dir: Path, probe: Any, summary: dict | None, rank: dict | None, 
     s = summary or {}
     recipe = _load_yaml(run_dir / "resolved.yaml")
     backbone = s.get("backbone") or meta.get("backbone") or _dig(recipe, "backbone", "name") or (rank or {}).get(
-        "backbone")
+        "backbone") or (sweep or {}).get("backbone")
     dataset = s.get("dataset") or meta.get("dataset") or _dig(recipe, "data", "name") or (rank or {}).get("dataset")
     lines = [f"# nc-finetune report: `{run_dir.name or run_dir}`", "", f"- kind: {' + '.join(kinds)}"]
     if backbone:
@@ -312,6 +316,39 @@ def _rank_section(page: _Page, rank: Mapping[str, Any]) -> list[str]:
         lines += ["### Rank correlations", "", *_table(header, body), ""]
     if page.existing_image("rank.png"):
         lines += ["![rank](rank.png)", ""]
+    return lines
+
+
+def _sweep_section(page: _Page, sweep: Mapping[str, Any]) -> list[str]:
+    """The per-block curve, the oracle and every strategy's regret per budget (``nc-finetune sweep``)."""
+    lines = ["## Sweep: each block set tuned alone", "",
+             f"- seeds: {', '.join(map(str, sweep.get('seeds', [])))}; learning rates: "
+             f"{', '.join(f'{x:g}' for x in sweep.get('lr_grid', []))} (chosen on validation per block set)", ""]
+    if page.existing_image("sweep.png"):
+        lines += ["![per-block accuracy and collapse](sweep.png)", ""]
+    cells = [c for c in sweep.get("cells") or [] if isinstance(c, Mapping)]
+    if cells:
+        rows = [[" + ".join(c.get("names", [])), c.get("kind", ""), _int(c.get("block_params")), _fmt(c.get("lr")),
+                 _pct(c.get("mean_test")), _pct(c.get("sd_test")), _pct(c.get("mean_val"))] for c in cells]
+        lines += [f"### Block sets ({len(cells)})", "",
+                  *_table(["blocks", "kind", "block params", "lr", "test (mean)", "sd", "val (mean)"], rows), ""]
+    for label, oracle in (sweep.get("oracle") or {}).items():
+        best = oracle.get("by_test") or {}
+        by_val = oracle.get("by_val") or {}
+        lines += [f"### Budget {label}", "",
+                  f"- oracle (best mean test accuracy of {oracle.get('searched')} block sets): "
+                  f"`{' + '.join(best.get('blocks', []))}` at {_pct(best.get('mean_test'))}"
+                  + (f"; best by validation: `{' + '.join(by_val.get('blocks', []))}`" if by_val else ""), ""]
+        table = (sweep.get("regret") or {}).get(label) or {}
+        rows = []
+        for strategy, r in sorted(table.items(), key=lambda kv: (kv[1].get("mean") is None, kv[1].get("mean") or 0)):
+            ci = r.get("ci95")
+            picks = sorted({" + ".join(p) for p in (r.get("picks") or {}).values() if p})
+            rows.append([strategy, _fmt(r.get("mean"), "+.2f"), f"[{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "—",
+                         _fmt(r.get("kendall_tau"), "+.2f"), _fmt(r.get("weighted_tau"), "+.2f"),
+                         _fmt(r.get("cost_seconds"), ".1f"), "; ".join(picks)])
+        if rows:
+            lines += [*_table(["strategy", "regret (points)", "95% CI", "τ", "τ_w", "cost (s)", "picks"], rows), ""]
     return lines
 
 
