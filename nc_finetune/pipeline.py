@@ -175,7 +175,7 @@ def run_select_stage(recipe: Recipe, backbone, probe_result, prepared: PreparedD
     rgn = None
     if s.strategy == "auto_rgn":
         seed_everything(recipe.train.seed)
-        tmp = build_classifier(backbone, num_classes, method="full")
+        tmp = build_classifier(backbone, num_classes, method="full", copy_backbone=False)  # restored below
         split = prepared.data.train
         rng = np.random.default_rng(recipe.selection.seed)
         bs = 64  # as in the surgical fine-tuning code
@@ -286,7 +286,7 @@ def build_recipe_classifier(recipe: Recipe, backbone, num_classes: int, selectio
     seed_everything(recipe.train.seed)  # the head / LoRA init must not depend on what ran before
     return build_classifier(backbone, num_classes, method=a.method, selection=selection, skip_dim=skip_dim,
                             wiring=a.scl_wiring, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
-                            lora_dropout=a.lora_dropout, freeze_bn=a.freeze_bn)
+                            lora_dropout=a.lora_dropout, freeze_bn=a.freeze_bn, copy_backbone=False)
 
 
 def scl_skip_dim(recipe: Recipe, backbone, selection, probe_result, split) -> int | None:

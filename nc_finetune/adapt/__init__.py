@@ -19,6 +19,7 @@ prefix deterministic so its outputs can be cached (see :mod:`nc_finetune.train.c
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,13 +167,13 @@ def is_head_param(param_name: str) -> bool:
 
 def build_classifier(backbone, num_classes: int, *, method: str, selection=None, skip_dim: int | None = None,
                      wiring: str = "add", lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
-                     freeze_bn: bool = True) -> AdaptedModel:
+                     freeze_bn: bool = True, copy_backbone: bool = True) -> AdaptedModel:
     """Build the classifier for ``method`` and freeze everything that must not train.
 
     Call :func:`nc_finetune.utils.env.seed_everything` first: the head (and LoRA matrices) are initialised here.
 
     Args:
-        backbone: A :class:`~nc_finetune.backbones.Backbone` (its model is used in place).
+        backbone: A :class:`~nc_finetune.backbones.Backbone`.
         num_classes: K.
         method: One of :data:`METHODS`.
         selection: The :class:`~nc_finetune.select.Selection` of blocks; ignored by ``linear_probe``/``full``.
@@ -182,6 +183,9 @@ def build_classifier(backbone, num_classes: int, *, method: str, selection=None,
         lora_alpha: LoRA alpha.
         lora_dropout: LoRA dropout.
         freeze_bn: Keep BatchNorm running statistics frozen in trainable blocks.
+        copy_backbone: Build on a deep copy of ``backbone.model`` so the backbone stays as it was (no frozen
+            parameters, LoRA layers or skip hooks left behind) and can build another classifier. ``False`` uses the
+            model in place (no second copy in memory) when the backbone is not used again.
 
     Raises:
         ConfigError: unknown method, empty selection, or a block name that matches no module.
@@ -198,7 +202,8 @@ def build_classifier(backbone, num_classes: int, *, method: str, selection=None,
     order = {b.name: b.index for b in backbone.blocks}
     blocks = sorted(block_names, key=lambda n: order.get(n, 0)) if method not in ("linear_probe", "full") else []
     skip = blocks[-1] if method == "scl" else None
-    model = Classifier(backbone.model, backbone.feature_dim, num_classes, pool=backbone.pool, skip_block=skip,
+    backbone_model = copy.deepcopy(backbone.model) if copy_backbone else backbone.model
+    model = Classifier(backbone_model, backbone.feature_dim, num_classes, pool=backbone.pool, skip_block=skip,
                        skip_dim=skip_dim, wiring=wiring)
     model.requires_grad_(method == "full")
     model.nc_head.requires_grad_(True)

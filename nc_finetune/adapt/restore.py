@@ -116,7 +116,7 @@ def _merge_lora(backbone, run_dir: Path, src, weights: dict) -> dict:
     a = src.adapt
     adapted = build_classifier(backbone, int(head.shape[0]), method="lora",
                                selection=Selection.load(run_dir / "selection.json"), lora_r=a.lora_r,
-                               lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout)
+                               lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, copy_backbone=False)
     prefix = _PEFT_PREFIX + _BACKBONE_PREFIX
     # Only the backbone part is loaded: the head is dropped anyway, and its input width differs from this
     # backbone's when the run was truncated (backbone.truncate_at).
