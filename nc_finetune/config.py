@@ -132,7 +132,8 @@ class TrainConfig:
 
     epochs: int = 1
     max_steps: int | None = None
-    """Stop after this many optimizer steps (overrides ``epochs`` when reached first)."""
+    """Train for exactly this many optimizer steps, across as many epochs as needed (replaces ``epochs``, as in
+    HF Trainer)."""
     batch_size: int = 32
     """Per-process micro-batch size."""
     eval_batch_size: int = 128

@@ -221,9 +221,9 @@ class Trainer:
         n_train = len(self.data.train)
         micro_per_epoch = len(epoch_batches(n_train, cfg.batch_size, self.world, self.rank, cfg.seed, 0))
         steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.grad_accum_steps))
-        total_steps = steps_per_epoch * cfg.epochs
-        if cfg.max_steps is not None:
-            total_steps = min(total_steps, cfg.max_steps)
+        # As in HF Trainer, max_steps wins over epochs: training runs as many epochs as the steps need.
+        total_steps = cfg.max_steps if cfg.max_steps is not None else steps_per_epoch * cfg.epochs
+        num_epochs = math.ceil(total_steps / steps_per_epoch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, cfg.warmup_ratio))
         model, optimizer = acc.prepare(model, optimizer)
 
@@ -256,7 +256,7 @@ class Trainer:
         stopped_early = bool(pos.get("stopped_early", False))  # a resumed run that had stopped early stays stopped
         running = pos["running"]  # losses since the last log line (a list shared with `pos`)
         try:
-            while pos["epoch"] < cfg.epochs and pos["step"] < total_steps and not stopped_early:
+            while pos["epoch"] < num_epochs and pos["step"] < total_steps and not stopped_early:
                 epoch = pos["epoch"]
                 batches = epoch_batches(n_train, cfg.batch_size, self.world, self.rank, cfg.seed, epoch)
                 self.adapted.train_mode()
