@@ -49,6 +49,12 @@ def resolve_recipe_path(name: str) -> Path:
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML file, or the name of a built-in recipe (see `nc-finetune ls`)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. probe.batch_size=32")
+    _add_print_config(p)
+
+
+def _add_print_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved recipe (YAML, overrides applied) and exit without loading anything")
 
 
 def _add_out_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -98,6 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="data.KEY=VALUE",
                    help="change the run's data section (other sections describe the trained model and stay)")
     p.add_argument("--split", default="test", choices=["test", "train"])
+    p.add_argument("--batch-size", type=int, default=None)
+    _add_print_config(p)
+
+    p = sub.add_parser("predict", help="per-sample predictions and probabilities of a finished run on new data",
+                       description="Rebuild the model of a finished run from DIR and write one row per input of DATA "
+                                   "to --out (.csv or .jsonl): predicted class name and id, its probability and "
+                                   "every class's probability (and the label when DATA has the run's label column). "
+                                   "DATA: a table (.csv .tsv .json .jsonl .parquet) with a text column for a text "
+                                   "model; an image file or a directory of images for an image model.")
+    p.add_argument("run_dir", type=Path, metavar="DIR")
+    p.add_argument("data", type=Path, metavar="DATA")
+    p.add_argument("--out", required=True, type=Path, metavar="FILE", help="predictions file (.csv or .jsonl)")
+    p.add_argument("--column", default=None, help="text column of DATA (default: the run's data.text_column, "
+                                                  "else text/sentence/content/review)")
     p.add_argument("--batch-size", type=int, default=None)
 
     p = sub.add_parser("rank", help="rank candidate backbones and their layers by downstream collapse -> rank.json",
@@ -184,6 +204,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from nc_finetune.predict import predict_stage
+
+    r = predict_stage(args.run_dir, args.data, args.out, column=args.column, batch_size=args.batch_size)
+    acc = f"; accuracy {r['accuracy']:.4f} against its labels" if r.get("accuracy") is not None else ""
+    print(f"wrote {r['rows']} predictions over {len(r['class_names'])} classes to {r['out']}{acc}")
+    return 0
+
+
 def _cmd_rank(args: argparse.Namespace) -> int:
     from nc_finetune.config import load_recipe
     from nc_finetune.pipeline import rank_stage
@@ -263,19 +292,48 @@ def _silence_library_progress_bars() -> None:
 
 
 _COMMANDS = {"probe": _cmd_probe, "select": _cmd_select, "run": _cmd_run, "eval": _cmd_eval,
-             "rank": _cmd_rank, "report": _cmd_report, "ufm": _cmd_ufm, "validate": _cmd_validate, "ls": _cmd_ls}
+             "predict": _cmd_predict, "rank": _cmd_rank, "report": _cmd_report, "ufm": _cmd_ufm,
+             "validate": _cmd_validate, "ls": _cmd_ls}
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse with ``key=value`` overrides accepted anywhere (before or after options); ``--print-config`` needs no
+    ``--out``. (argparse's ``parse_intermixed_args`` does not support subcommands.)"""
+    if "--print-config" in argv:
+        for action in parser._subparsers._group_actions[0].choices.values():  # every subcommand's parser
+            for a in action._actions:
+                a.required = a.required and a.dest != "out"
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _print_config(args: argparse.Namespace) -> int:
+    """``--print-config``: the resolved recipe as YAML (a run directory's for ``eval``)."""
+    from nc_finetune.config import dump_recipe, load_recipe
+
+    path = args.run_dir / "resolved.yaml" if args.command == "eval" else resolve_recipe_path(args.recipe)
+    if not path.is_file():
+        raise UserError(f"{args.run_dir} holds no run (no resolved.yaml)")
+    print(dump_recipe(load_recipe(path, args.overrides)), end="")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``nc-finetune`` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, sys.argv[1:] if argv is None else argv)
     if args.command is None:
         parser.print_help()
         return 2
     if getattr(args, "quiet", False):
         _silence_library_progress_bars()
     try:
+        if getattr(args, "print_config", False):
+            return _print_config(args)
         return _COMMANDS[args.command](args)
     except UserError as e:
         print(f"nc-finetune {args.command}: error: {e}", file=sys.stderr)
