@@ -160,7 +160,7 @@ class Selection:
         r: int = 8,
         alpha: int = 16,
         dropout: float = 0.0,
-        head: str | Sequence[str] = "head",
+        head: str | Sequence[str] | None = None,
     ) -> dict[str, Any]:
         """Keyword arguments for ``peft.LoraConfig`` that adapt exactly the selected blocks.
 
@@ -174,14 +174,17 @@ class Selection:
             r: LoRA rank.
             alpha: ``lora_alpha``.
             dropout: ``lora_dropout``.
-            head: Name(s) of the head module(s) in ``model``, for ``modules_to_save``.
+            head: Name(s) of the head module(s) in ``model``, for ``modules_to_save``; default: ``nc_head`` (the
+                head of :func:`~nc_finetune.adapt.build_classifier`'s classifier) when ``model`` has one, else ``head``.
 
         Raises:
             ConfigError: a selected block is not a module of ``model``, contains no adaptable module, or contains a
                 module that peft would skip because it matches the head's name.
         """
-        heads = [head] if isinstance(head, str) else list(head)
         modules = dict(model.named_modules())
+        if head is None:
+            head = "nc_head" if "nc_head" in modules else "head"
+        heads = [head] if isinstance(head, str) else list(head)
         adaptable = _adaptable_types()
         targets: list[str] = []
         for name in self.module_names:
