@@ -145,6 +145,9 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     grad_accum_steps: int = 1
     max_grad_norm: float | None = 1.0
+    class_weights: Literal["balanced"] | None = None
+    """``balanced``: weight the training loss of class k by N / (K * n_k) (as sklearn's ``compute_class_weight``);
+    for imbalanced data (the trainer warns when one class exceeds 60% of it)."""
     precision: Literal["no", "bf16", "fp16"] = "no"
     val_fraction: float = 0.0
     """Held-out share of the training split for early stopping (0: no validation split)."""

@@ -14,6 +14,7 @@ import math
 import resource
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,16 @@ from nc_finetune.data import Split
 from nc_finetune.errors import UserError
 from nc_finetune.train.cache import PrefixCache
 from nc_finetune.train.checkpoint import load_checkpoint, save_checkpoint, save_weights, set_rng_state
+from nc_finetune.train.metrics import (
+    balanced_class_weights,
+    confusion_counts,
+    imbalance_message,
+    metrics_from_confusion,
+)
 from nc_finetune.utils.io import write_text_atomic
+
+#: Keys of :func:`~nc_finetune.train.metrics.metrics_from_confusion` copied to the summary per split.
+_CLASS_METRICS = ("macro_f1", "per_class_accuracy", "confusion_matrix")
 
 
 class StopTraining(Exception):
@@ -128,6 +138,16 @@ class Trainer:
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.cache: PrefixCache | None = None
+        self.num_classes = next(p.shape[0] for n, p in adapted.model.named_parameters()
+                                if "nc_head" in n.split(".") and n.endswith("weight"))
+        labels = np.asarray(data.train.labels)
+        self.class_weights = None
+        if cfg.class_weights == "balanced":
+            self.class_weights = torch.as_tensor(balanced_class_weights(labels, self.num_classes),
+                                                 dtype=torch.float32, device=self.device)
+        warning = imbalance_message(labels, self.num_classes, cfg.class_weights)
+        if warning and self.rank == 0:
+            warnings.warn(warning, UserWarning, stacklevel=2)
 
     # -- data ---------------------------------------------------------------------------------------------------
     def _inputs(self, split_name: str, split: Split, idx: np.ndarray, train: bool) -> dict[str, torch.Tensor]:
@@ -170,10 +190,13 @@ class Trainer:
                 "megabytes": cache.nbytes / 2**20, "build_seconds": time.perf_counter() - start}
 
     # -- evaluation ---------------------------------------------------------------------------------------------
-    def evaluate(self, split_name: str, split: Split) -> dict[str, float]:
-        """Accuracy and mean CE loss on a split (sharded over ranks, summed)."""
+    def evaluate(self, split_name: str, split: Split) -> dict[str, Any]:
+        """Accuracy, mean CE loss, macro-F1, per-class accuracy and the confusion matrix on a split (sharded over
+        ranks; the loss sum and the K x K confusion matrix are summed across ranks)."""
         model = self.adapted.model
-        correct = total = loss_sum = 0.0
+        K = self.num_classes
+        cm = torch.zeros(K, K, dtype=torch.int64, device=self.device)
+        loss_sum = 0.0
         idx_all = np.arange(self.rank, len(split), self.world)
         bs = self.cfg.eval_batch_size
         with torch.no_grad(), eval_mode(model), self._replay():
@@ -184,11 +207,14 @@ class Trainer:
                 with self.accelerator.autocast():
                     logits = model(**inputs)
                 loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
-                correct += float((logits.argmax(1) == y).sum())
-                total += len(idx)
-        t = torch.tensor([correct, total, loss_sum], dtype=torch.float64, device=self.device)
-        t = self.accelerator.reduce(t, reduction="sum") if self.world > 1 else t
-        return {"accuracy": float(t[0] / t[1]), "loss": float(t[2] / t[1]), "samples": int(t[1])}
+                cm += confusion_counts(y, logits.argmax(1), K)
+        loss = torch.tensor([loss_sum], dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            cm, loss = self.accelerator.reduce(cm, reduction="sum"), self.accelerator.reduce(loss, reduction="sum")
+        total = int(cm.sum())
+        m = metrics_from_confusion(cm)
+        mean_loss = float(loss[0]) / total if total else math.nan
+        return {"accuracy": m.pop("accuracy"), "loss": mean_loss, "samples": total, **m}
 
     def _replay(self):
         return self.cache.replay() if self.cache is not None else contextlib.nullcontext()
@@ -269,7 +295,7 @@ class Trainer:
                         sync = (pos["micro"] + 1) % cfg.grad_accum_steps == 0 or pos["micro"] + 1 == len(batches)
                         ctx = acc.no_sync(model) if not sync and self.world > 1 else contextlib.nullcontext()
                         with ctx, acc.autocast():
-                            loss = F.cross_entropy(model(**inputs).float(), y)
+                            loss = F.cross_entropy(model(**inputs).float(), y, weight=self.class_weights)
                             acc.backward(loss / cfg.grad_accum_steps)
                         running.append(loss.item())
                         pos["micro"] += 1
@@ -315,6 +341,7 @@ class Trainer:
             "test_accuracy": test["accuracy"],
             "test_loss": test["loss"],
             "test_samples": test["samples"],
+            **{f"test_{k}": test[k] for k in _CLASS_METRICS},
             **counts,
             "trainable_fraction": counts["trainable_params"] / counts["total_params"],
             "train_seconds": pos["train_seconds"],
@@ -327,6 +354,9 @@ class Trainer:
             "world_size": self.world,
             "prefix_cache": cache_info,
         }
+        if self.data.val is not None:  # the returned model's (the best one's when early stopping kept it)
+            val = self.evaluate("val", self.data.val)
+            summary.update({f"val_{k}": val[k] for k in ("accuracy", "loss", "samples", *_CLASS_METRICS)})
         self._log({"step": pos["step"], "epoch": pos["epoch"], "split": "final_test", **test})
         return summary
 
