@@ -7,6 +7,7 @@ optional ``dotted.key=value`` overrides. Bad input exits with status 2 and one l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -155,11 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cmd_probe(args: argparse.Namespace) -> int:
+def _load_recipe(args: argparse.Namespace):
+    """The command's recipe; under torchrun / accelerate launch also the process group (before the probe)."""
     from nc_finetune.config import load_recipe
+    from nc_finetune.utils.dist import check_launch, start_distributed
+
+    check_launch()
+    recipe = load_recipe(resolve_recipe_path(args.recipe), args.overrides)
+    start_distributed(recipe.train.device)
+    return recipe
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
     from nc_finetune.pipeline import run_probe_stage
 
-    recipe = load_recipe(resolve_recipe_path(args.recipe), args.overrides)
+    recipe = _load_recipe(args)
     result = run_probe_stage(recipe, args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(result.format_table())
     m = result.meta
@@ -169,10 +180,9 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _cmd_select(args: argparse.Namespace) -> int:
-    from nc_finetune.config import load_recipe
     from nc_finetune.pipeline import select_stage
 
-    recipe = load_recipe(resolve_recipe_path(args.recipe), args.overrides)
+    recipe = _load_recipe(args)
     selection = select_stage(recipe, args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(selection.explain())
     print(f"wrote {args.out / 'selection.json'}")
@@ -180,10 +190,9 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from nc_finetune.config import load_recipe
     from nc_finetune.pipeline import run_stage
 
-    recipe = load_recipe(resolve_recipe_path(args.recipe), args.overrides)
+    recipe = _load_recipe(args)
     s = run_stage(recipe, args.out, resume=args.resume, progress=not args.quiet)
     print(f"{s['method']} on {s['dataset']}: test accuracy {s['test_accuracy']:.4f}; "
           f"{s['trainable_params']:,} of {s['total_params']:,} parameters trained "
@@ -199,7 +208,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     r = eval_stage(args.run_dir, split=args.split, batch_size=args.batch_size, data_overrides=args.overrides)
     shifted = f" ({' '.join(args.overrides)})" if args.overrides else ""
-    print(f"{args.run_dir} {r['split']}{shifted}: accuracy {r['accuracy']:.4f}, loss {r['loss']:.4f} "
+    print(f"{args.run_dir} {r['split']}{shifted}: accuracy {r['accuracy']:.4f}, macro-F1 {r['macro_f1']:.4f}, "
+          f"loss {r['loss']:.4f} "
           f"on {r['samples']} samples")
     return 0
 
@@ -214,10 +224,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_rank(args: argparse.Namespace) -> int:
-    from nc_finetune.config import load_recipe
     from nc_finetune.pipeline import rank_stage
 
-    recipe = load_recipe(resolve_recipe_path(args.recipe), args.overrides)
+    recipe = _load_recipe(args)
     report = rank_stage(recipe, args.out, overwrite=args.overwrite, progress=not args.quiet)
     truth = report["truth_key"]
     print(f"{len(report['rows'])} candidates on {report['dataset']}; ground truth: {truth}")
@@ -334,7 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "print_config", False):
             return _print_config(args)
-        return _COMMANDS[args.command](args)
+        from nc_finetune.utils.dist import launch_rank
+
+        with open(os.devnull, "w") if launch_rank() != 0 else contextlib.nullcontext(sys.stdout) as stdout, \
+                contextlib.redirect_stdout(stdout):  # several processes: only rank 0 prints
+            return _COMMANDS[args.command](args)
     except UserError as e:
         print(f"nc-finetune {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ import numpy as np
 
 from nc_finetune.config import Recipe, dump_recipe, load_recipe, recipe_to_dict
 from nc_finetune.errors import ConfigError, DataError, UserError
+from nc_finetune.utils.dist import is_main_process
 from nc_finetune.utils.io import write_text_atomic
 
 
@@ -104,7 +105,7 @@ def run_probe_stage(recipe: Recipe, out: Path | None, *, overwrite: bool = False
     result = probe(backbone, prepared.probe_split, data.num_classes, batch_size=p.batch_size, layers=p.layers,
                    ncc_samples=p.ncc_samples, linear_probe=p.linear_probe, autocast=p.autocast, device=p.device,
                    seed=p.seed, progress=progress, meta=meta)
-    if out is not None:
+    if out is not None and is_main_process():  # several processes: rank 0 writes
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "resolved.yaml", dump_recipe(recipe))
         result.save(out / "probe.json")
@@ -232,7 +233,8 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
     data = prepared.data
     K = data.num_classes
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "resolved.yaml", dump_recipe(recipe))
+    if is_main_process():
+        write_text_atomic(out / "resolved.yaml", dump_recipe(recipe))
 
     seed_everything(recipe.train.seed)
     backbone = load_recipe_backbone(recipe)
@@ -247,7 +249,8 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
         selection = Selection.load(out / "selection.json")
     else:
         selection = run_select_stage(recipe, backbone, probe_result, prepared, K)
-        selection.save(out / "selection.json")
+        if is_main_process():
+            selection.save(out / "selection.json")
 
     adapted = build_recipe_classifier(recipe, backbone, K, selection, probe_result, data.train)
     t = recipe.train
@@ -341,7 +344,8 @@ def select_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress
         probe_result = run_probe_stage(recipe, out, overwrite=True, progress=progress, prepared=prepared,
                                        backbone=backbone)
     selection = run_select_stage(recipe, backbone, probe_result, prepared, prepared.data.num_classes)
-    selection.save(out / "selection.json")
+    if is_main_process():
+        selection.save(out / "selection.json")
     return selection
 
 
@@ -461,8 +465,9 @@ def rank_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress: 
                        meta={"dataset": data.name, "candidate": label})
         cand_dir = out / "candidates" / slug
         cand_dir.mkdir(parents=True, exist_ok=True)
-        result.save(cand_dir / "probe.json")
-        plot_probe(result, cand_dir / "probe.png")
+        if is_main_process():
+            result.save(cand_dir / "probe.json")
+            plot_probe(result, cand_dir / "probe.png")
         last = result.layers[-1]
         row = {"name": label, "backbone": cfg.name, "pretrained": cfg.pretrained, "params": backbone.num_params(),
                "probe_seconds": result.meta["seconds"], **{k: last[k] for k in _SCORE_KEYS if k in last}}
@@ -481,6 +486,7 @@ def rank_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress: 
     report = {"dataset": data.name, "num_classes": data.num_classes, "probe_samples": len(prepared.probe_split),
               **table, "truth_key": truth, "rows": rows, "layers": layers, "recipe": recipe_to_dict(recipe),
               "versions": library_versions()}
-    write_json_atomic(out / "rank.json", report)
-    plot_rank(rows, truth, out / "rank.png", title=f"{len(rows)} backbones on {data.name}: scores vs {truth}")
+    if is_main_process():
+        write_json_atomic(out / "rank.json", report)
+        plot_rank(rows, truth, out / "rank.png", title=f"{len(rows)} backbones on {data.name}: scores vs {truth}")
     return report

@@ -216,6 +216,13 @@ class Trainer:
         mean_loss = float(loss[0]) / total if total else math.nan
         return {"accuracy": m.pop("accuracy"), "loss": mean_loss, "samples": total, **m}
 
+    def _rank_mean(self, values: list[float]) -> list[float]:
+        """Element-wise mean over ranks (every rank holds as many values: the same micro-batch count)."""
+        if self.world == 1 or not values:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        return (self.accelerator.reduce(t, reduction="sum") / self.world).tolist()
+
     def _replay(self):
         return self.cache.replay() if self.cache is not None else contextlib.nullcontext()
 
@@ -272,6 +279,7 @@ class Trainer:
                 (self.out / stale).unlink(missing_ok=True)
 
         def checkpoint() -> None:
+            running[:] = self._rank_mean(running)  # position.json holds the losses of every rank, averaged
             if self.rank == 0:
                 weights = self.adapted.trainable_state_dict()
                 save_checkpoint(ckpt_dir, weights, optimizer.state_dict(), scheduler.state_dict(), pos)
@@ -310,9 +318,10 @@ class Trainer:
                         pos["step"] += 1
                         bar.update(1)
                         if pos["step"] % cfg.log_every == 0 or pos["step"] == total_steps:
-                            self._log({"step": pos["step"], "epoch": epoch, "loss": float(np.mean(running)),
+                            mean_loss = float(np.mean(self._rank_mean(running)))  # over steps and ranks
+                            self._log({"step": pos["step"], "epoch": epoch, "loss": mean_loss,
                                        "lr": scheduler.get_last_lr()[-1]})
-                            bar.set_postfix(loss=f"{np.mean(running):.4f}")
+                            bar.set_postfix(loss=f"{mean_loss:.4f}")
                             running.clear()
                         if pos["step"] % cfg.checkpoint_every == 0 and pos["micro"] < len(batches):
                             pos["train_seconds"] += time.perf_counter() - t0
