@@ -158,6 +158,9 @@ class TrainConfig:
     cache_prefix: Literal["auto", "on", "off"] = "auto"
     """Cache the frozen prefix's outputs (``auto``: whenever it is valid)."""
     log_every: int = 10
+    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
+    """Experiment trackers (accelerate's) that receive the logged loss, learning rate and evaluations; the package
+    must be installed. TensorBoard writes to ``<run dir>/nc-finetune/``."""
     checkpoint_every: int = 100
     """Optimizer steps between checkpoints (and one at every epoch end)."""
     seed: int = 0

@@ -218,6 +218,7 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
     from nc_finetune.select import Selection
     from nc_finetune.train.checkpoint import has_checkpoint
     from nc_finetune.train.loop import TrainData, Trainer
+    from nc_finetune.train.tracking import check_trackers
     from nc_finetune.utils.env import library_versions, seed_everything
     from nc_finetune.utils.io import write_json_atomic
 
@@ -229,6 +230,7 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
         if existing:
             raise UserError(f"{out} already holds a run ({', '.join(existing)}); continue it with --resume "
                             f"or choose another --out")
+    check_trackers(recipe.train.report_to)
     prepared = prepare_data(recipe)  # validates the data before any model is built
     data = prepared.data
     K = data.num_classes

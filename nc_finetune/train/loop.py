@@ -37,6 +37,7 @@ from nc_finetune.train.metrics import (
     imbalance_message,
     metrics_from_confusion,
 )
+from nc_finetune.train.tracking import PROJECT, accelerate_trackers, check_trackers, scalars, tracker_config
 from nc_finetune.utils.io import write_text_atomic
 
 #: Keys of :func:`~nc_finetune.train.metrics.metrics_from_confusion` copied to the summary per split.
@@ -132,7 +133,10 @@ class Trainer:
         precision = cfg.precision
         if precision == "fp16" and cpu:
             precision = "bf16"  # fp16 autocast is GPU-only
-        self.accelerator = Accelerator(cpu=cpu, mixed_precision=precision,
+        check_trackers(cfg.report_to)
+        log_with = accelerate_trackers(cfg.report_to) or None
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=precision, log_with=log_with,
+                                       project_dir=str(self.out) if log_with else None,
                                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
         self.device = self.accelerator.device
         self.world = self.accelerator.num_processes
@@ -231,6 +235,8 @@ class Trainer:
         if self.rank == 0:
             with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.cfg.report_to:
+            self.accelerator.log(scalars(record), step=record["step"])
 
     def _truncate_log(self, step: int) -> None:
         """On resume, drop log lines written after the checkpoint so the log matches an uninterrupted run."""
@@ -259,6 +265,8 @@ class Trainer:
         num_epochs = math.ceil(total_steps / steps_per_epoch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, cfg.warmup_ratio))
         model, optimizer = acc.prepare(model, optimizer)
+        if cfg.report_to:
+            acc.init_trackers(PROJECT, config=tracker_config(cfg))
 
         # Everything needed to continue exactly where a checkpoint left off (saved as position.json).
         pos = {"epoch": 0, "micro": 0, "step": 0, "best_val": None, "bad_evals": 0, "stopped_early": False,
@@ -367,6 +375,8 @@ class Trainer:
             val = self.evaluate("val", self.data.val)
             summary.update({f"val_{k}": val[k] for k in ("accuracy", "loss", "samples", *_CLASS_METRICS)})
         self._log({"step": pos["step"], "epoch": pos["epoch"], "split": "final_test", **test})
+        if cfg.report_to:
+            acc.end_training()
         return summary
 
     def _end_of_epoch(self, epoch: int, pos: dict[str, Any]) -> bool:
