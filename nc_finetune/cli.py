@@ -209,8 +209,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     r = eval_stage(args.run_dir, split=args.split, batch_size=args.batch_size, data_overrides=args.overrides)
     shifted = f" ({' '.join(args.overrides)})" if args.overrides else ""
     print(f"{args.run_dir} {r['split']}{shifted}: accuracy {r['accuracy']:.4f}, macro-F1 {r['macro_f1']:.4f}, "
-          f"loss {r['loss']:.4f} "
-          f"on {r['samples']} samples")
+          f"loss {r['loss']:.4f} on {r['samples']} samples")
     return 0
 
 
@@ -309,8 +308,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
     """Parse with ``key=value`` overrides accepted anywhere (before or after options); ``--print-config`` needs no
     ``--out``. (argparse's ``parse_intermixed_args`` does not support subcommands.)"""
     if "--print-config" in argv:
-        for action in parser._subparsers._group_actions[0].choices.values():  # every subcommand's parser
-            for a in action._actions:
+        for sub in parser._subparsers._group_actions[0].choices.values():  # every subcommand's parser
+            for a in sub._actions:
                 a.required = a.required and a.dest != "out"
     args, extra = parser.parse_known_args(argv)
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):

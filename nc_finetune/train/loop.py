@@ -149,9 +149,6 @@ class Trainer:
         if cfg.class_weights == "balanced":
             self.class_weights = torch.as_tensor(balanced_class_weights(labels, self.num_classes),
                                                  dtype=torch.float32, device=self.device)
-        warning = imbalance_message(labels, self.num_classes, cfg.class_weights)
-        if warning and self.rank == 0:
-            warnings.warn(warning, UserWarning, stacklevel=2)
 
     # -- data ---------------------------------------------------------------------------------------------------
     def _inputs(self, split_name: str, split: Split, idx: np.ndarray, train: bool) -> dict[str, torch.Tensor]:
@@ -253,6 +250,9 @@ class Trainer:
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train; return the summary (test accuracy, parameter counts, time, peak memory, cache info)."""
         cfg, acc = self.cfg, self.accelerator
+        warning = imbalance_message(np.asarray(self.data.train.labels), self.num_classes, cfg.class_weights)
+        if warning and self.rank == 0:
+            warnings.warn(warning, UserWarning, stacklevel=2)
         self.out.mkdir(parents=True, exist_ok=True)
         model = self.adapted.model.to(self.device)
         cache_info = self._setup_cache()
