@@ -170,7 +170,8 @@ def predict_stage(run_dir: Path, data: Path, out: Path, *, column: str | None = 
     recipe, backbone, adapted, names = load_run_classifier(
         run_dir, _load_images(example) if modality == "image" else example)
     if backbone.modality != modality:
-        raise UserError(f"predict: {run_dir} is a {backbone.modality} model; {data} holds {modality} inputs")
+        raise UserError(f"predict: {run_dir} holds a model of {backbone.modality} inputs; {data} holds {modality} "
+                        f"inputs")
     bs = batch_size or recipe.train.eval_batch_size
     device = resolve_device(recipe.train.device)
     model = adapted.model.to(device)
