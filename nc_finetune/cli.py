@@ -326,6 +326,10 @@ def _print_config(args: argparse.Namespace) -> int:
     path = args.run_dir / "resolved.yaml" if args.command == "eval" else resolve_recipe_path(args.recipe)
     if not path.is_file():
         raise UserError(f"{args.run_dir} holds no run (no resolved.yaml)")
+    if args.command == "eval":  # as eval_stage: the other sections describe the trained model
+        bad = next((o for o in args.overrides if not o.split("=", 1)[0].strip().startswith("data.")), None)
+        if bad is not None:
+            raise UserError(f"eval accepts only data.* overrides (the rest describes the trained model); got {bad!r}")
     print(dump_recipe(load_recipe(path, args.overrides)), end="")
     return 0
 

@@ -230,6 +230,7 @@ def test_print_config_of_a_run_directory(capsys, finished_run) -> None:
     printed = _printed_recipe(capsys, ["eval", str(finished_run["out"]), "--print-config", "data.max_eval_samples=4"])
     assert printed["data"]["max_eval_samples"] == 4
     assert printed["backbone"] == finished_run["recipe"].backbone.__dict__
+    _fails(capsys, ["eval", str(finished_run["out"]), "--print-config", "adapt.method=full"], "only data.* overrides")
 
 
 def test_overrides_after_the_options(capsys, tmp_path, recipe_file, bert_dir, text_csv) -> None:
