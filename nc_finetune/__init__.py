@@ -33,6 +33,8 @@ __all__ = ["__version__", *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "probe":  # the subpackage of that name is callable (it runs probe.runner.probe): see its docstring
+        return importlib.import_module("nc_finetune.probe")
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'nc_finetune' has no attribute {name!r}")

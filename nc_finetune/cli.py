@@ -7,6 +7,7 @@ optional ``dotted.key=value`` overrides. Bad input exits with status 2 and one l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -50,6 +51,12 @@ def resolve_recipe_path(name: str) -> Path:
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML file, or the name of a built-in recipe (see `nc-finetune ls`)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. probe.batch_size=32")
+    _add_print_config(p)
+
+
+def _add_print_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved recipe (YAML, overrides applied) and exit without loading anything")
 
 
 def _add_out_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -101,6 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="data.KEY=VALUE",
                    help="change the run's data section (other sections describe the trained model and stay)")
     p.add_argument("--split", default="test", choices=["test", "train"])
+    p.add_argument("--batch-size", type=int, default=None)
+    _add_print_config(p)
+
+    p = sub.add_parser("predict", help="per-sample predictions and probabilities of a finished run on new data",
+                       description="Rebuild the model of a finished run from DIR and write one row per input of DATA "
+                                   "to --out (.csv or .jsonl): predicted class name and id, its probability and "
+                                   "every class's probability (and the label when DATA has the run's label column). "
+                                   "DATA: a table (.csv .tsv .json .jsonl .parquet) with a text column for a text "
+                                   "model; an image file or a directory of images for an image model.")
+    p.add_argument("run_dir", type=Path, metavar="DIR")
+    p.add_argument("data", type=Path, metavar="DATA")
+    p.add_argument("--out", required=True, type=Path, metavar="FILE", help="predictions file (.csv or .jsonl)")
+    p.add_argument("--column", default=None, help="text column of DATA (default: the run's data.text_column, "
+                                                  "else text/sentence/content/review)")
     p.add_argument("--batch-size", type=int, default=None)
 
     p = sub.add_parser("export", help="write a finished run's model in its library's format (transformers, timm, peft)",
@@ -163,11 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cmd_probe(args: argparse.Namespace) -> int:
+def _load_recipe(args: argparse.Namespace):
+    """The command's recipe; under torchrun / accelerate launch also the process group (before the probe)."""
     from nc_finetune.config import load_recipe
+    from nc_finetune.utils.dist import check_launch, start_distributed
+
+    check_launch()
+    recipe = load_recipe(resolve_recipe_path(args.recipe), args.overrides)
+    start_distributed(recipe.train.device)
+    return recipe
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
     from nc_finetune.pipeline import run_probe_stage
 
-    recipe = load_recipe(resolve_recipe_path(args.recipe), args.overrides)
+    recipe = _load_recipe(args)
     result = run_probe_stage(recipe, args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(result.format_table())
     m = result.meta
@@ -177,10 +208,9 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _cmd_select(args: argparse.Namespace) -> int:
-    from nc_finetune.config import load_recipe
     from nc_finetune.pipeline import select_stage
 
-    recipe = load_recipe(resolve_recipe_path(args.recipe), args.overrides)
+    recipe = _load_recipe(args)
     if args.emit_peft is not None and args.emit_peft.is_dir():
         raise UserError(f"--emit-peft {args.emit_peft} is a directory; give a file name (e.g. adapter_config.json)")
     selection = select_stage(recipe, args.out, overwrite=args.overwrite, progress=not args.quiet)
@@ -194,10 +224,9 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from nc_finetune.config import load_recipe
     from nc_finetune.pipeline import run_stage
 
-    recipe = load_recipe(resolve_recipe_path(args.recipe), args.overrides)
+    recipe = _load_recipe(args)
     s = run_stage(recipe, args.out, resume=args.resume, progress=not args.quiet)
     print(f"{s['method']} on {s['dataset']}: test accuracy {s['test_accuracy']:.4f}; "
           f"{s['trainable_params']:,} of {s['total_params']:,} parameters trained "
@@ -213,8 +242,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     r = eval_stage(args.run_dir, split=args.split, batch_size=args.batch_size, data_overrides=args.overrides)
     shifted = f" ({' '.join(args.overrides)})" if args.overrides else ""
-    print(f"{args.run_dir} {r['split']}{shifted}: accuracy {r['accuracy']:.4f}, loss {r['loss']:.4f} "
-          f"on {r['samples']} samples")
+    print(f"{args.run_dir} {r['split']}{shifted}: accuracy {r['accuracy']:.4f}, macro-F1 {r['macro_f1']:.4f}, "
+          f"loss {r['loss']:.4f} on {r['samples']} samples")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from nc_finetune.predict import predict_stage
+
+    r = predict_stage(args.run_dir, args.data, args.out, column=args.column, batch_size=args.batch_size)
+    acc = f"; accuracy {r['accuracy']:.4f} against its labels" if r.get("accuracy") is not None else ""
+    print(f"wrote {r['rows']} predictions over {len(r['class_names'])} classes to {r['out']}{acc}")
     return 0
 
 
@@ -228,10 +266,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_rank(args: argparse.Namespace) -> int:
-    from nc_finetune.config import load_recipe
     from nc_finetune.pipeline import rank_stage
 
-    recipe = load_recipe(resolve_recipe_path(args.recipe), args.overrides)
+    recipe = _load_recipe(args)
     report = rank_stage(recipe, args.out, overwrite=args.overwrite, progress=not args.quiet)
     truth = report["truth_key"]
     print(f"{len(report['rows'])} candidates on {report['dataset']}; ground truth: {truth}")
@@ -319,30 +356,64 @@ def _silence_library_progress_bars() -> None:
 
 
 _COMMANDS = {"probe": _cmd_probe, "select": _cmd_select, "run": _cmd_run, "eval": _cmd_eval, "export": _cmd_export,
-             "rank": _cmd_rank, "sweep": _cmd_sweep, "report": _cmd_report, "ufm": _cmd_ufm,
+             "predict": _cmd_predict, "rank": _cmd_rank, "sweep": _cmd_sweep, "report": _cmd_report, "ufm": _cmd_ufm,
              "validate": _cmd_validate, "ls": _cmd_ls}
 
-
-#: Commands that write into ``--out``: they hold its lock while they run.
+#: Commands that write into ``--out``: they hold its lock while they run (rank 0 of a distributed launch).
 _WRITING_COMMANDS = ("probe", "select", "run", "rank", "ufm", "sweep")
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse with ``key=value`` overrides accepted anywhere (before or after options); ``--print-config`` needs no
+    ``--out``. (argparse's ``parse_intermixed_args`` does not support subcommands.)"""
+    if "--print-config" in argv:
+        for sub in parser._subparsers._group_actions[0].choices.values():  # every subcommand's parser
+            for a in sub._actions:
+                a.required = a.required and a.dest != "out"
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _print_config(args: argparse.Namespace) -> int:
+    """``--print-config``: the resolved recipe as YAML (a run directory's for ``eval``)."""
+    from nc_finetune.config import dump_recipe, load_recipe
+
+    path = args.run_dir / "resolved.yaml" if args.command == "eval" else resolve_recipe_path(args.recipe)
+    if not path.is_file():
+        raise UserError(f"{args.run_dir} holds no run (no resolved.yaml)")
+    if args.command == "eval":  # as eval_stage: the other sections describe the trained model
+        bad = next((o for o in args.overrides if not o.split("=", 1)[0].strip().startswith("data.")), None)
+        if bad is not None:
+            raise UserError(f"eval accepts only data.* overrides (the rest describes the trained model); got {bad!r}")
+    print(dump_recipe(load_recipe(path, args.overrides)), end="")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``nc-finetune`` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, sys.argv[1:] if argv is None else argv)
     if args.command is None:
         parser.print_help()
         return 2
     if getattr(args, "quiet", False):
         _silence_library_progress_bars()
     try:
-        if args.command in _WRITING_COMMANDS:
-            from nc_finetune.runs import RunDir
+        if getattr(args, "print_config", False):
+            return _print_config(args)
+        from nc_finetune.utils.dist import launch_rank
 
-            with RunDir(args.out).lock(args.command):
-                return _COMMANDS[args.command](args)
-        return _COMMANDS[args.command](args)
+        rank = launch_rank()
+        with open(os.devnull, "w") if rank != 0 else contextlib.nullcontext(sys.stdout) as stdout, \
+                contextlib.redirect_stdout(stdout):  # several processes: only rank 0 prints
+            if args.command in _WRITING_COMMANDS and rank == 0:
+                from nc_finetune.runs import RunDir
+
+                with RunDir(args.out).lock(args.command):
+                    return _COMMANDS[args.command](args)
+            return _COMMANDS[args.command](args)
     except UserError as e:
         print(f"nc-finetune {args.command}: error: {e}", file=sys.stderr)
         return 2

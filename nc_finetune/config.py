@@ -195,7 +195,8 @@ class TrainConfig:
 
     epochs: int = 1
     max_steps: int | None = None
-    """Stop after this many optimizer steps (overrides ``epochs`` when reached first)."""
+    """Train for exactly this many optimizer steps, across as many epochs as needed (replaces ``epochs``, as in
+    HF Trainer)."""
     batch_size: int = 32
     """Per-process micro-batch size."""
     eval_batch_size: int = 128
@@ -210,6 +211,9 @@ class TrainConfig:
     nc1_penalty: float = 0.0
     """Weight λ of an added loss term λ·NC1 of the deepest tuned block's pooled features, measured within each
     mini-batch over the classes present in it (0: off). Induces collapse while tuning (Li et al.)."""
+    class_weights: Literal["balanced"] | None = None
+    """``balanced``: weight the training loss of class k by N / (K * n_k) (as sklearn's ``compute_class_weight``);
+    for imbalanced data (the trainer warns when one class exceeds 60% of it)."""
     precision: Literal["no", "bf16", "fp16"] = "no"
     val_fraction: float = 0.0
     """Held-out share of the training split for early stopping (0: no validation split)."""
@@ -220,6 +224,9 @@ class TrainConfig:
     cache_prefix: Literal["auto", "on", "off"] = "auto"
     """Cache the frozen prefix's outputs (``auto``: whenever it is valid)."""
     log_every: int = 10
+    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
+    """Experiment trackers (accelerate's) that receive the logged loss, learning rate and evaluations; the package
+    must be installed. TensorBoard writes to ``<run dir>/nc-finetune/``."""
     checkpoint_every: int = 100
     """Optimizer steps between checkpoints (and one at every epoch end)."""
     seed: int = 0

@@ -11,6 +11,7 @@ from nc_finetune import runs
 from nc_finetune.config import Recipe, recipe_to_dict
 from nc_finetune.errors import ConfigError, DataError, UserError
 from nc_finetune.runs import RunDir
+from nc_finetune.utils.dist import is_main_process
 
 
 @dataclass
@@ -94,7 +95,7 @@ def run_probe_stage(recipe: Recipe, out: Path | None, *, overwrite: bool = False
     result = probe(backbone, prepared.probe_split, data.num_classes, batch_size=p.batch_size, layers=p.layers,
                    ncc_samples=p.ncc_samples, linear_probe=p.linear_probe, autocast=p.autocast, device=p.device,
                    seed=p.seed, progress=progress, meta=meta)
-    if out is not None:
+    if out is not None and is_main_process():  # several processes: rank 0 writes
         run = RunDir(out)
         run.path.mkdir(parents=True, exist_ok=True)
         run.write_recipe(recipe)
@@ -141,7 +142,7 @@ def run_select_stage(recipe: Recipe, backbone, probe_result, prepared: PreparedD
     rgn = None
     if s.strategy == "auto_rgn":
         seed_everything(recipe.train.seed)
-        tmp = build_classifier(backbone, num_classes, method="full")
+        tmp = build_classifier(backbone, num_classes, method="full", copy_backbone=False)  # restored below
         split = prepared.data.train
         rng = np.random.default_rng(recipe.selection.seed)
         bs = 64  # as in the surgical fine-tuning code
@@ -191,6 +192,7 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
     from nc_finetune.data import stratified_split
     from nc_finetune.train.checkpoint import has_checkpoint
     from nc_finetune.train.loop import TrainData, Trainer
+    from nc_finetune.train.tracking import check_trackers
     from nc_finetune.utils.env import library_versions, seed_everything
     from nc_finetune.utils.io import write_json_atomic
 
@@ -199,6 +201,7 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
         run.check_resume(recipe)
     else:
         run.check_new_run()
+    check_trackers(recipe.train.report_to)
     prepared = prepared or prepare_data(recipe)  # validates the data before any model is built
     data = prepared.data
     K = data.num_classes
@@ -207,15 +210,19 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
     resumed_selection = resume and run.has(runs.SELECTION)
     if not resumed_selection and selection is None:
         check_selection_feasible(recipe, backbone, K)
-    run.path.mkdir(parents=True, exist_ok=True)
-    written = [] if resume else [n for n in (runs.RESOLVED, runs.PROBE, runs.PROBE_PLOT, runs.SELECTION)
-                                 if not run.has(n)]
+    main = is_main_process()  # several processes: rank 0 writes
+    if main:
+        run.path.mkdir(parents=True, exist_ok=True)
+    written = [] if resume or not main else [n for n in (runs.RESOLVED, runs.PROBE, runs.PROBE_PLOT, runs.SELECTION)
+                                             if not run.has(n)]
     try:
-        run.write_recipe(recipe)
+        if main:
+            run.write_recipe(recipe)
         if resume and run.has(runs.PROBE):
             probe_result = run.read_probe()
         elif probe_result is not None:
-            probe_result.save(run / runs.PROBE)
+            if main:
+                probe_result.save(run / runs.PROBE)
         else:
             probe_result = run_probe_stage(recipe, run.path, overwrite=True, progress=progress, prepared=prepared,
                                            backbone=backbone)
@@ -224,7 +231,8 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
         else:
             if selection is None:
                 selection = run_select_stage(recipe, backbone, probe_result, prepared, K)
-            selection.save(run / runs.SELECTION)
+            if main:
+                selection.save(run / runs.SELECTION)
         adapted = build_recipe_classifier(recipe, backbone, K, selection, probe_result, data.train)
     except BaseException:
         # Nothing trained yet: leave the directory as it was, so a corrected rerun is accepted.
@@ -269,7 +277,8 @@ def build_recipe_classifier(recipe: Recipe, backbone, num_classes: int, selectio
     seed_everything(recipe.train.seed)  # the head / LoRA init must not depend on what ran before
     return build_classifier(backbone, num_classes, method=a.method, selection=selection, skip_dim=skip_dim,
                             wiring=a.scl_wiring, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
-                            lora_dropout=a.lora_dropout, freeze_bn=a.freeze_bn, **classifier_options(recipe))
+                            lora_dropout=a.lora_dropout, freeze_bn=a.freeze_bn, copy_backbone=False,
+                            **classifier_options(recipe))
 
 
 def scl_skip_dim(recipe: Recipe, backbone, selection, probe_result, split) -> int | None:
@@ -310,7 +319,8 @@ def select_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress
         probe_result = run_probe_stage(recipe, run.path, overwrite=True, progress=progress, prepared=prepared,
                                        backbone=backbone)
     selection = run_select_stage(recipe, backbone, probe_result, prepared, prepared.data.num_classes)
-    selection.save(run / runs.SELECTION)
+    if is_main_process():
+        selection.save(run / runs.SELECTION)
     return selection
 
 
@@ -434,8 +444,9 @@ def rank_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress: 
                        meta={"dataset": data.name, "candidate": label})
         cand_dir = out / "candidates" / slug
         cand_dir.mkdir(parents=True, exist_ok=True)
-        result.save(cand_dir / runs.PROBE)
-        plot_probe(result, cand_dir / runs.PROBE_PLOT)
+        if is_main_process():
+            result.save(cand_dir / runs.PROBE)
+            plot_probe(result, cand_dir / runs.PROBE_PLOT)
         last = result.layers[-1]
         row = {"name": label, "backbone": cfg.name, "pretrained": cfg.pretrained, "params": backbone.num_params(),
                "probe_seconds": result.meta["seconds"], **{k: last[k] for k in _SCORE_KEYS if k in last}}
@@ -454,6 +465,7 @@ def rank_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress: 
     report = {"dataset": data.name, "num_classes": data.num_classes, "probe_samples": len(prepared.probe_split),
               **table, "truth_key": truth, "rows": rows, "layers": layers, "recipe": recipe_to_dict(recipe),
               "versions": library_versions()}
-    write_json_atomic(out / runs.RANK, report)
-    plot_rank(rows, truth, out / runs.RANK_PLOT, title=f"{len(rows)} backbones on {data.name}: scores vs {truth}")
+    if is_main_process():
+        write_json_atomic(out / runs.RANK, report)
+        plot_rank(rows, truth, out / runs.RANK_PLOT, title=f"{len(rows)} backbones on {data.name}: scores vs {truth}")
     return report

@@ -187,3 +187,109 @@ def test_core_subcommands_exist_and_no_command_is_an_error(capsys) -> None:
     assert set(SUBCOMMANDS) >= CORE_COMMANDS
     assert main([]) == 2
     assert "usage: nc-finetune" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------- overrides anywhere, --print-config
+
+RECIPE_COMMANDS = sorted(name for name, p in next(a for a in build_parser()._actions if a.dest == "command")
+                         .choices.items() if any(a.dest == "recipe" for a in p._actions))
+
+
+def _printed_recipe(capsys, argv: list[str]) -> dict:
+    import yaml
+
+    capsys.readouterr()
+    assert main(argv) == 0, capsys.readouterr().err
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("command", RECIPE_COMMANDS)
+def test_print_config_prints_the_resolved_recipe_and_loads_nothing(capsys, monkeypatch, tmp_path, recipe_file,
+                                                                   command) -> None:
+    import nc_finetune.pipeline as pipeline
+    from nc_finetune.config import load_recipe, recipe_to_dict
+
+    def refuse(*_a, **_k):
+        raise AssertionError("--print-config loaded data or a model")
+
+    monkeypatch.setattr(pipeline, "prepare_data", refuse)
+    monkeypatch.setattr(pipeline, "load_recipe_backbone", refuse)
+    out = tmp_path / "out"
+    # Overrides before and after the options; the later one of a key wins. No --out needed.
+    argv = [command, str(recipe_file), "train.epochs=3", "--print-config", "adapt.method=lora", "train.epochs=7"]
+    printed = _printed_recipe(capsys, argv)
+    assert printed == recipe_to_dict(load_recipe(recipe_file, ["train.epochs=7", "adapt.method=lora"]))
+    assert (printed["train"]["epochs"], printed["adapt"]["method"]) == (7, "lora")
+    if command != "validate":
+        assert _printed_recipe(capsys, [*argv, "--out", str(out)]) == printed
+    assert not out.exists()
+    _fails(capsys, [command, str(recipe_file), "--print-config", "train.nope=1"], "unknown recipe key 'train.nope'")
+
+
+def test_print_config_of_a_run_directory(capsys, finished_run) -> None:
+    printed = _printed_recipe(capsys, ["eval", str(finished_run["out"]), "--print-config", "data.max_eval_samples=4"])
+    assert printed["data"]["max_eval_samples"] == 4
+    assert printed["backbone"] == finished_run["recipe"].backbone.__dict__
+    _fails(capsys, ["eval", str(finished_run["out"]), "--print-config", "adapt.method=full"], "only data.* overrides")
+
+
+def test_overrides_after_the_options(capsys, tmp_path, recipe_file, bert_dir, text_csv) -> None:
+    out = tmp_path / "p"
+    overrides = recipe_overrides(bert_dir, text_csv)
+    argv = ["probe", str(recipe_file), "--out", str(out), *overrides[:3], "--quiet", *overrides[3:]]
+    assert main(argv) == 0, capsys.readouterr().err
+    meta = json.loads((out / "probe.json").read_text())
+    assert meta["backbone"] == f"hf:{bert_dir}" and meta["samples"] == 16
+    with pytest.raises(SystemExit) as exc:  # an unknown option is still an error
+        main(["probe", str(recipe_file), "--out", str(out), "--no-such-option", "train.epochs=2"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------- predict
+
+
+def _read_predictions(path: Path) -> list[dict]:
+    import csv
+
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines()]
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_predict_writes_per_sample_predictions(capsys, tmp_path, finished_run, text_csv) -> None:
+    import pandas as pd
+
+    run = finished_run["out"]
+    summary = json.loads((run / "summary.json").read_text())
+    test = pd.read_csv(text_csv["test"])
+    rows = {}
+    for suffix in (".csv", ".jsonl"):
+        out = tmp_path / f"pred{suffix}"
+        assert main(["predict", str(run), text_csv["test"], "--out", str(out)]) == 0, capsys.readouterr().err
+        assert "wrote 8 predictions over 2 classes" in capsys.readouterr().out
+        rows[suffix] = _read_predictions(out)
+    assert len(rows[".csv"]) == len(test) == summary["test_samples"]
+    for csv_row, json_row in zip(rows[".csv"], rows[".jsonl"], strict=True):
+        probs = [json_row["prob_0"], json_row["prob_1"]]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-6)
+        assert json_row["prediction_id"] == int(np.argmax(probs)) == int(csv_row["prediction_id"])
+        assert json_row["prediction"] == str(json_row["prediction_id"])  # the csv's class names are "0", "1"
+        assert json_row["probability"] == pytest.approx(max(probs))
+        assert float(csv_row["prob_1"]) == pytest.approx(json_row["prob_1"], rel=1e-6)
+    # The same model as eval: the predictions score the run's test accuracy against the file's labels.
+    correct = [r["prediction_id"] == y for r, y in zip(rows[".jsonl"], test["label"], strict=True)]
+    assert float(np.mean(correct)) == pytest.approx(summary["test_accuracy"])
+    assert [r["label"] for r in rows[".jsonl"]] == test["label"].tolist()
+
+
+def test_predict_refuses_bad_input_before_loading_a_model(capsys, tmp_path, finished_run, text_csv) -> None:
+    run = str(finished_run["out"])
+    out = str(tmp_path / "p.csv")
+    _fails(capsys, ["predict", str(tmp_path), text_csv["test"], "--out", out], "not a finished run")
+    _fails(capsys, ["predict", run, text_csv["test"], "--out", str(tmp_path / "p.txt")], "must end in .csv or .jsonl")
+    _fails(capsys, ["predict", run, text_csv["test"], "--out", out, "--column", "body"],
+           "no text column 'body'", "columns: text, label")
+    _fails(capsys, ["predict", run, str(tmp_path / "missing.csv"), "--out", out], "does not exist")
+    assert not (tmp_path / "p.csv").exists()

@@ -26,6 +26,7 @@ prefix deterministic so its outputs can be cached (see :mod:`nc_finetune.train.c
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -195,13 +196,14 @@ def is_head_param(param_name: str) -> bool:
 def build_classifier(backbone, num_classes: int, *, method: str, selection=None, skip_dim: int | None = None,
                      wiring: str = "add", lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
                      freeze_bn: bool = True, head: str = "linear", etf_scale: float = 1.0, head_seed: int = 0,
-                     rgn_batches: int = 5, lisa_interval: int = 20, lisa_seed: int = 0) -> AdaptedModel:
+                     rgn_batches: int = 5, lisa_interval: int = 20, lisa_seed: int = 0,
+                     copy_backbone: bool = True) -> AdaptedModel:
     """Build the classifier for ``method`` and freeze everything that must not train.
 
     Call :func:`nc_finetune.utils.env.seed_everything` first: the head (and LoRA matrices) are initialised here.
 
     Args:
-        backbone: A :class:`~nc_finetune.backbones.Backbone` (its model is used in place).
+        backbone: A :class:`~nc_finetune.backbones.Backbone`.
         num_classes: K.
         method: One of :data:`METHODS`.
         selection: The :class:`~nc_finetune.select.Selection` of blocks; ignored by ``linear_probe``/``full``.
@@ -217,6 +219,9 @@ def build_classifier(backbone, num_classes: int, *, method: str, selection=None,
         rgn_batches: ``auto_rgn``: mini-batches per relative-gradient-norm measurement.
         lisa_interval: ``lisa``: optimizer steps between two draws of the trainable blocks.
         lisa_seed: ``lisa``: seed of the draws.
+        copy_backbone: Build on a deep copy of ``backbone.model`` so the backbone stays as it was (no frozen
+            parameters, LoRA layers or skip hooks left behind) and can build another classifier. ``False`` uses the
+            model in place (no second copy in memory) when the backbone is not used again.
 
     Raises:
         ConfigError: unknown method or head, empty selection, a block name that matches no module, or a fixed head
@@ -240,7 +245,8 @@ def build_classifier(backbone, num_classes: int, *, method: str, selection=None,
     fixed = ("linear_probe", "full", "auto_rgn")
     blocks = sorted(block_names, key=lambda n: order.get(n, 0)) if method not in fixed else []
     skip = blocks[-1] if method == "scl" else None
-    model = Classifier(backbone.model, backbone.feature_dim, num_classes, pool=backbone.pool, skip_block=skip,
+    backbone_model = copy.deepcopy(backbone.model) if copy_backbone else backbone.model
+    model = Classifier(backbone_model, backbone.feature_dim, num_classes, pool=backbone.pool, skip_block=skip,
                        skip_dim=skip_dim, wiring=wiring, head=head, etf_scale=etf_scale, head_seed=head_seed)
     model.requires_grad_(method in ("full", "lisa"))
     model.nc_head.requires_grad_(True)

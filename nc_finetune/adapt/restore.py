@@ -119,7 +119,8 @@ def _merge_lora(backbone, run_dir: Path, src, weights: dict) -> dict:
         raise UserError(f"backbone.init_from: {run_dir}/trainable.safetensors holds no LoRA head (nc_head)")
     adapted = build_classifier(backbone, num_classes, method="lora",
                                selection=Selection.load(run_dir / "selection.json"), lora_r=a.lora_r,
-                               lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, head=a.head)
+                               lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, head=a.head,
+                               copy_backbone=False)
     prefix = _PEFT_PREFIX + _BACKBONE_PREFIX
     # Only the backbone part is loaded: the head is dropped anyway, and its input width differs from this
     # backbone's when the run was truncated (backbone.truncate_at).

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nc_finetune.backbones.base import Backbone, count_params
+from nc_finetune.backbones.base import Backbone, count_params, pool_output
 from nc_finetune.errors import ConfigError
 
 
@@ -73,6 +73,23 @@ def _run_to_cut(forward: Any, model: nn.Module, cut_name: str, batch: dict[str, 
     raise RuntimeError(f"block {cut_name} did not run in the model's forward")  # pragma: no cover
 
 
+class _CutForward:
+    """The truncated model's forward: run to the cut block, pool its output to (B, D_cut).
+
+    An object rather than a closure so that ``copy.deepcopy`` of the model (``build_classifier`` builds on a copy)
+    gives a forward that runs the copy: the model and its bound forward are attributes, remapped by the copy.
+    """
+
+    def __init__(self, model: nn.Module, cut_name: str, backbone: Backbone) -> None:
+        self.model, self.original_forward, self.cut_name = model, model.forward, cut_name
+        self.pool_kwargs = {"pooling": backbone.pooling, "num_prefix_tokens": backbone.num_prefix_tokens,
+                            "channels_last": backbone.channels_last}
+
+    def __call__(self, **batch: torch.Tensor) -> torch.Tensor:
+        out = _run_to_cut(self.original_forward, self.model, self.cut_name, batch)
+        return pool_output(out, attention_mask=batch.get("attention_mask"), **self.pool_kwargs)  # (B, D_cut)
+
+
 def truncate_backbone(backbone: Backbone, where: int | str) -> Backbone:
     """Cut ``backbone`` after block ``where``; the model is modified in place and returned in a new Backbone.
 
@@ -113,13 +130,7 @@ def truncate_backbone(backbone: Backbone, where: int | str) -> Backbone:
             setattr(model.get_submodule(parent) if parent else model, attr, nn.Identity())
             dropped.append(name)
 
-    original_forward = model.forward
-    pool = backbone.pool
-
-    def truncated_forward(**batch: torch.Tensor) -> torch.Tensor:
-        return pool(_run_to_cut(original_forward, model, cut_name, batch), batch)  # (B, D_cut)
-
-    model.forward = truncated_forward
+    model.forward = _CutForward(model, cut_name, backbone)
     prov = {**backbone.provenance, "truncated_at": cut_name, "dropped_modules": str(len(dropped)),
             "params_after_truncation": str(count_params(model))}
     return dataclasses.replace(backbone, spec=f"{backbone.spec}@{cut_name}", blocks=backbone.blocks[:k + 1],

@@ -31,6 +31,17 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __repr__(self) -> str:
+        inputs = self.inputs
+        if isinstance(inputs, np.ndarray):
+            kind = f"ndarray{tuple(inputs.shape)} {inputs.dtype}"
+        elif isinstance(inputs, list):
+            kind = f"list[{type(inputs[0]).__name__}]" if inputs else "list"
+        else:
+            kind = type(inputs).__name__
+        classes = len(np.unique(np.asarray(self.labels))) if len(self.labels) else 0
+        return f"Split(samples={len(self)}, classes={classes}, inputs={kind})"
+
     def subset(self, indices: np.ndarray | Sequence[int]) -> Split:
         """Return the examples at ``indices`` (in that order) as a new split.
 
@@ -74,6 +85,11 @@ class ClassificationData:
     num_classes: int
     class_names: list[str]
     info: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        names = ", ".join(repr(str(n)) for n in self.class_names[:5]) + (", ..." if self.num_classes > 5 else "")
+        return (f"ClassificationData(name={self.name!r}, modality={self.modality!r}, num_classes={self.num_classes}, "
+                f"train={len(self.train)}, test={len(self.test)}, class_names=[{names}])")
 
 
 def _class_indices(labels: np.ndarray) -> list[tuple[int, np.ndarray]]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nc_finetune.errors import UserError
 from nc_finetune.utils.io import write_json_atomic
 
 # Columns shown by `format_table`, in order: (key, header, format).
@@ -48,6 +49,22 @@ class ProbeResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.meta, "fit": self.fit, "layers": self.layers}
+
+    def to_pandas(self):
+        """The per-layer table as a ``pandas.DataFrame``: one row per tapped layer, one column per key."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise UserError("ProbeResult.to_pandas needs pandas: pip install pandas") from None
+        return pd.DataFrame(self.layers)
+
+    def __repr__(self) -> str:
+        m = self.meta
+        nc1 = [v for v in self.metric("nc1") if not math.isnan(v)]
+        trend = f", nc1={nc1[0]:.4g}->{nc1[-1]:.4g}" if nc1 else ""
+        fit = f", rho={self.fit['rho']:.3f}" if isinstance(self.fit.get("rho"), float) else ""
+        return (f"ProbeResult(backbone={m.get('backbone')!r}, dataset={m.get('dataset')!r}, "
+                f"samples={m.get('samples')}, layers={len(self.layers)}{trend}{fit})")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ProbeResult:

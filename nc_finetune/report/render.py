@@ -94,6 +94,7 @@ def render_report(run_dir: Path, out: Path | None = None) -> Path:
         lines += _training_section(page, *metrics)
     if summary is not None:
         lines += _costs_section(summary)
+        lines += _class_metrics_section(summary, probe.meta.get("class_names") if probe is not None else None)
     if rank is not None:
         lines += _rank_section(page, rank)
     if ufm is not None:
@@ -292,6 +293,25 @@ def _costs_section(s: Mapping[str, Any]) -> list[str]:
     if not rows:
         return []
     return ["## Costs", "", *_table(["quantity", "value"], rows), ""]
+
+
+def _class_metrics_section(s: Mapping[str, Any], class_names: Any) -> list[str]:
+    """Macro-F1, per-class accuracy and the confusion matrix of the test (and validation) split."""
+    lines: list[str] = []
+    for split in ("test", "val"):
+        cm = s.get(f"{split}_confusion_matrix")
+        if not isinstance(cm, list) or not cm:
+            continue
+        K = len(cm)
+        names = [str(n) for n in class_names] if isinstance(class_names, list) and len(class_names) == K else \
+            [str(k) for k in range(K)]
+        per_class = s.get(f"{split}_per_class_accuracy") or [None] * K
+        acc, f1 = _fmt(s.get(f"{split}_accuracy"), ".4f"), _fmt(s.get(f"{split}_macro_f1"), ".4f")
+        lines += [f"### {'Test' if split == 'test' else 'Validation'} split", "",
+                  f"accuracy {acc}, macro-F1 {f1} (rows: true class, columns: predicted class)", ""]
+        rows = [[names[k], *(_int(c) for c in cm[k]), _int(sum(cm[k])), _fmt(per_class[k], ".4f")] for k in range(K)]
+        lines += [*_table(["true / predicted", *names, "samples", "class accuracy"], rows), ""]
+    return ["## Classification metrics", "", *lines] if lines else []
 
 
 def _rank_section(page: _Page, rank: Mapping[str, Any]) -> list[str]:

@@ -89,6 +89,11 @@ class Selection:
     prefix: str = "backbone."
     details: dict[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        names = [b["name"] for b in self.blocks]
+        return (f"Selection(strategy={self.strategy!r}, blocks={names}, trainable_params={self.trainable_params:,} "
+                f"of {self.total_params:,} ({_pct(self.trainable_fraction)}))")
+
     @property
     def indices(self) -> list[int]:
         """Selected block indices in forward order."""

@@ -14,6 +14,7 @@ import math
 import resource
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,18 @@ from nc_finetune.errors import UserError
 from nc_finetune.train.cache import PrefixCache
 from nc_finetune.train.checkpoint import load_checkpoint, save_checkpoint, save_weights, set_rng_state
 from nc_finetune.train.hooks import HookContext, make_train_hook
+from nc_finetune.train.metrics import (
+    balanced_class_weights,
+    confusion_counts,
+    imbalance_message,
+    metrics_from_confusion,
+)
 from nc_finetune.train.nc1_penalty import NC1Penalty
+from nc_finetune.train.tracking import PROJECT, accelerate_trackers, check_trackers, scalars, tracker_config
 from nc_finetune.utils.io import write_text_atomic
+
+#: Keys of :func:`~nc_finetune.train.metrics.metrics_from_confusion` copied to the summary per split.
+_CLASS_METRICS = ("macro_f1", "per_class_accuracy", "confusion_matrix")
 
 
 class StopTraining(Exception):
@@ -128,7 +139,10 @@ class Trainer:
         precision = cfg.precision
         if precision == "fp16" and cpu:
             precision = "bf16"  # fp16 autocast is GPU-only
-        self.accelerator = Accelerator(cpu=cpu, mixed_precision=precision,
+        check_trackers(cfg.report_to)
+        log_with = accelerate_trackers(cfg.report_to) or None
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=precision, log_with=log_with,
+                                       project_dir=str(self.out) if log_with else None,
                                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
         self.device = self.accelerator.device
         self.world = self.accelerator.num_processes
@@ -140,6 +154,13 @@ class Trainer:
         # The adapt mode's optimiser hook (auto_rgn, lisa) and the optional NC1 loss term.
         self.hook = make_train_hook(adapted)
         self.penalty = NC1Penalty.for_adapted(adapted, backbone) if cfg.nc1_penalty > 0 else None
+        self.num_classes = next(p.shape[0] for n, p in adapted.model.named_parameters()
+                                if "nc_head" in n.split(".") and n.endswith("weight"))
+        labels = np.asarray(data.train.labels)
+        self.class_weights = None
+        if cfg.class_weights == "balanced":
+            self.class_weights = torch.as_tensor(balanced_class_weights(labels, self.num_classes),
+                                                 dtype=torch.float32, device=self.device)
 
     # -- data ---------------------------------------------------------------------------------------------------
     def _inputs(self, split_name: str, split: Split, idx: np.ndarray, train: bool) -> dict[str, torch.Tensor]:
@@ -188,10 +209,13 @@ class Trainer:
                 "megabytes": cache.nbytes / 2**20, "build_seconds": time.perf_counter() - start}
 
     # -- evaluation ---------------------------------------------------------------------------------------------
-    def evaluate(self, split_name: str, split: Split) -> dict[str, float]:
-        """Accuracy and mean CE loss on a split (sharded over ranks, summed)."""
+    def evaluate(self, split_name: str, split: Split) -> dict[str, Any]:
+        """Accuracy, mean CE loss, macro-F1, per-class accuracy and the confusion matrix on a split (sharded over
+        ranks; the loss sum and the K x K confusion matrix are summed across ranks)."""
         model = self.adapted.model
-        correct = total = loss_sum = 0.0
+        K = self.num_classes
+        cm = torch.zeros(K, K, dtype=torch.int64, device=self.device)
+        loss_sum = 0.0
         idx_all = np.arange(self.rank, len(split), self.world)
         bs = self.cfg.eval_batch_size
         with torch.no_grad(), eval_mode(model), self._replay():
@@ -202,11 +226,21 @@ class Trainer:
                 with self.accelerator.autocast():
                     logits = model(**inputs)
                 loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
-                correct += float((logits.argmax(1) == y).sum())
-                total += len(idx)
-        t = torch.tensor([correct, total, loss_sum], dtype=torch.float64, device=self.device)
-        t = self.accelerator.reduce(t, reduction="sum") if self.world > 1 else t
-        return {"accuracy": float(t[0] / t[1]), "loss": float(t[2] / t[1]), "samples": int(t[1])}
+                cm += confusion_counts(y, logits.argmax(1), K)
+        loss = torch.tensor([loss_sum], dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            cm, loss = self.accelerator.reduce(cm, reduction="sum"), self.accelerator.reduce(loss, reduction="sum")
+        total = int(cm.sum())
+        m = metrics_from_confusion(cm)
+        mean_loss = float(loss[0]) / total if total else math.nan
+        return {"accuracy": m.pop("accuracy"), "loss": mean_loss, "samples": total, **m}
+
+    def _rank_mean(self, values: list[float]) -> list[float]:
+        """Element-wise mean over ranks (every rank holds as many values: the same micro-batch count)."""
+        if self.world == 1 or not values:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        return (self.accelerator.reduce(t, reduction="sum") / self.world).tolist()
 
     def _hook_batch(self, idx: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """A training batch without augmentation, for hooks that measure the model (Auto-RGN)."""
@@ -221,6 +255,8 @@ class Trainer:
         if self.rank == 0:
             with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.cfg.report_to:
+            self.accelerator.log(scalars(record), step=record["step"])
 
     def _truncate_log(self, step: int) -> None:
         """On resume, drop log lines written after the checkpoint so the log matches an uninterrupted run."""
@@ -237,6 +273,9 @@ class Trainer:
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train; return the summary (test accuracy, parameter counts, time, peak memory, cache info)."""
         cfg, acc = self.cfg, self.accelerator
+        warning = imbalance_message(np.asarray(self.data.train.labels), self.num_classes, cfg.class_weights)
+        if warning and self.rank == 0:
+            warnings.warn(warning, UserWarning, stacklevel=2)
         self.out.mkdir(parents=True, exist_ok=True)
         model = self.adapted.model.to(self.device)
         cache_info = self._setup_cache()
@@ -244,11 +283,13 @@ class Trainer:
         n_train = len(self.data.train)
         micro_per_epoch = len(epoch_batches(n_train, cfg.batch_size, self.world, self.rank, cfg.seed, 0))
         steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.grad_accum_steps))
-        total_steps = steps_per_epoch * cfg.epochs
-        if cfg.max_steps is not None:
-            total_steps = min(total_steps, cfg.max_steps)
+        # As in HF Trainer, max_steps wins over epochs: training runs as many epochs as the steps need.
+        total_steps = cfg.max_steps if cfg.max_steps is not None else steps_per_epoch * cfg.epochs
+        num_epochs = math.ceil(total_steps / steps_per_epoch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, cfg.warmup_ratio))
         model, optimizer = acc.prepare(model, optimizer)
+        if cfg.report_to:
+            acc.init_trackers(PROJECT, config=tracker_config(cfg))
 
         # Everything needed to continue exactly where a checkpoint left off (saved as position.json).
         pos = {"epoch": 0, "micro": 0, "step": 0, "best_val": None, "bad_evals": 0, "stopped_early": False,
@@ -269,6 +310,7 @@ class Trainer:
                 (self.out / stale).unlink(missing_ok=True)
 
         def checkpoint() -> None:
+            running[:] = self._rank_mean(running)  # position.json holds the losses of every rank, averaged
             if self.rank == 0:
                 weights = self.adapted.trainable_state_dict()
                 save_checkpoint(ckpt_dir, weights, optimizer.state_dict(), scheduler.state_dict(), pos)
@@ -286,7 +328,7 @@ class Trainer:
         stopped_early = bool(pos.get("stopped_early", False))  # a resumed run that had stopped early stays stopped
         running = pos["running"]  # losses since the last log line (a list shared with `pos`)
         try:
-            while pos["epoch"] < cfg.epochs and pos["step"] < total_steps and not stopped_early:
+            while pos["epoch"] < num_epochs and pos["step"] < total_steps and not stopped_early:
                 epoch = pos["epoch"]
                 batches = epoch_batches(n_train, cfg.batch_size, self.world, self.rank, cfg.seed, epoch)
                 if self.hook is not None and pos["micro"] == 0:
@@ -303,11 +345,12 @@ class Trainer:
                         ctx = acc.no_sync(model) if not sync and self.world > 1 else contextlib.nullcontext()
                         with ctx, acc.autocast():
                             if self.penalty is None:
-                                loss = F.cross_entropy(model(**inputs).float(), y)
+                                loss = F.cross_entropy(model(**inputs).float(), y, weight=self.class_weights)
                             else:
                                 with self.penalty.capture(inputs):
                                     logits = model(**inputs)
-                                loss = F.cross_entropy(logits.float(), y) + cfg.nc1_penalty * self.penalty.value(y)
+                                loss = F.cross_entropy(logits.float(), y, weight=self.class_weights) \
+                                    + cfg.nc1_penalty * self.penalty.value(y)
                             acc.backward(loss / cfg.grad_accum_steps)
                         running.append(loss.item())
                         pos["micro"] += 1
@@ -324,9 +367,10 @@ class Trainer:
                             self.hook.on_step_end(hook_ctx, pos)
                         bar.update(1)
                         if pos["step"] % cfg.log_every == 0 or pos["step"] == total_steps:
-                            self._log({"step": pos["step"], "epoch": epoch, "loss": float(np.mean(running)),
+                            mean_loss = float(np.mean(self._rank_mean(running)))  # over steps and ranks
+                            self._log({"step": pos["step"], "epoch": epoch, "loss": mean_loss,
                                        "lr": scheduler.get_last_lr()[-1]})
-                            bar.set_postfix(loss=f"{np.mean(running):.4f}")
+                            bar.set_postfix(loss=f"{mean_loss:.4f}")
                             running.clear()
                         if pos["step"] % cfg.checkpoint_every == 0 and pos["micro"] < len(batches):
                             pos["train_seconds"] += time.perf_counter() - t0
@@ -357,7 +401,7 @@ class Trainer:
             "test_accuracy": test["accuracy"],
             "test_loss": test["loss"],
             "test_samples": test["samples"],
-            "val_accuracy": pos["best_val"],  # best validation accuracy; the tested weights are that epoch's
+            **{f"test_{k}": test[k] for k in _CLASS_METRICS},
             **counts,
             "trainable_fraction": counts["trainable_params"] / counts["total_params"],
             "train_seconds": pos["train_seconds"],
@@ -372,7 +416,12 @@ class Trainer:
         }
         if pos.get("hook"):
             summary["train_hook"] = pos["hook"]
+        if self.data.val is not None:  # the returned model's (the best one's when early stopping kept it)
+            val = self.evaluate("val", self.data.val)
+            summary.update({f"val_{k}": val[k] for k in ("accuracy", "loss", "samples", *_CLASS_METRICS)})
         self._log({"step": pos["step"], "epoch": pos["epoch"], "split": "final_test", **test})
+        if cfg.report_to:
+            acc.end_training()
         return summary
 
     def _end_of_epoch(self, epoch: int, pos: dict[str, Any]) -> bool:

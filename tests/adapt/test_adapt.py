@@ -279,3 +279,31 @@ def test_lora_on_a_decoder_block_adapts_its_attention_and_mlp_projections(tmp_pa
         assert not torch.allclose(adapted_feats, before)
         merged = model.merge_and_unload()
         torch.testing.assert_close(merged.backbone(**inputs), adapted_feats, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("first", ["lora", "scl", "finetune"])
+def test_building_a_classifier_leaves_the_backbone_as_it_was(bert_dir, text_data, first) -> None:
+    # A second classifier on the same backbone must not see the first one's LoRA layers, frozen parameters or hooks.
+    bb = load_bert(bert_dir)
+    names = [n for n, _ in bb.model.named_modules()]
+    state = _snapshot(bb.model)
+    inputs = bb.prepare(text_data["test"].inputs)
+    with torch.no_grad():
+        features = bb.model.eval()(**inputs)
+    build_classifier(bb, K, method=first, selection=_select(bb), skip_dim=16, wiring="replace")
+    assert [n for n, _ in bb.model.named_modules()] == names
+    assert all(p.requires_grad for p in bb.model.parameters())
+    assert not any(m._forward_hooks for m in bb.model.modules())
+    assert all(torch.equal(v, state[k]) for k, v in _snapshot(bb.model).items())
+    with torch.no_grad():
+        torch.testing.assert_close(bb.model(**inputs), features)
+    second = build_classifier(bb, K, method="lora", selection=_select(bb), lora_r=LORA_R)
+    targets = second.model.peft_config["default"].target_modules
+    assert targets and not any("lora_" in t for t in targets)
+    assert sum(".lora_A." in n for n, _ in second.model.named_parameters()) == len(targets)
+
+
+def test_copy_backbone_false_builds_in_place(bert_dir) -> None:
+    bb = load_bert(bert_dir)
+    adapted = build_classifier(bb, K, method="finetune", selection=_select(bb), copy_backbone=False)
+    assert adapted.model.backbone is bb.model

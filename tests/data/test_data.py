@@ -350,3 +350,16 @@ def test_imagefolder_split_dirs_and_max_samples(tmp_path):
     assert np.bincount(data.test.labels).tolist() == [1, 1, 1]
     assert data.info["full_sizes"] == {"train": 18, "test": 6}
     assert data.test.inputs[0].dtype == np.uint8
+
+
+def test_reprs_are_short():
+    from nc_finetune.data import ClassificationData
+
+    images = Split(np.zeros((500, 8, 8), dtype=np.uint8), np.arange(500) % 3)
+    texts = Split([f"text {i}" for i in range(400)], np.arange(400) % 2)
+    assert repr(images) == "Split(samples=500, classes=3, inputs=ndarray(500, 8, 8) uint8)"
+    assert repr(texts) == "Split(samples=400, classes=2, inputs=list[str])"
+    data = ClassificationData("csv", "text", texts, texts.subset(range(10)), 7, [f"c{k}" for k in range(7)],
+                              info={"files": ["x" * 100] * 50})
+    assert repr(data) == ("ClassificationData(name='csv', modality='text', num_classes=7, train=400, test=10, "
+                          "class_names=['c0', 'c1', 'c2', 'c3', 'c4', ...])")

@@ -77,3 +77,29 @@ def test_bad_layers_and_labels_are_refused_before_compute():
         runner.probe(backbone, Split(images, labels), 3, layers=[99], progress=False)
     with pytest.raises(DataError, match="labels must lie in"):
         runner.probe(backbone, Split(images, labels + 5), 3, progress=False)
+
+
+def _result_with_layers(n: int):
+    from nc_finetune.probe.result import ProbeResult
+
+    layers = [{"index": i, "name": f"blocks.{i}", "is_block": True, "dim": 64, "num_params": 1000,
+               "nc1": 10.0 / (i + 1), "cdnv": 1.0, "ncc_accuracy": 0.5} for i in range(n)]
+    meta = {"backbone": "timm:x", "dataset": "digits", "samples": 500, "versions": {"torch": "2"} | {
+        f"pkg{i}": "1.0" for i in range(30)}, "recipe": {"probe": {"batch_size": 64}}}
+    return ProbeResult(layers=layers, fit={"rho": 0.8, "r2": 0.9}, meta=meta)
+
+
+def test_probe_result_repr_is_short() -> None:
+    r = _result_with_layers(40)
+    text = repr(r)
+    assert len(text) < 200, text
+    assert text == "ProbeResult(backbone='timm:x', dataset='digits', samples=500, layers=40, nc1=10->0.25, rho=0.800)"
+
+
+def test_probe_result_to_pandas() -> None:
+    pd = pytest.importorskip("pandas")
+    r = _result_with_layers(3)
+    df = r.to_pandas()
+    assert isinstance(df, pd.DataFrame) and len(df) == 3
+    assert list(df["name"]) == ["blocks.0", "blocks.1", "blocks.2"]
+    assert df["nc1"].tolist() == pytest.approx([10.0, 5.0, 10.0 / 3])

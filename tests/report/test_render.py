@@ -202,3 +202,20 @@ def test_run_dir_shows_the_fill_policy_and_the_selection_evidence(run_dir: Path)
     assert "the head is not counted" in text
     assert "bootstrap: 10 resampled probes; picked: blocks.1 80%, blocks.0 20%; the most stable selection " \
            "(blocks.1) in 80% of them" in text
+
+
+def test_run_dir_shows_class_metrics(run_dir: Path) -> None:
+    probe = _probe()
+    probe.meta["class_names"] = ["ham", "spam"]
+    probe.save(run_dir / "probe.json")
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    summary.update({"test_macro_f1": 0.8667, "test_per_class_accuracy": [1.0, 0.75],
+                    "test_confusion_matrix": [[4, 0], [1, 3]], "val_accuracy": 0.5, "val_macro_f1": 0.3333,
+                    "val_per_class_accuracy": [1.0, None], "val_confusion_matrix": [[2, 0], [0, 0]]})
+    write_json_atomic(run_dir / "summary.json", summary)
+    text = render_report(run_dir).read_text(encoding="utf-8")
+    assert "## Classification metrics" in text and "### Test split" in text and "### Validation split" in text
+    assert "accuracy 0.8750, macro-F1 0.8667" in text
+    assert "| true / predicted | ham | spam | samples | class accuracy |" in text
+    assert "| ham | 4 | 0 | 4 | 1.0000 |" in text and "| spam | 1 | 3 | 4 | 0.7500 |" in text
+    assert "| spam | 0 | 0 | 0 | nan |" in text  # no validation sample of that class

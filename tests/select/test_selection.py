@@ -248,3 +248,18 @@ def test_lora_kwargs_and_verify_errors():
     sel = select_blocks(None, blocks, strategy="manual", manual=[1])
     with pytest.raises(ConfigError, match="'fc' is not part of the model"):
         sel.lora_kwargs(model, head="fc")
+
+
+def test_repr_is_short():
+    sel = select_blocks(None, make_blocks(60), strategy="last_k", max_blocks=2, head_params=10)
+    assert repr(sel) == ("Selection(strategy='last_k', blocks=['blocks.58', 'blocks.59'], trainable_params=210 of "
+                         "6,010 (3.5%))")
+
+
+def test_lora_kwargs_default_head_is_the_classifier_head():
+    from nc_finetune.adapt import Classifier
+
+    backbone = Clf(n=3).backbone
+    model = Classifier(backbone, 2, 3)  # build_classifier's head is `nc_head`
+    sel = select_blocks(None, _blocks_of(Clf(n=3)), strategy="manual", manual=[1])
+    assert sel.lora_kwargs(model)["modules_to_save"] == ["nc_head"]

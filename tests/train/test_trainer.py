@@ -50,6 +50,8 @@ RESUME_CASES = {
     "epoch-end": (4, False, {}),
     "second-epoch+val": (6, True, {}),
     "accum+sparse-log": (2, False, {"grad_accum_steps": 2, "log_every": 3, "checkpoint_every": 1, "epochs": 3}),
+    # max_steps past the epoch limit: 4 steps per epoch, 7 steps run over 2 epochs (killed in the second).
+    "max_steps-past-epochs": (6, False, {"epochs": 1, "max_steps": 7}),
 }
 
 
@@ -126,6 +128,15 @@ def test_resume_refuses_a_checkpoint_of_another_model(bert_dir, text_data, tmp_p
 def test_max_steps_caps_training(bert_dir, text_data, tmp_path) -> None:
     t, _ = _trainer(bert_dir, text_data, tmp_path, max_steps=3, epochs=5)
     assert t.fit()["steps"] == 3
+
+
+def test_max_steps_wins_over_epochs(bert_dir, text_data, tmp_path) -> None:
+    # 16 samples / batch 4 = 4 optimizer steps per epoch; as in HF Trainer, max_steps counts across epochs.
+    t, _ = _trainer(bert_dir, text_data, tmp_path, max_steps=10, epochs=1)
+    summary = t.fit()
+    assert (summary["steps"], summary["epochs_run"]) == (10, 3)
+    logged = [r["step"] for r in _metrics(tmp_path) if "loss" in r and "split" not in r]
+    assert logged == list(range(1, 11))
 
 
 # ------------------------------------------------------------------------------------------------- pure helpers
