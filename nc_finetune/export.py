@@ -82,19 +82,16 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False) -> 
     """
     from safetensors.torch import load_file
 
-    from nc_finetune.adapt.restore import RUN_FILES
-    from nc_finetune.config import load_recipe
+    from nc_finetune import runs
     from nc_finetune.labels import run_class_names
 
-    run_dir, out = Path(run_dir), Path(out)
-    missing = [n for n in (*RUN_FILES, "summary.json") if not (run_dir / n).is_file()]
-    if missing:
-        raise UserError(f"{run_dir} is not a finished run (missing {', '.join(missing)}); export a directory that "
-                        "nc-finetune run completed")
+    run = runs.RunDir(run_dir)
+    run_dir, out = run.path, Path(out)
+    run.require_finished_run("export")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists and is not an empty directory; choose a new one")
-    recipe = load_recipe(run_dir / "resolved.yaml")
-    weights = load_file(str(run_dir / "trainable.safetensors"))
+    recipe = run.read_recipe()
+    weights = load_file(str(run / runs.WEIGHTS))
     head = weights.get("nc_head.weight", weights.get(_PEFT + _LORA_HEAD + "weight"))
     if head is None:
         raise UserError(f"{run_dir}/trainable.safetensors holds no head (nc_head)")
@@ -146,7 +143,8 @@ def _rebuild(recipe, run_dir: Path, weights: dict, num_classes: int):
     skip_dim = int(proj.shape[1]) if proj is not None else backbone.feature_dim  # identity P: equal dims
     adapted = build_classifier(backbone, num_classes, method=a.method, selection=Selection.load(
         run_dir / "selection.json"), skip_dim=skip_dim, wiring=a.scl_wiring, lora_r=a.lora_r,
-        lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, freeze_bn=a.freeze_bn)
+        lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, freeze_bn=a.freeze_bn,
+        copy_backbone=False)  # the export reads the trained weights from backbone.model
     unexpected = sorted(set(weights) - set(adapted.model.state_dict()))
     if unexpected:
         raise UserError(f"{run_dir}/trainable.safetensors does not fit the rebuilt model ({unexpected[0]})")

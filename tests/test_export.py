@@ -149,7 +149,7 @@ def test_unfinished_run_and_used_out_dir_exit_2(finished_run, tmp_path, capsys) 
     shutil.copy(finished_run["out"] / "resolved.yaml", partial / "resolved.yaml")
     assert main(["export", str(partial), "--out", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "is not a finished run (missing selection.json" in err
+    assert err.count("\n") == 0 and "is not a finished nc-finetune run (missing selection.json" in err
     assert not (tmp_path / "e").exists()
     used = tmp_path / "used"
     used.mkdir()

@@ -127,7 +127,8 @@ def run_trials(backbone, split, num_classes: int, *, steps: int = 30, held_out_p
 
     flags = [(p, p.requires_grad) for p in backbone.model.parameters()]
     seed_everything(seed)
-    base = build_classifier(backbone, num_classes, method="linear_probe")
+    # In place (no copy per trial): each trial's block weights and flags are restored below.
+    base = build_classifier(backbone, num_classes, method="linear_probe", copy_backbone=False)
     base.model.to(dev)
     nc1_before, loss_before = _held_out(base, backbone, held, held_y, dev, eval_bs, None, cost)
     by_index = {b.index: b for b in blocks}
@@ -139,7 +140,8 @@ def run_trials(backbone, split, num_classes: int, *, steps: int = 30, held_out_p
         saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
         sel = select_blocks(None, blocks, strategy="manual", manual=[i])
         seed_everything(seed)  # the same head for every block
-        adapted = build_classifier(backbone, num_classes, method="finetune", selection=sel, freeze_bn=freeze_bn)
+        adapted = build_classifier(backbone, num_classes, method="finetune", selection=sel, freeze_bn=freeze_bn,
+                                   copy_backbone=False)
         model = adapted.model.to(dev)
         cache = _prefix_cache(adapted, backbone, pool, held, dev, eval_bs) if cache_prefix else None
         try:

@@ -154,7 +154,8 @@ class Trainer:
         # The adapt mode's optimiser hook (auto_rgn, lisa) and the optional NC1 loss term.
         self.hook = make_train_hook(adapted)
         self.penalty = NC1Penalty.for_adapted(adapted, backbone) if cfg.nc1_penalty > 0 else None
-        self.num_classes = next(p.shape[0] for n, p in adapted.model.named_parameters()
+        # the head's weight is a parameter, or a buffer for the fixed ETF head
+        self.num_classes = next(int(v.shape[0]) for n, v in adapted.model.state_dict().items()
                                 if "nc_head" in n.split(".") and n.endswith("weight"))
         labels = np.asarray(data.train.labels)
         self.class_weights = None
