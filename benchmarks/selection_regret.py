@@ -46,6 +46,9 @@ BUDGETS = "[{max_blocks: 1}, {max_param_fraction: 0.1, max_blocks: null}]"
 #: Every rule and its variants (``name@selection.key=value``), the rivals and the baselines.
 STRATEGIES = ["knee", "knee@knee_residual=two_sided", "stall", "stall@stall_reference=min", "trial", "cka", "lisa",
               "last_k", "first_k", "random_k", "auto_rgn"]
+#: What ``--skip-trained-rules`` leaves out: rules that train before choosing (a sweep can add them later: its
+#: strategies may grow on resume, every finished cell is kept).
+_TRAINED_RULES = ("trial",)
 #: The fraction budget is filled greedily past blocks that do not fit (``skip``), as in the earlier evidence; with
 #: ``stop`` a deep-first rule whose first block exceeds 10% (EfficientNet-Lite0's last blocks) would pick nothing.
 _COMMON = ["selection.fill=skip"]
@@ -102,7 +105,8 @@ def _run(cmd: list[str], log) -> None:
         raise RuntimeError(f"command failed with status {proc.returncode}: {' '.join(cmd)} (see the log)")
 
 
-def run_setting(name: str, workdir: Path, extra: list[str], log, budgets: str = BUDGETS) -> Path:
+def run_setting(name: str, workdir: Path, extra: list[str], log, budgets: str = BUDGETS,
+                skip_trained: bool = False) -> Path:
     """Run (or resume) one setting's sweep; return its directory."""
     s = SETTINGS[name]
     overrides = list(s["overrides"])
@@ -116,7 +120,8 @@ def run_setting(name: str, workdir: Path, extra: list[str], log, budgets: str = 
                       *(["--resume"] if (src_dir / "resolved.yaml").exists() else [])), log)
         overrides.append(f"backbone.init_from={src_dir.resolve()}")
         overrides.append("selection.reference=source")  # for shift: the clean data the source model saw
-    strategies = "[" + ", ".join([*STRATEGIES, *s.get("strategies", [])]) + "]"
+    chosen = [x for x in [*STRATEGIES, *s.get("strategies", [])] if not (skip_trained and x in _TRAINED_RULES)]
+    strategies = "[" + ", ".join(chosen) + "]"
     out = workdir / name
     _run(_cli("sweep", s["recipe"], *overrides, *_COMMON, f"sweep.budgets={budgets}", f"sweep.strategies={strategies}",
               *extra, "--out", str(out), "--quiet"), log)
@@ -211,6 +216,8 @@ def main() -> int:
     ap.add_argument("--budgets", default=BUDGETS, help=f"sweep.budgets (YAML list; default {BUDGETS})")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra recipe override for every setting (repeatable)")
+    ap.add_argument("--skip-trained-rules", action="store_true",
+                    help=f"leave out {', '.join(_TRAINED_RULES)} (they train every block briefly before choosing)")
     ap.add_argument("--pool-only", action="store_true", help="pool the finished sweeps under --workdir, run nothing")
     ap.add_argument("--smoke", action="store_true", help="tiny cells (seconds each) to check the pipeline")
     args = ap.parse_args()
@@ -231,7 +238,7 @@ def main() -> int:
                 start = time.perf_counter()
                 print(f"[{name}] {SETTINGS[name]['about']} ...", flush=True)
                 try:
-                    run_setting(name, args.workdir, extra, log, args.budgets)
+                    run_setting(name, args.workdir, extra, log, args.budgets, args.skip_trained_rules)
                 except RuntimeError as e:
                     print(f"    failed: {e}", flush=True)
                     continue
