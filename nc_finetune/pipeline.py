@@ -9,6 +9,7 @@ import numpy as np
 
 from nc_finetune.config import Recipe, dump_recipe, load_recipe, recipe_to_dict
 from nc_finetune.errors import ConfigError, DataError, UserError
+from nc_finetune.utils.env import check_recipe_devices
 from nc_finetune.utils.io import write_text_atomic
 
 
@@ -93,6 +94,7 @@ def run_probe_stage(recipe: Recipe, out: Path | None, *, overwrite: bool = False
     from nc_finetune.probe.runner import probe
     from nc_finetune.report.plots import plot_probe
 
+    check_recipe_devices(recipe)
     if out is not None:
         check_out_dir(out, ["probe.json", "probe.png"], overwrite)
     prepared = prepared or prepare_data(recipe)
@@ -221,6 +223,7 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
     from nc_finetune.utils.io import write_json_atomic
 
     out = Path(out)
+    check_recipe_devices(recipe)
     if resume:
         check_resume_matches(out, recipe)
     else:
@@ -328,6 +331,7 @@ def select_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress
     """Probe (or reuse ``out/probe.json`` made with the same recipe) and select; write ``selection.json``."""
     from nc_finetune.probe.result import ProbeResult
 
+    check_recipe_devices(recipe)
     check_out_dir(out, ["selection.json"], overwrite)
     prepared = prepare_data(recipe)
     backbone = load_recipe_backbone(recipe)
@@ -428,6 +432,7 @@ def rank_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress: 
     from nc_finetune.utils.io import write_json_atomic
 
     out = Path(out)
+    check_recipe_devices(recipe)
     check_out_dir(out, ["rank.json", "rank.png"], overwrite)
     cands: list[tuple[str, BackboneConfig]] = []
     for i, raw in enumerate(recipe.rank.candidates):

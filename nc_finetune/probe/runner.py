@@ -156,7 +156,7 @@ def probe(
         raise DataError("probe: the training split is empty")
     if labels_all.min() < 0 or labels_all.max() >= num_classes:
         raise DataError(f"probe: labels must lie in [0, {num_classes}); found {labels_all.min()}..{labels_all.max()}")
-    dev = resolve_device(device)
+    dev = resolve_device(device, "probe.device")
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
     shard = split.subset(np.arange(rank, len(split), world)) if world > 1 else split
 
