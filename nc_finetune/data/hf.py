@@ -186,7 +186,13 @@ def _label_mapping(name: str, label_column: str, splits: list[Any]) -> tuple[lis
         names = sorted(set(values))
         return names, {s: i for i, s in enumerate(names)}, "strings mapped to sorted ids"
     if all(isinstance(v, (bool, int, np.integer)) for v in values):
-        top = max(int(v) for v in values)
+        ids = {int(v) for v in values}
+        top, used = max(ids), sum(i >= 0 for i in ids)
+        if top >= used:  # an id in 0..top never occurs: refuse before building top + 1 class names
+            gap = next(i for i in range(used + 1) if i not in ids)
+            raise DataError(f"data {name!r}: integer labels in column {label_column!r} must be the class ids "
+                            f"0..K-1, each used; found {used} distinct ids up to {top} (id {gap} never occurs); "
+                            "recode them as 0..K-1, or as strings")
         return [str(i) for i in range(max(top + 1, 0))], None, "integers kept"
     kinds = sorted({type(v).__name__ for v in values})
     raise DataError(

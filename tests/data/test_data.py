@@ -270,6 +270,22 @@ def test_load_data_refuses_float_labels(tmp_path):
         load_data("csv", data_files=path)
 
 
+def test_load_data_refuses_a_sparse_integer_label_before_allocating_its_classes(tmp_path):
+    """One label of 10^6 would make 10^6 class names (10^9: ~60 GB); it is refused from the ids alone."""
+    import tracemalloc
+
+    path = _write_csv(tmp_path / "a.csv", [(f"t{i}", i % 2) for i in range(10)] + [("odd", 10**6)])
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"^data 'csv': integer labels in column 'label' must be the class ids "
+                                            r"0..K-1, each used; found 3 distinct ids up to 1000000 \(id 2 never"):
+            load_data("csv", data_files=path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20
+
+
 def test_load_data_argument_errors(tmp_path):
     with pytest.raises(UserError, match=r"unknown dataset 'nope'"):
         load_data("nope")
