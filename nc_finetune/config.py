@@ -354,6 +354,24 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     return from_dict(Recipe, raw, "")
 
 
+def load_resolved_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """A run's ``resolved.yaml`` (as :func:`dump_recipe` writes it: every section, ``description`` last), with
+    ``overrides``.
+
+    Raises:
+        ConfigError: as :func:`load_recipe`, naming the file; or a section missing, i.e. a file cut short.
+    """
+    path = Path(path)
+    raw = read_yaml(path, "resolved recipe")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} is damaged: not a resolved recipe (a mapping of sections {_field_names(Recipe)})")
+    missing = [f.name for f in dataclasses.fields(Recipe) if f.name not in raw]
+    if missing:
+        raise ConfigError(f"{path} is damaged: section '{missing[0]}' is missing (cut short?); a resolved recipe "
+                          f"lists every section: {_field_names(Recipe)}")
+    return load_recipe(path, overrides)
+
+
 def read_yaml(path: Path, what: str = "recipe") -> Any:
     """Read a small YAML file of plain data (a recipe, a run's ``resolved.yaml``) with :func:`parse_yaml`.
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nc_finetune.config import Recipe, dump_recipe, load_recipe, recipe_to_dict
+from nc_finetune.config import Recipe, dump_recipe, load_resolved_recipe, recipe_to_dict
 from nc_finetune.errors import ConfigError, DataError, UserError
 from nc_finetune.utils.env import check_recipe_devices
 from nc_finetune.utils.io import write_text_atomic
@@ -123,12 +123,12 @@ def check_resume_matches(out: Path, recipe: Recipe) -> None:
     Raises:
         UserError: no run there, or the recipes differ (names the first differing key).
     """
-    import yaml
+    from nc_finetune.config import read_yaml
 
     path = out / "resolved.yaml"
     if not path.is_file():
         raise UserError(f"--resume: {out} holds no run (no resolved.yaml)")
-    before = yaml.safe_load(path.read_text(encoding="utf-8"))
+    before = read_yaml(path, "resolved recipe")
     now = recipe_to_dict(recipe)
     diff = _first_difference(before, now)
     if diff is not None:
@@ -363,11 +363,10 @@ def eval_stage(run_dir: Path, split: str = "test", batch_size: int | None = None
     Returns:
         ``{"accuracy", "loss", "samples", "split"}``.
     """
-    from safetensors.torch import load_file
-
     from nc_finetune.probe.result import ProbeResult
     from nc_finetune.select import Selection
     from nc_finetune.train.loop import TrainData, Trainer
+    from nc_finetune.utils.io import load_safetensors
 
     run_dir = Path(run_dir)
     needed = ["resolved.yaml", "selection.json", "probe.json", "trainable.safetensors"]
@@ -378,7 +377,7 @@ def eval_stage(run_dir: Path, split: str = "test", batch_size: int | None = None
         if not item.split("=", 1)[0].strip().startswith("data."):
             raise ConfigError(f"eval accepts only data.* overrides (the rest describes the trained model); "
                               f"got {item!r}")
-    recipe = load_recipe(run_dir / "resolved.yaml", data_overrides)
+    recipe = load_resolved_recipe(run_dir / "resolved.yaml", data_overrides)
     if batch_size:
         recipe.train.eval_batch_size = batch_size
     recipe.train.cache_prefix = "off"
@@ -391,7 +390,7 @@ def eval_stage(run_dir: Path, split: str = "test", batch_size: int | None = None
     backbone = load_recipe_backbone(recipe)
     selection = Selection.load(run_dir / "selection.json")
     adapted = build_recipe_classifier(recipe, backbone, data.num_classes, selection, probe_result, data.train)
-    weights = load_file(str(run_dir / "trainable.safetensors"))
+    weights = load_safetensors(run_dir / "trainable.safetensors")
     unexpected = set(weights) - set(adapted.model.state_dict())
     if unexpected:
         raise UserError(f"{run_dir}/trainable.safetensors does not fit the rebuilt model ({sorted(unexpected)[0]})")

@@ -29,12 +29,12 @@ def load_run_recipe(run_dir: Path, what: str):
     Raises:
         UserError: Not a finished run (a file of :data:`RUN_FILES` missing).
     """
-    from nc_finetune.config import load_recipe
+    from nc_finetune.config import load_resolved_recipe
 
     missing = [n for n in RUN_FILES if not (run_dir / n).is_file()]
     if missing:
         raise UserError(f"{what}: {run_dir} is not a finished nc-finetune run (missing {', '.join(missing)})")
-    return load_recipe(run_dir / "resolved.yaml")
+    return load_resolved_recipe(run_dir / "resolved.yaml")
 
 
 def restore_backbone_weights(backbone, run_dir: str | Path, *, name: str, pretrained: bool,
@@ -59,7 +59,7 @@ def restore_backbone_weights(backbone, run_dir: str | Path, *, name: str, pretra
         ConfigError: A run of a different ``backbone.name``/``backbone.pretrained``, or one that trained only part
             of a randomly initialised backbone (its frozen part cannot be rebuilt).
     """
-    from safetensors.torch import load_file
+    from nc_finetune.utils.io import load_safetensors
 
     run_dir = Path(run_dir)
     what = "backbone.init_from"
@@ -80,7 +80,7 @@ def restore_backbone_weights(backbone, run_dir: str | Path, *, name: str, pretra
                             f"{' -> '.join(map(str, (*_chain, key)))})")
         restore_backbone_weights(backbone, src.backbone.init_from, name=name, pretrained=pretrained,
                                  _chain=(*_chain, key))
-    weights = load_file(str(run_dir / "trainable.safetensors"))
+    weights = load_safetensors(run_dir / "trainable.safetensors")
     if method == "lora":
         tensors = _merge_lora(backbone, run_dir, src, weights)
     else:

@@ -30,7 +30,7 @@ from nc_finetune.data import Split
 from nc_finetune.errors import UserError
 from nc_finetune.train.cache import PrefixCache
 from nc_finetune.train.checkpoint import load_checkpoint, save_checkpoint, save_weights, set_rng_state
-from nc_finetune.utils.io import write_text_atomic
+from nc_finetune.utils.io import load_safetensors, write_text_atomic
 
 
 class StopTraining(Exception):
@@ -94,6 +94,24 @@ def peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def _read_log(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """``(line, record)`` pairs of ``metrics.jsonl``. A cut-off last line (a kill during its append) is dropped; a
+    damaged line before it is refused (UserError naming it)."""
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            if i == len(lines) - 1:
+                break
+            raise UserError(f"{path} is damaged: line {i + 1} is not a JSON record")
+        rows.append((line, record))
+    return rows
 
 
 class Trainer:
@@ -204,7 +222,7 @@ class Trainer:
         path = self.out / "metrics.jsonl"
         if self.rank != 0 or not path.exists():
             return
-        rows = [(line, json.loads(line)) for line in path.read_text().splitlines() if line]
+        rows = _read_log(path)
         # A checkpoint at an epoch end is written after that epoch's evaluation lines, which are kept; the final test
         # line comes after the last checkpoint and is written again by the resumed run.
         keep = [line for line, r in rows if r.get("step", 0) <= step and r.get("split") != "final_test"]
@@ -255,6 +273,7 @@ class Trainer:
                    disable=not self.progress or self.rank != 0, leave=False)
         stopped_early = bool(pos.get("stopped_early", False))  # a resumed run that had stopped early stays stopped
         running = pos["running"]  # losses since the last log line (a list shared with `pos`)
+        bad_loss = None  # the first non-finite loss since the last optimizer step
         try:
             while pos["epoch"] < cfg.epochs and pos["step"] < total_steps and not stopped_early:
                 epoch = pos["epoch"]
@@ -272,9 +291,12 @@ class Trainer:
                             loss = F.cross_entropy(model(**inputs).float(), y)
                             acc.backward(loss / cfg.grad_accum_steps)
                         running.append(loss.item())
+                        if bad_loss is None and not math.isfinite(running[-1]):
+                            bad_loss = running[-1]
                         pos["micro"] += 1
                         if not sync:
                             continue
+                        self._stop_on_bad_loss(bad_loss, pos["step"] + 1)
                         if cfg.max_grad_norm is not None:
                             acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                 cfg.max_grad_norm)
@@ -306,9 +328,8 @@ class Trainer:
             bar.close()
 
         if (self.out / "best.safetensors").exists():
-            from safetensors.torch import load_file
-
-            acc.unwrap_model(model).load_state_dict(load_file(str(self.out / "best.safetensors")), strict=False)
+            best = load_safetensors(self.out / "best.safetensors")
+            acc.unwrap_model(model).load_state_dict(best, strict=False)
         test = self.evaluate("test", self.data.test)
         counts = self.adapted.parameter_counts()
         summary = {
@@ -329,6 +350,22 @@ class Trainer:
         }
         self._log({"step": pos["step"], "epoch": pos["epoch"], "split": "final_test", **test})
         return summary
+
+    def _stop_on_bad_loss(self, bad_loss: float | None, step: int) -> None:
+        """Stop, before the optimizer applies non-finite gradients, when any rank saw a NaN/inf loss in this step.
+
+        Raises:
+            UserError: naming the step; the last checkpoint stays as it is.
+        """
+        bad = bad_loss is not None
+        if self.world > 1:  # every rank must stop at the same step, or the others wait forever
+            flag = torch.tensor(float(bad), device=self.device)
+            bad = float(self.accelerator.reduce(flag, reduction="sum")) > 0
+        if bad:
+            cfg = self.cfg
+            clip = "" if cfg.max_grad_norm is not None else " or set train.max_grad_norm (clipping is off)"
+            raise UserError(f"train: loss is {bad_loss if bad_loss is not None else 'not finite on another rank'} "
+                            f"at step {step}; lower train.lr (now {cfg.lr:g}){clip}, or check the data")
 
     def _end_of_epoch(self, epoch: int, pos: dict[str, Any]) -> bool:
         """Evaluate val/test, track the best validation model; return True to stop early."""
