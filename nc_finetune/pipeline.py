@@ -381,16 +381,17 @@ def eval_stage(run_dir: Path, split: str = "test", batch_size: int | None = None
     if batch_size:
         recipe.train.eval_batch_size = batch_size
     recipe.train.cache_prefix = "off"
-    data = prepare_data(recipe).data
+    # Every artefact is read (and a damaged one refused) before any data or model loads.
     probe_result = ProbeResult.load(run_dir / "probe.json")
+    selection = Selection.load(run_dir / "selection.json")
+    weights = load_safetensors(run_dir / "trainable.safetensors")
+    data = prepare_data(recipe).data
     trained_classes = probe_result.meta.get("class_names")
     if trained_classes is not None and len(trained_classes) != data.num_classes:
         raise DataError(f"{run_dir} was trained on {len(trained_classes)} classes; data '{data.name}' has "
                         f"{data.num_classes}")
     backbone = load_recipe_backbone(recipe)
-    selection = Selection.load(run_dir / "selection.json")
     adapted = build_recipe_classifier(recipe, backbone, data.num_classes, selection, probe_result, data.train)
-    weights = load_safetensors(run_dir / "trainable.safetensors")
     unexpected = set(weights) - set(adapted.model.state_dict())
     if unexpected:
         raise UserError(f"{run_dir}/trainable.safetensors does not fit the rebuilt model ({sorted(unexpected)[0]})")

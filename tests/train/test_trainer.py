@@ -226,3 +226,30 @@ def test_a_non_finite_loss_stops_training_in_one_line(bert_dir, text_data, tmp_p
     assert step > 1  # it trained normally until then
     assert json.loads((tmp_path / "checkpoint" / "position.json").read_text())["step"] == step - 1
     assert all(torch.isfinite(v).all() for v in adapted.trainable_state_dict().values())
+
+
+def test_resume_tolerates_a_cut_off_last_metrics_line(bert_dir, text_data, tmp_path) -> None:
+    """A kill during the (non-atomic) append of metrics.jsonl leaves half a line: resume drops it and replays."""
+    data = {k: v for k, v in text_data.items() if k != "val"}
+    a, _ = _trainer(bert_dir, data, tmp_path / "a")
+    a.fit()
+    b, _ = _trainer(bert_dir, data, tmp_path / "b", stop=2)
+    with pytest.raises(StopTraining):
+        b.fit()
+    with open(tmp_path / "b" / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"step": 3, "epoch": 0, "lo')
+    c, _ = _trainer(bert_dir, data, tmp_path / "b")
+    c.fit(resume=True)
+    _assert_same_metrics(_metrics(tmp_path / "a"), _metrics(tmp_path / "b"))
+
+
+def test_resume_refuses_a_damaged_line_inside_the_log(bert_dir, text_data, tmp_path) -> None:
+    b, _ = _trainer(bert_dir, text_data, tmp_path, stop=2)
+    with pytest.raises(StopTraining):
+        b.fit()
+    path = tmp_path / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0][:5], *lines[1:]]) + "\n")
+    c, _ = _trainer(bert_dir, text_data, tmp_path)
+    with pytest.raises(UserError, match=r"metrics.jsonl is damaged: line 1 is not a JSON record"):
+        c.fit(resume=True)
