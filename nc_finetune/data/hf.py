@@ -123,12 +123,15 @@ def _local_checksums(data_files: dict | str | None) -> dict[str, str]:
 def _load_dict(name: str, data_files: dict | str | None) -> Any:
     """``datasets.load_dataset`` for ``hf:<id>[:<config>]`` or a local builder, as a ``DatasetDict``."""
     import datasets
+    from datasets.exceptions import DatasetGenerationError
 
     if name in LOCAL_BUILDERS:
         if data_files is None:
             raise ConfigError(f"data {name!r} needs data_files (a path, or {{split: path}})")
         args: tuple[Any, ...] = (name,)
         kwargs: dict[str, Any] = {"data_files": _normalise_data_files(data_files)}
+        if name == "csv":  # texts such as "NA", "None" or "null" are texts; only an empty cell is missing
+            kwargs.update(keep_default_na=False, na_values=[""])
     else:
         hub_id, _, config = name[len("hf:") :].partition(":")
         if not hub_id:
@@ -137,6 +140,10 @@ def _load_dict(name: str, data_files: dict | str | None) -> Any:
         kwargs = {"data_files": data_files} if data_files is not None else {}
     try:
         loaded = datasets.load_dataset(*args, **kwargs)
+    except DatasetGenerationError as err:  # the builder failed on the files' content (empty, binary, malformed)
+        cause = err.__cause__ or err
+        raise DataError(f"data {name!r}: cannot read {_jsonable(data_files)}: {type(cause).__name__}: "
+                        f"{_first_line(cause)}") from err
     except (OSError, ValueError, ConnectionError) as err:  # missing files, not in the offline cache, bad format
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         empty = re.search(r'Instruction "([^"]+)" corresponds to no data', first)
@@ -146,6 +153,11 @@ def _load_dict(name: str, data_files: dict | str | None) -> Any:
     if not isinstance(loaded, datasets.DatasetDict):
         raise DataError(f"data {name!r}: expected a dataset with named splits, got {type(loaded).__name__}")
     return loaded
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else "(no message)"
 
 
 def _pick_input_column(name: str, columns: list[str], text_column: str | None, image_column: str | None) -> tuple:

@@ -286,6 +286,29 @@ def test_load_data_refuses_a_sparse_integer_label_before_allocating_its_classes(
     assert peak < 20 * 2**20
 
 
+@pytest.mark.parametrize(("content", "needle"), [
+    (b"", "EmptyDataError: No columns to parse from file"),
+    (bytes(range(256)) * 8, "Error"),  # a ParserError or a UnicodeDecodeError, depending on the bytes
+], ids=["empty", "binary"])
+def test_an_unreadable_csv_is_one_line_naming_it(tmp_path, content, needle):
+    path = tmp_path / "a.csv"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as e:
+        load_data("csv", data_files=str(path))
+    assert str(e.value).startswith(f"data 'csv': cannot read {path}: ") and needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_csv_texts_that_pandas_reads_as_missing_are_kept(tmp_path):
+    words = ["NA", "None", "null", "NULL", "nan", "NaN", "n/a", "#N/A", "-", "na"]
+    path = _write_csv(tmp_path / "a.csv", [(w, i % 2) for i, w in enumerate(words * 2)])
+    data = load_data("csv", data_files=path)
+    assert sorted(data.train.inputs + data.test.inputs) == sorted(words * 2)
+    empty = _write_csv(tmp_path / "b.csv", [("", 0)] + [(w, i % 2) for i, w in enumerate(words * 2)])
+    with pytest.raises(DataError, match="text column 'sentence' has 1 missing value"):  # an empty cell still is
+        load_data("csv", data_files=empty, test_size=0.05)
+
+
 def test_load_data_argument_errors(tmp_path):
     with pytest.raises(UserError, match=r"unknown dataset 'nope'"):
         load_data("nope")
