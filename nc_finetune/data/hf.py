@@ -7,6 +7,7 @@ gathered for the selected rows only, and an image column stays lazy (:class:`Laz
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -91,6 +92,36 @@ class LazyImageColumn(Sequence):
 
     def __repr__(self) -> str:
         return f"LazyImageColumn(column={self.column!r}, rows={len(self)})"
+
+    def undecodable(self, show: int = 3) -> tuple[int, list[str]]:
+        """Decode every image once (without keeping it) and report those that cannot be decoded.
+
+        Training decodes images lazily, batch by batch; a corrupt file found this way fails the command before any
+        model compute instead of in the middle of training.
+
+        Args:
+            show: How many failures to describe.
+
+        Returns:
+            ``(number of undecodable rows, descriptions "row i (path): error" of the first ``show``)``.
+        """
+        import datasets
+        from PIL import Image
+
+        if not isinstance(self.dataset.features[self.column], datasets.Image):
+            return 0, []  # arrays, not encoded files: nothing can fail to decode
+        raw = self.dataset.cast_column(self.column, datasets.Image(decode=False))
+        count, shown = 0, []
+        for row, item in enumerate(raw[self.column]):
+            try:
+                with Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as img:
+                    img.load()
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError ... depending on the format
+                count += 1
+                if len(shown) < show:
+                    where = f" ({item['path']})" if item.get("path") else ""
+                    shown.append(f"row {row}{where}: {type(e).__name__}: {_first_line(e)}")
+        return count, shown
 
 
 def _normalise_data_files(data_files: dict | str | None) -> dict | str | None:
@@ -320,6 +351,11 @@ def load_hf(
     else:
         train = Split(inputs=LazyImageColumn(train_ds, input_column), labels=train_labels)
         test = Split(inputs=LazyImageColumn(test_ds, input_column), labels=test_labels)
+        for split_name, split in ((train_split, train), (test_split, test)):
+            bad, shown = split.inputs.undecodable()
+            if bad:
+                raise DataError(f"data {name!r} split {split_name!r}: {bad} image(s) cannot be decoded "
+                                f"({'; '.join(shown)}{'; ...' if bad > len(shown) else ''}); remove or replace them")
 
     info: dict[str, Any] = {
         "source": name if name.startswith("hf:") else f"local {name}",

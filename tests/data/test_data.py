@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -380,6 +381,19 @@ def test_imagefolder_lazy_uint8_images(tmp_path):
     np.testing.assert_array_equal(sub.inputs[-1], data.train.inputs[0])
     with pytest.raises(IndexError):
         sub.inputs[2]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not-an-image"])
+def test_a_corrupt_image_is_found_when_the_data_loads(tmp_path, damage):
+    """Images decode lazily during training: one corrupt file (outside any probe subset) must fail the load, with
+    its path, instead of crashing the training loop later."""
+    folder = Path(_image_folder(tmp_path / "imgs", 4))
+    bad = folder / "dog" / "3.png"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"this is no png" * 10)
+    with pytest.raises(DataError, match=r"^data 'imagefolder' split '(train|test)': 1 image\(s\) cannot be decoded "
+                                        rf"\(row \d+ \({bad}\): \w+: .*\); remove or replace them$"):
+        load_data("imagefolder", data_files=str(folder), test_size=0.25, seed=0)
 
 
 def test_imagefolder_split_dirs_and_max_samples(tmp_path):
