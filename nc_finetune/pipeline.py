@@ -378,7 +378,9 @@ def eval_stage(run_dir: Path, split: str = "test", batch_size: int | None = None
             raise ConfigError(f"eval accepts only data.* overrides (the rest describes the trained model); "
                               f"got {item!r}")
     recipe = load_resolved_recipe(run_dir / "resolved.yaml", data_overrides)
-    if batch_size:
+    if batch_size is not None:
+        if batch_size < 1:
+            raise ConfigError(f"eval --batch-size must be >= 1; got {batch_size}")
         recipe.train.eval_batch_size = batch_size
     recipe.train.cache_prefix = "off"
     # Every artefact is read (and a damaged one refused) before any data or model loads.

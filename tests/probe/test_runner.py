@@ -77,3 +77,20 @@ def test_bad_layers_and_labels_are_refused_before_compute():
         runner.probe(backbone, Split(images, labels), 3, layers=[99], progress=False)
     with pytest.raises(DataError, match="labels must lie in"):
         runner.probe(backbone, Split(images, labels + 5), 3, progress=False)
+
+
+def test_a_huge_ncc_samples_allocates_only_for_the_samples_there_are(monkeypatch):
+    backbone = load_cnn()
+    images, labels = make_images(12, 3, seed=2)
+    capacities = []
+    real = runner.FeatureReservoir
+
+    def recording(capacity, **kw):
+        capacities.append(capacity)
+        return real(capacity, **kw)
+
+    monkeypatch.setattr(runner, "FeatureReservoir", recording)
+    huge = runner.probe(backbone, Split(images, labels), 3, ncc_samples=10**12, progress=False)
+    assert set(capacities) == {12}
+    plain = runner.probe(backbone, Split(images, labels), 3, ncc_samples=4096, progress=False)
+    assert [r["ncc_accuracy"] for r in huge.layers] == [r["ncc_accuracy"] for r in plain.layers]
