@@ -268,9 +268,9 @@ class TrainConfig:
     batch_size: Annotated[int, POSITIVE] = 32
     """Per-process micro-batch size."""
     eval_batch_size: Annotated[int, POSITIVE] = 128
-    lr: Annotated[float, Range(gt=0)] = 1.0e-4
-    """Learning rate of the adapted backbone parameters."""
-    head_lr: Annotated[float, Range(gt=0)] | None = None
+    lr: Annotated[float, Range(ge=0)] = 1.0e-4
+    """Learning rate of the adapted backbone parameters (0 keeps them as they are)."""
+    head_lr: Annotated[float, Range(ge=0)] | None = None
     """Learning rate of the head (and skip projection); default: ``lr``."""
     weight_decay: Annotated[float, Range(ge=0)] = 0.01
     warmup_ratio: Annotated[float, Range(ge=0, lt=1)] = 0.06
@@ -294,9 +294,6 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        require(self.early_stopping_patience is None or self.val_fraction > 0, "early_stopping_patience",
-                "needs a validation split: set val_fraction > 0 too, or early_stopping_patience null",
-                self.early_stopping_patience)
 
 
 @dataclass
@@ -323,6 +320,13 @@ class Recipe:
     rank: RankConfig = field(default_factory=RankConfig)
     description: str = ""
     """Free text shown by ``nc-finetune ls``."""
+
+    def __post_init__(self) -> None:
+        # A recipe's only validation split is train.val_fraction (the Trainer API also takes one directly).
+        t = self.train
+        require(t.early_stopping_patience is None or t.val_fraction > 0, "train.early_stopping_patience",
+                "needs a validation split: set train.val_fraction > 0 too, or early_stopping_patience null",
+                t.early_stopping_patience)
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
