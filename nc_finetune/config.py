@@ -1,6 +1,7 @@
 """Recipes: a typed schema, YAML loading, dotted ``key=value`` overrides and validation.
 
-A recipe is data. It is read with ``yaml.safe_load`` and checked field by field against the dataclasses below;
+A recipe is data. It is read with a safe YAML loader (no aliases, at most 1 MiB of UTF-8) and checked field by field
+against the dataclasses below;
 every problem is reported as a one-line :class:`~nc_finetune.errors.ConfigError` that names the offending key and
 the allowed values. Types are checked by :func:`from_dict`; values by each section's ``__post_init__``, from the
 rules written next to each field (``Annotated[int, Range(ge=1)]``) plus the few rules that tie fields together.
@@ -61,6 +62,7 @@ class Range:
         return None if ok else f"must be {self.describe()}"
 
     def describe(self) -> str:
+        """The interval as the message shows it: ``>= 1``, ``in (0, 1)``, ``in [8, 4096]``."""
         lo, hi = (self.ge, self.gt), (self.le, self.lt)
         if all(b is None for b in hi):
             return f">= {self.ge}" if self.ge is not None else f"> {self.gt}"
@@ -80,6 +82,7 @@ class Pattern:
     """What the message lists as allowed."""
 
     def problem(self, value: Any) -> str | None:
+        """``None`` when ``value`` matches, else what is required of it."""
         ok = isinstance(value, str) and re.fullmatch(self.regex, value) is not None
         return None if ok else f"must be {self.allowed}"
 
