@@ -1,12 +1,11 @@
 """Recipes: a typed schema, YAML loading, dotted ``key=value`` overrides and validation.
 
 A recipe is data. It is read with a safe YAML loader (no aliases, at most 1 MiB of UTF-8) and checked field by field
-against the dataclasses below;
-every problem is reported as a one-line :class:`~nc_finetune.errors.ConfigError` that names the offending key and
-the allowed values. Types are checked by :func:`from_dict`; values by each section's ``__post_init__``, from the
-rules written next to each field (``Annotated[int, Range(ge=1)]``) plus the few rules that tie fields together.
-The same schema serves every subcommand (``probe``, ``select``, ``run``, ``rank``), each of which reads only the
-sections it needs.
+against the dataclasses below; every problem is reported as a one-line :class:`~nc_finetune.errors.ConfigError` that
+names the offending key and the allowed values. Types are checked by :func:`from_dict`; values by each section's
+``__post_init__``, from the rules written next to each field (``Annotated[int, Range(ge=1)]``) plus the few rules
+that tie fields together. The same schema serves every subcommand (``probe``, ``select``, ``run``, ``rank``), each of
+which reads only the sections it needs.
 """
 
 from __future__ import annotations
