@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing ufm.json / ufm.png")
     p.add_argument("--classes", type=int, default=4, help="K (default 4)")
     p.add_argument("--per-class", type=int, default=5, help="n samples per class (default 5)")
-    p.add_argument("--dim", type=int, default=8, help="feature dimension d (default 8)")
+    p.add_argument("--dim", type=int, default=8, help="feature dimension d >= K-1 (default 8)")
     p.add_argument("--lambda-w", type=float, default=5e-3)
     p.add_argument("--lambda-h", type=float, default=5e-3)
     p.add_argument("--lambda-b", type=float, default=1e-3)

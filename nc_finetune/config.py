@@ -1,37 +1,148 @@
 """Recipes: a typed schema, YAML loading, dotted ``key=value`` overrides and validation.
 
-A recipe is data. It is read with ``yaml.safe_load`` and checked field by field against the dataclasses below;
-every problem is reported as a one-line :class:`~nc_finetune.errors.ConfigError` that names the offending key and
-the allowed values. The same schema serves every subcommand (``probe``, ``select``, ``run``, ``rank``), each of
+A recipe is data. It is read with a safe YAML loader (no aliases, at most 1 MiB of UTF-8) and checked field by field
+against the dataclasses below; every problem is reported as a one-line :class:`~nc_finetune.errors.ConfigError` that
+names the offending key and the allowed values. Types are checked by :func:`from_dict`; values by each section's
+``__post_init__``, from the rules written next to each field (``Annotated[int, Range(ge=1)]``) plus the few rules
+that tie fields together. The same schema serves every subcommand (``probe``, ``select``, ``run``, ``rank``), each of
 which reads only the sections it needs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 
 from nc_finetune.errors import ConfigError
+
+MAX_RECIPE_BYTES = 1 << 20
+"""Recipes are a few hundred bytes of plain data; anything over 1 MiB is not a recipe."""
+
+
+class FieldError(ConfigError):
+    """A value refused by a section's ``__post_init__``.
+
+    The section knows only its own field names; :func:`from_dict` re-raises the error under the section's dotted
+    path (``train.lr``, ``rank.candidates[0].image_size``).
+    """
+
+    def __init__(self, key: str, requirement: str, value: Any) -> None:
+        self.key, self.requirement, self.value = key, requirement, value
+        super().__init__(f"recipe key '{key}' {requirement}; got {value!r}")
+
+    def under(self, prefix: str) -> FieldError:
+        """The same error with ``prefix.`` in front of the key."""
+        return FieldError(f"{prefix}.{self.key}" if prefix else self.key, self.requirement, self.value)
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed interval of a numeric field (``Annotated[int, Range(ge=1)]``); floats must also be finite."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def problem(self, value: Any) -> str | None:
+        """``None`` when ``value`` is allowed, else what is required of it."""
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+              and (self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+              and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+        return None if ok else f"must be {self.describe()}"
+
+    def describe(self) -> str:
+        """The interval as the message shows it: ``>= 1``, ``in (0, 1)``, ``in [8, 4096]``."""
+        lo, hi = (self.ge, self.gt), (self.le, self.lt)
+        if all(b is None for b in hi):
+            return f">= {self.ge}" if self.ge is not None else f"> {self.gt}"
+        if all(b is None for b in lo):
+            return f"<= {self.le}" if self.le is not None else f"< {self.lt}"
+        left = f"[{self.ge}" if self.ge is not None else f"({self.gt}"
+        right = f"{self.le}]" if self.le is not None else f"{self.lt})"
+        return f"in {left}, {right}"
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Allowed form of a string field, as a regular expression that must match the whole value."""
+
+    regex: str
+    allowed: str
+    """What the message lists as allowed."""
+
+    def problem(self, value: Any) -> str | None:
+        """``None`` when ``value`` matches, else what is required of it."""
+        ok = isinstance(value, str) and re.fullmatch(self.regex, value) is not None
+        return None if ok else f"must be {self.allowed}"
+
+
+POSITIVE = Range(ge=1)
+SEED = Range(ge=0, lt=2**32)
+"""numpy's ``default_rng`` refuses negative seeds and ``torch.manual_seed`` huge ones."""
+NON_EMPTY = Pattern(r"(?s).*\S.*", "a non-empty string")
+DEVICE = Pattern(r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, cuda, cuda:N or mps")
+
+
+@functools.cache
+def _field_rules(cls: type) -> dict[str, tuple[type, list[Range | Pattern], bool]]:
+    """``{field: (annotated type, its rules, whether None is allowed)}`` from the ``Annotated`` hints of a section."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls, include_extras=True).items():
+        parts = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
+        for part in parts:
+            if typing.get_origin(part) is Annotated:
+                out[name] = (typing.get_args(part)[0], list(part.__metadata__), type(None) in parts)
+    return out
+
+
+def check_fields(section: Any) -> None:
+    """Apply the ``Annotated`` rules of every field of ``section`` (each section's ``__post_init__`` calls this).
+
+    A rule applies to values of its annotated type (``layers: Annotated[str, ...] | list[int]`` checks strings only);
+    a value of no allowed type is left to :func:`from_dict`'s type check.
+
+    Raises:
+        FieldError: the first value outside its rule, naming the field and what is allowed.
+    """
+    for name, (tp, rules, nullable) in _field_rules(type(section)).items():
+        value = getattr(section, name)
+        numeric = tp in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (numeric or isinstance(value, tp)):
+            continue
+        for rule in rules:
+            problem = rule.problem(value)
+            if problem:
+                raise FieldError(name, problem + (" or null" if nullable else ""), value)
+
+
+def require(condition: bool, key: str, requirement: str, value: Any) -> None:
+    """A rule that ties fields together: raise :class:`FieldError` for ``key`` unless ``condition`` holds."""
+    if not condition:
+        raise FieldError(key, requirement, value)
 
 
 @dataclass
 class BackboneConfig:
     """Which pretrained model to probe or fine-tune."""
 
-    name: str = "minilm-l6"
+    name: Annotated[str, NON_EMPTY] = "minilm-l6"
     """Built-in short name (``minilm-l6``, ``efficientnet-lite0``), ``timm:<model>`` or ``hf:<hub id or path>``."""
     pooling: Literal["auto", "cls", "mean", "last"] = "auto"
     """Token pooling for transformer outputs; ``auto`` uses the model family's convention (CLS for BERT-like and
     vision encoders, ``last`` = the last real token for decoder-only LLMs). Feature maps use GAP."""
-    image_size: int | None = None
+    image_size: Annotated[int, Range(ge=8, le=4096)] | None = None
     """Input resolution for image backbones; default from the model's pretrained config."""
-    max_length: int = 128
+    max_length: Annotated[int, POSITIVE] = 128
     """Tokenizer truncation length for text backbones."""
     pretrained: bool = True
     """Load pretrained weights (``false`` gives the random-init control)."""
@@ -41,6 +152,9 @@ class BackboneConfig:
     truncate_at: int | str | None = None
     """Cut the backbone after this block (index, negative from the end, or name): its pooled output becomes the
     final feature and later modules are dropped (a truncated transfer candidate)."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass
@@ -56,41 +170,53 @@ class DataConfig:
     text_column: str | None = None
     image_column: str | None = None
     label_column: str = "label"
-    num_classes: int | None = None
+    num_classes: Annotated[int, Range(ge=2)] | None = None
     """Optional check: the run fails early if the data has a different number of classes."""
-    max_train_samples: int | None = None
+    max_train_samples: Annotated[int, POSITIVE] | None = None
     """Stratified, seeded subsample of the training split."""
-    max_eval_samples: int | None = None
+    max_eval_samples: Annotated[int, POSITIVE] | None = None
     """Stratified, seeded subsample of the test split."""
-    test_size: float = 0.2
+    test_size: Annotated[float, Range(gt=0, lt=1)] = 0.2
     """Held-out fraction when the source has no test split."""
-    seed: int = 0
+    seed: Annotated[int, SEED] = 0
     corruption: Literal["gaussian_noise", "shot_noise", "impulse_noise", "gaussian_blur", "contrast", "brightness",
                         "pixelate", "invert"] | None = None
     """Image data only: an input-level shift (CIFAR-10-C style corruption) applied to both splits, seeded by
     ``seed``; the target domain of a surgical fine-tuning study."""
-    corruption_severity: int = 3
+    corruption_severity: Annotated[int, Range(ge=1, le=5)] = 3
     """1 (mild) .. 5 (strong)."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        require(self.train_split != self.test_split, "test_split",
+                "must differ from train_split (evaluation needs held-out data)", self.test_split)
+        require(self.text_column is None or self.image_column is None, "image_column",
+                "cannot be set together with text_column (one input column)", self.image_column)
 
 
 @dataclass
 class ProbeConfig:
     """The layer-wise collapse probe: one streaming pass over the downstream training split."""
 
-    samples_per_class: int | None = 200
+    samples_per_class: Annotated[int, POSITIVE] | None = 200
     """Deterministic per-class subsample of the training split (``null`` = every sample)."""
-    batch_size: int = 64
-    layers: str | list[int] = "all"
+    batch_size: Annotated[int, POSITIVE] = 64
+    layers: Annotated[str, Pattern("all", "'all' or a non-empty list of block indices")] | list[int] = "all"
     """``all`` or a list of block indices (negative counts from the end)."""
-    ncc_samples: int = 4096
+    ncc_samples: Annotated[int, POSITIVE] = 4096
     """Samples per layer kept (bounded reservoir) to score nearest-class-centre and linear-probe accuracy."""
     linear_probe: bool = False
     """Also fit a logistic-regression probe per layer (adds ``lp_accuracy``, and ``nc3`` on the last layer)."""
     autocast: bool = False
     """Run the forward under autocast (bf16 on CPU, fp16 on CUDA); statistics are always float64."""
-    device: str = "auto"
-    """``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1`` ..."""
-    seed: int = 0
+    device: Annotated[str, DEVICE] = "auto"
+    """``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1`` ...; a device that does not exist is refused
+    when a command starts, before anything loads."""
+    seed: Annotated[int, SEED] = 0
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        require(self.layers != [], "layers", "must be 'all' or a non-empty list of block indices", self.layers)
 
 
 @dataclass
@@ -103,9 +229,9 @@ class SelectionConfig:
     (probe of reference vs target data); baselines: ``last_k``, ``first_k``, ``random_k``, ``all``, ``manual``,
     ``auto_rgn``; rivals: ``cka`` (label-free: the blocks whose input and output representations differ most),
     ``lisa`` (LISA's uniform draw of blocks; resampled during training with ``adapt.method=lisa``)."""
-    max_blocks: int | None = 1
+    max_blocks: Annotated[int, POSITIVE] | None = 1
     """Budget in blocks."""
-    max_param_fraction: float | None = None
+    max_param_fraction: Annotated[float, Range(gt=0, le=1)] | None = None
     """Budget as a fraction of the backbone's parameters: selected block parameters / backbone parameters (the head
     is not counted)."""
     fill: Literal["stop", "skip", "per_param"] = "stop"
@@ -113,7 +239,7 @@ class SelectionConfig:
     ``skip`` it and try the next (greedy); ``per_param``: by rank weight per parameter, skipping what does not fit."""
     blocks: list[int | str] | None = None
     """For ``manual``: block indices or names."""
-    stall_fraction: float = 0.1
+    stall_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.1
     """For ``stall``: the remaining blocks must add less than this share of the total log-NC1 reduction."""
     stall_reference: Literal["last", "min"] = "last"
     """For ``stall``: measure the total and remaining log-NC1 reduction against the ``last`` block or the block with
@@ -137,13 +263,13 @@ class SelectionConfig:
     shift_jump: float = 0.5
     """For ``shift``: the shift is located at the first block whose degradation jump reaches this share of the
     largest jump, in (0, 1]."""
-    rgn_batches: int = 5
+    rgn_batches: Annotated[int, POSITIVE] = 5
     """For ``auto_rgn`` (strategy and adapt mode): mini-batches used to measure relative gradient norms."""
-    cka_samples: int = 2048
+    cka_samples: Annotated[int, POSITIVE] = 2048
     """For ``cka``: probe samples (a seeded subset of the probe subset) whose block inputs and outputs are compared."""
-    lisa_interval: int = 20
+    lisa_interval: Annotated[int, POSITIVE] = 20
     """For ``adapt.method=lisa``: optimizer steps between two draws of the trainable blocks (LMFlow's default 20)."""
-    seed: int = 0
+    seed: Annotated[int, SEED] = 0
     """For ``random_k`` (and the ``trial`` data order and ``bootstrap`` resamples)."""
 
     def __post_init__(self) -> None:
@@ -166,6 +292,9 @@ class SelectionConfig:
         if self.strategy == "shift" and self.reference is None:
             raise ConfigError("strategy 'shift' needs reference data: set selection.reference to 'source' (the "
                               "backbone.init_from run's data) or to data overrides, e.g. {corruption: null}")
+        check_fields(self)
+        require(self.strategy != "manual" or bool(self.blocks), "blocks",
+                "must list block indices or names for strategy manual, e.g. [3] or [blocks.3]", self.blocks)
 
 
 @dataclass
@@ -176,9 +305,9 @@ class AdaptConfig:
     """``auto_rgn``: surgical fine-tuning's Auto-RGN, every backbone tensor at its own learning rate (relative
     gradient norm, re-measured each epoch); ``lisa``: LISA, everything outside the blocks plus a fresh uniform draw of
     as many blocks as were selected every ``selection.lisa_interval`` steps."""
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
+    lora_r: Annotated[int, POSITIVE] = 8
+    lora_alpha: Annotated[int, POSITIVE] = 16
+    lora_dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0
     scl_wiring: Literal["add", "concat", "replace"] = "add"
     freeze_bn: bool = True
     """Keep BatchNorm running statistics frozen inside trainable blocks."""
@@ -188,49 +317,56 @@ class AdaptConfig:
     etf_scale: float = 1.0
     """``head=etf``: the norm of each fixed classifier row (logits = etf_scale · cos-geometry · ‖h‖)."""
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+
 
 @dataclass
 class TrainConfig:
     """The training loop (accelerate: one CPU, one GPU, or many via ``accelerate launch``/torchrun)."""
 
-    epochs: int = 1
-    max_steps: int | None = None
+    epochs: Annotated[int, POSITIVE] = 1
+    max_steps: Annotated[int, POSITIVE] | None = None
     """Train for exactly this many optimizer steps, across as many epochs as needed (replaces ``epochs``, as in
     HF Trainer)."""
-    batch_size: int = 32
+    batch_size: Annotated[int, POSITIVE] = 32
     """Per-process micro-batch size."""
-    eval_batch_size: int = 128
-    lr: float = 1.0e-4
-    """Learning rate of the adapted backbone parameters."""
-    head_lr: float | None = None
+    eval_batch_size: Annotated[int, POSITIVE] = 128
+    lr: Annotated[float, Range(ge=0)] = 1.0e-4
+    """Learning rate of the adapted backbone parameters (0 keeps them as they are)."""
+    head_lr: Annotated[float, Range(ge=0)] | None = None
     """Learning rate of the head (and skip projection); default: ``lr``."""
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
-    grad_accum_steps: int = 1
-    max_grad_norm: float | None = 1.0
-    nc1_penalty: float = 0.0
+    weight_decay: Annotated[float, Range(ge=0)] = 0.01
+    warmup_ratio: Annotated[float, Range(ge=0, lt=1)] = 0.06
+    grad_accum_steps: Annotated[int, POSITIVE] = 1
+    max_grad_norm: Annotated[float, Range(gt=0)] | None = 1.0
+    nc1_penalty: Annotated[float, Range(ge=0)] = 0.0
     """Weight λ of an added loss term λ·NC1 of the deepest tuned block's pooled features, measured within each
     mini-batch over the classes present in it (0: off). Induces collapse while tuning (Li et al.)."""
     class_weights: Literal["balanced"] | None = None
     """``balanced``: weight the training loss of class k by N / (K * n_k) (as sklearn's ``compute_class_weight``);
     for imbalanced data (the trainer warns when one class exceeds 60% of it)."""
     precision: Literal["no", "bf16", "fp16"] = "no"
-    val_fraction: float = 0.0
+    val_fraction: Annotated[float, Range(ge=0, lt=1)] = 0.0
     """Held-out share of the training split for early stopping (0: no validation split)."""
-    early_stopping_patience: int | None = None
+    early_stopping_patience: Annotated[int, POSITIVE] | None = None
     """Evaluations without validation improvement before stopping (needs ``val_fraction`` > 0)."""
     augment: bool = False
     """Random horizontal flips for images (disables the prefix cache)."""
     cache_prefix: Literal["auto", "on", "off"] = "auto"
     """Cache the frozen prefix's outputs (``auto``: whenever it is valid)."""
-    log_every: int = 10
+    log_every: Annotated[int, POSITIVE] = 10
     report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
     """Experiment trackers (accelerate's) that receive the logged loss, learning rate and evaluations; the package
     must be installed. TensorBoard writes to ``<run dir>/nc-finetune/``."""
-    checkpoint_every: int = 100
+    checkpoint_every: Annotated[int, POSITIVE] = 100
     """Optimizer steps between checkpoints (and one at every epoch end)."""
-    seed: int = 0
-    device: str = "auto"
+    seed: Annotated[int, SEED] = 0
+    device: Annotated[str, DEVICE] = "auto"
+    """As ``probe.device``."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass
@@ -338,6 +474,11 @@ class Recipe:
             raise ConfigError("recipe key 'sweep.lr_grid' has several rates but train.val_fraction is 0: the rate is "
                               "chosen on a validation split carved from train, never on test; set "
                               "train.val_fraction=0.1")
+        # A recipe's only validation split is train.val_fraction (the Trainer API also takes one directly).
+        t = self.train
+        require(t.early_stopping_patience is None or t.val_fraction > 0, "train.early_stopping_patience",
+                "needs a validation split: set train.val_fraction > 0 too, or early_stopping_patience null",
+                t.early_stopping_patience)
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
@@ -357,14 +498,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"recipe file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-            raise ConfigError(f"recipe {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        loaded = read_yaml(path)
         if loaded is None:
             raise ConfigError(f"recipe {path} is empty; expected a mapping with sections {_field_names(Recipe)}")
         if not isinstance(loaded, dict):
@@ -378,6 +512,91 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
 
     check_rival_options(recipe)
     return recipe
+
+
+def load_resolved_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """A run's ``resolved.yaml`` (as :func:`dump_recipe` writes it: every section, ``description`` last), with
+    ``overrides``.
+
+    Raises:
+        ConfigError: as :func:`load_recipe`, naming the file; or a section missing, i.e. a file cut short.
+    """
+    path = Path(path)
+    raw = read_yaml(path, "resolved recipe")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} is damaged: not a resolved recipe (a mapping of sections {_field_names(Recipe)})")
+    missing = [f.name for f in dataclasses.fields(Recipe) if f.name not in raw]
+    if missing:
+        raise ConfigError(f"{path} is damaged: section '{missing[0]}' is missing (cut short?); a resolved recipe "
+                          f"lists every section: {_field_names(Recipe)}")
+    return load_recipe(path, overrides)
+
+
+def read_yaml(path: Path, what: str = "recipe") -> Any:
+    """Read a small YAML file of plain data (a recipe, a run's ``resolved.yaml``) with :func:`parse_yaml`.
+
+    Raises:
+        ConfigError: missing, unreadable, over :data:`MAX_RECIPE_BYTES`, not UTF-8, or refused by
+            :func:`parse_yaml`; the message names the file.
+    """
+    if not path.is_file():
+        raise ConfigError(f"{what} file not found: {path}")
+    try:
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise ConfigError(f"{what} {path} is {path.stat().st_size:,} bytes; a recipe is plain data of at most "
+                              f"{MAX_RECIPE_BYTES:,} bytes")
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") \
+            from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    return parse_yaml(text, f"{what} {path}")
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """``yaml.safe_load`` for recipe text, refusing aliases and absurd nesting with one line.
+
+    Args:
+        text: YAML text.
+        what: Names the source in messages, e.g. ``"recipe r.yaml"``.
+
+    Raises:
+        ConfigError: invalid YAML (with line and column), an alias, or nesting too deep to be a recipe.
+    """
+    try:
+        return _load_plain_yaml(text, what)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{what} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that stops at the first alias: recipes are plain data, and a few hundred bytes of nested
+    anchors and aliases ("billion laughs") expand to more values than memory holds once the schema walks them."""
+
+    what = "recipe"
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            mark = event.start_mark
+            raise ConfigError(f"{self.what} (line {mark.line + 1}, column {mark.column + 1}): YAML aliases "
+                              f"(*{event.anchor}) are not allowed in recipes; write the value out")
+        return super().compose_node(parent, index)
+
+
+def _load_plain_yaml(text: str, what: str) -> Any:
+    """Parse YAML text with :class:`_NoAliasLoader`; syntax errors stay ``yaml.YAMLError``."""
+    loader = _NoAliasLoader(text)
+    loader.what = what
+    try:
+        return loader.get_single_data()
+    except RecursionError:
+        raise ConfigError(f"{what} is nested too deeply to be a recipe") from None
+    finally:
+        loader.dispose()
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
@@ -400,7 +619,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     if not key or any(not p for p in parts):
         raise ConfigError(f"override '{item}': empty key")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = _load_plain_yaml(text, f"override '{key}'") if text.strip() else ""
     except yaml.YAMLError:
         value = text  # not YAML: keep the literal string, the schema decides whether a string is allowed
     node = raw
@@ -437,7 +656,10 @@ def from_dict(cls: type, raw: Any, prefix: str) -> Any:
         if f.name in raw:
             dotted = f"{prefix}.{f.name}" if prefix else f.name
             kwargs[f.name] = _coerce(hints[f.name], raw[f.name], dotted)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except FieldError as e:  # raised by the section's __post_init__, which does not know where it sits
+        raise e.under(prefix) from None
 
 
 def _type_name(tp: Any) -> str:

@@ -12,6 +12,7 @@ from nc_finetune.config import Recipe, recipe_to_dict
 from nc_finetune.errors import ConfigError, DataError, UserError
 from nc_finetune.runs import RunDir
 from nc_finetune.utils.dist import is_main_process
+from nc_finetune.utils.env import check_recipe_devices
 
 
 @dataclass
@@ -84,6 +85,7 @@ def run_probe_stage(recipe: Recipe, out: Path | None, *, overwrite: bool = False
     from nc_finetune.probe.runner import probe
     from nc_finetune.report.plots import plot_probe
 
+    check_recipe_devices(recipe)
     if out is not None:
         RunDir(out).check_writable([runs.PROBE, runs.PROBE_PLOT, runs.RESOLVED], overwrite, recipe)
     prepared = prepared or prepare_data(recipe)
@@ -197,6 +199,7 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
     from nc_finetune.utils.io import write_json_atomic
 
     run = RunDir(out)
+    check_recipe_devices(recipe)
     if resume:
         run.check_resume(recipe)
     else:
@@ -310,6 +313,7 @@ def scl_skip_dim(recipe: Recipe, backbone, selection, probe_result, split) -> in
 def select_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress: bool = True):
     """Probe (or reuse ``out/probe.json`` made with the same recipe) and select; write ``selection.json``."""
     run = RunDir(out)
+    check_recipe_devices(recipe)
     run.check_writable([runs.SELECTION], overwrite, recipe)
     prepared = prepare_data(recipe)
     backbone = load_recipe_backbone(recipe)
@@ -338,11 +342,10 @@ def eval_stage(run_dir: Path, split: str = "test", batch_size: int | None = None
     Returns:
         ``{"accuracy", "loss", "samples", "split"}``.
     """
-    from safetensors.torch import load_file
-
     from nc_finetune.labels import align_class_names, run_class_names
     from nc_finetune.train.loop import TrainData, Trainer
     from nc_finetune.utils.env import seed_everything
+    from nc_finetune.utils.io import load_safetensors
 
     run = RunDir(run_dir)
     run_dir = run.path
@@ -352,11 +355,16 @@ def eval_stage(run_dir: Path, split: str = "test", batch_size: int | None = None
             raise ConfigError(f"eval accepts only data.* overrides (the rest describes the trained model); "
                               f"got {item!r}")
     recipe = run.read_recipe(data_overrides)
-    if batch_size:
+    if batch_size is not None:
+        if batch_size < 1:
+            raise ConfigError(f"eval --batch-size must be >= 1; got {batch_size}")
         recipe.train.eval_batch_size = batch_size
     recipe.train.cache_prefix = "off"
-    data = prepare_data(recipe).data
+    # Every artefact is read (and a damaged one refused) before any data or model loads.
     probe_result = run.read_probe()
+    selection = run.read_selection()
+    weights = load_safetensors(run / runs.WEIGHTS)
+    data = prepare_data(recipe).data
     trained_classes = probe_result.meta.get("class_names")
     if trained_classes is not None and len(trained_classes) != data.num_classes:
         raise DataError(f"{run_dir} was trained on {len(trained_classes)} classes; data '{data.name}' has "
@@ -364,9 +372,7 @@ def eval_stage(run_dir: Path, split: str = "test", batch_size: int | None = None
     data = align_class_names(run_class_names(run_dir), data, str(run_dir))  # head outputs are the run's classes
     seed_everything(recipe.train.seed)  # as run_stage: a randomly initialised backbone is drawn right after seeding
     backbone = load_recipe_backbone(recipe)
-    selection = run.read_selection()
     adapted = build_recipe_classifier(recipe, backbone, data.num_classes, selection, probe_result, data.train)
-    weights = load_file(str(run / runs.WEIGHTS))
     unexpected = set(weights) - set(adapted.model.state_dict())
     if unexpected:
         raise UserError(f"{run_dir}/trainable.safetensors does not fit the rebuilt model ({sorted(unexpected)[0]})")
@@ -407,6 +413,7 @@ def rank_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress: 
     from nc_finetune.utils.io import write_json_atomic
 
     out = Path(out)
+    check_recipe_devices(recipe)
     RunDir(out).check_writable([runs.RANK, runs.RANK_PLOT], overwrite)
     cands: list[tuple[str, BackboneConfig]] = []
     for i, raw in enumerate(recipe.rank.candidates):

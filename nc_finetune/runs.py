@@ -186,16 +186,16 @@ class RunDir:
     # -------------------------------------------------------------------------------------------------- reading
 
     def read_recipe(self, overrides: list[str] | None = None):
-        """The run's resolved recipe, with ``overrides`` applied.
+        """The run's resolved recipe, with ``overrides``.
 
         Raises:
-            UserError: no ``resolved.yaml``; ConfigError: it no longer validates.
+            UserError: no ``resolved.yaml``; ConfigError: damaged, or it no longer validates.
         """
-        from nc_finetune.config import load_recipe
+        from nc_finetune.config import load_resolved_recipe
 
         if not (self.path / RESOLVED).is_file():
             raise UserError(f"{self.path} holds no {RESOLVED}")
-        return load_recipe(self.path / RESOLVED, overrides)
+        return load_resolved_recipe(self.path / RESOLVED, overrides)
 
     def read_json(self, name: str) -> Any:
         """Parse artefact ``name``.
@@ -228,13 +228,9 @@ class RunDir:
         return self.read_json(SUMMARY)
 
     def _read_yaml(self, name: str) -> Any:
-        import yaml
+        from nc_finetune.config import read_yaml
 
-        path = self.path / name
-        try:
-            return yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise UserError(f"{path} is damaged (not valid YAML: {e})") from None
+        return read_yaml(self.path / name, name)
 
     # -------------------------------------------------------------------------------------------------- writing
 

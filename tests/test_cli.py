@@ -142,6 +142,33 @@ def test_probe_and_select_refuse_to_overwrite(capsys, tmp_path, recipe_file, fin
     assert [(r["name"], r["nc1"], r["cdnv"]) for r in new] == [(r["name"], r["nc1"], r["cdnv"]) for r in old]
 
 
+DAMAGED = [  # (file cut in half, command that reads it)
+    ("trainable.safetensors", "eval"),
+    ("probe.json", "eval"),
+    ("selection.json", "eval"),
+    ("resolved.yaml", "eval"),
+    ("checkpoint/trainable.safetensors", "run"),
+    ("checkpoint/trainer_state.pt", "run"),
+    ("checkpoint/position.json", "run"),
+]
+
+
+@pytest.mark.parametrize(("name", "command"), DAMAGED, ids=[f"{c}-{n}" for n, c in DAMAGED])
+def test_a_damaged_artefact_is_one_line_naming_it(capsys, tmp_path, recipe_file, finished_run, bert_dir, text_csv,
+                                                  name, command) -> None:
+    out, _ = _copy_run(finished_run, tmp_path)
+    data = (out / name).read_bytes()
+    (out / name).write_bytes(data[: len(data) // 2])
+    before = tree_bytes(out)
+    if command == "eval":
+        line = _fails(capsys, ["eval", str(out)], str(out / name))
+    else:
+        line = _fails(capsys, _run_args(recipe_file, out, bert_dir, text_csv, "--resume", **FINISHED_RUN),
+                      str(out / name), "is damaged")
+    assert "damaged" in line or "not valid YAML" in line
+    assert tree_bytes(out) == before
+
+
 # ------------------------------------------------------------------------------------------------ good input
 
 

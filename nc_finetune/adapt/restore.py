@@ -56,7 +56,7 @@ def restore_backbone_weights(backbone, run_dir: str | Path, *, name: str, pretra
         ConfigError: A run of a different ``backbone.name``/``backbone.pretrained``, or one that trained only part
             of a randomly initialised backbone (its frozen part cannot be rebuilt).
     """
-    from safetensors.torch import load_file
+    from nc_finetune.utils.io import load_safetensors
 
     run_dir = Path(run_dir)
     what = "backbone.init_from"
@@ -77,7 +77,7 @@ def restore_backbone_weights(backbone, run_dir: str | Path, *, name: str, pretra
                             f"{' -> '.join(map(str, (*_chain, key)))})")
         restore_backbone_weights(backbone, src.backbone.init_from, name=name, pretrained=pretrained,
                                  _chain=(*_chain, key))
-    weights = load_file(str(run_dir / "trainable.safetensors"))
+    weights = load_safetensors(run_dir / "trainable.safetensors")
     if method == "lora":
         tensors = _merge_lora(backbone, run_dir, src, weights)
     else:

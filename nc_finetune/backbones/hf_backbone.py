@@ -208,10 +208,11 @@ def load_hf_backbone(
 
 
 def _hf_call(fn: Any, ref: str, what: str, **kwargs: Any) -> Any:
-    """Call a ``from_pretrained`` and turn "not found / offline" errors into a one-line :class:`UserError`."""
+    """Call a ``from_pretrained`` and turn "not found / offline / not a model" errors (an empty directory, an unknown
+    ``model_type``) into a one-line :class:`UserError`."""
     try:
         return fn(ref, **kwargs)
-    except OSError as e:
+    except (OSError, ValueError, KeyError) as e:
         raise UserError(
             f"cannot load the {what} of hf:{ref}: {first_line(e)} "
             "(expected a local save_pretrained directory, or a hub id that is cached or reachable)"

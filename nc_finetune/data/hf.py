@@ -7,6 +7,7 @@ gathered for the selected rows only, and an image column stays lazy (:class:`Laz
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -92,6 +93,36 @@ class LazyImageColumn(Sequence):
     def __repr__(self) -> str:
         return f"LazyImageColumn(column={self.column!r}, rows={len(self)})"
 
+    def undecodable(self, show: int = 3) -> tuple[int, list[str]]:
+        """Decode every image once (without keeping it) and report those that cannot be decoded.
+
+        Training decodes images lazily, batch by batch; a corrupt file found this way fails the command before any
+        model compute instead of in the middle of training.
+
+        Args:
+            show: How many failures to describe.
+
+        Returns:
+            ``(number of undecodable rows, descriptions "row i (path): error" of the first ``show``)``.
+        """
+        import datasets
+        from PIL import Image
+
+        if not isinstance(self.dataset.features[self.column], datasets.Image):
+            return 0, []  # arrays, not encoded files: nothing can fail to decode
+        raw = self.dataset.cast_column(self.column, datasets.Image(decode=False))
+        count, shown = 0, []
+        for row, item in enumerate(raw[self.column]):
+            try:
+                with Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as img:
+                    img.load()
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError ... depending on the format
+                count += 1
+                if len(shown) < show:
+                    where = f" ({item['path']})" if item.get("path") else ""
+                    shown.append(f"row {row}{where}: {type(e).__name__}: {_first_line(e)}")
+        return count, shown
+
 
 def _normalise_data_files(data_files: dict | str | None) -> dict | str | None:
     """A directory becomes a recursive glob, so ``data_files="my_images/"`` works for imagefolder."""
@@ -123,12 +154,15 @@ def _local_checksums(data_files: dict | str | None) -> dict[str, str]:
 def _load_dict(name: str, data_files: dict | str | None) -> Any:
     """``datasets.load_dataset`` for ``hf:<id>[:<config>]`` or a local builder, as a ``DatasetDict``."""
     import datasets
+    from datasets.exceptions import DatasetGenerationError
 
     if name in LOCAL_BUILDERS:
         if data_files is None:
             raise ConfigError(f"data {name!r} needs data_files (a path, or {{split: path}})")
         args: tuple[Any, ...] = (name,)
         kwargs: dict[str, Any] = {"data_files": _normalise_data_files(data_files)}
+        if name == "csv":  # texts such as "NA", "None" or "null" are texts; only an empty cell is missing
+            kwargs.update(keep_default_na=False, na_values=[""])
     else:
         hub_id, _, config = name[len("hf:") :].partition(":")
         if not hub_id:
@@ -137,6 +171,10 @@ def _load_dict(name: str, data_files: dict | str | None) -> Any:
         kwargs = {"data_files": data_files} if data_files is not None else {}
     try:
         loaded = datasets.load_dataset(*args, **kwargs)
+    except DatasetGenerationError as err:  # the builder failed on the files' content (empty, binary, malformed)
+        cause = err.__cause__ or err
+        raise DataError(f"data {name!r}: cannot read {_jsonable(data_files)}: {type(cause).__name__}: "
+                        f"{_first_line(cause)}") from err
     except (OSError, ValueError, ConnectionError) as err:  # missing files, not in the offline cache, bad format
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         empty = re.search(r'Instruction "([^"]+)" corresponds to no data', first)
@@ -146,6 +184,11 @@ def _load_dict(name: str, data_files: dict | str | None) -> Any:
     if not isinstance(loaded, datasets.DatasetDict):
         raise DataError(f"data {name!r}: expected a dataset with named splits, got {type(loaded).__name__}")
     return loaded
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else "(no message)"
 
 
 def _pick_input_column(name: str, columns: list[str], text_column: str | None, image_column: str | None) -> tuple:
@@ -186,7 +229,13 @@ def _label_mapping(name: str, label_column: str, splits: list[Any]) -> tuple[lis
         names = sorted(set(values))
         return names, {s: i for i, s in enumerate(names)}, "strings mapped to sorted ids"
     if all(isinstance(v, (bool, int, np.integer)) for v in values):
-        top = max(int(v) for v in values)
+        ids = {int(v) for v in values}
+        top, used = max(ids), sum(i >= 0 for i in ids)
+        if top >= used:  # an id in 0..top never occurs: refuse before building top + 1 class names
+            gap = next(i for i in range(used + 1) if i not in ids)
+            raise DataError(f"data {name!r}: integer labels in column {label_column!r} must be the class ids "
+                            f"0..K-1, each used; found {used} distinct ids up to {top} (id {gap} never occurs); "
+                            "recode them as 0..K-1, or as strings")
         return [str(i) for i in range(max(top + 1, 0))], None, "integers kept"
     kinds = sorted({type(v).__name__ for v in values})
     raise DataError(
@@ -302,6 +351,11 @@ def load_hf(
     else:
         train = Split(inputs=LazyImageColumn(train_ds, input_column), labels=train_labels)
         test = Split(inputs=LazyImageColumn(test_ds, input_column), labels=test_labels)
+        for split_name, split in ((train_split, train), (test_split, test)):
+            bad, shown = split.inputs.undecodable()
+            if bad:
+                raise DataError(f"data {name!r} split {split_name!r}: {bad} image(s) cannot be decoded "
+                                f"({'; '.join(shown)}{'; ...' if bad > len(shown) else ''}); remove or replace them")
 
     info: dict[str, Any] = {
         "source": name if name.startswith("hf:") else f"local {name}",

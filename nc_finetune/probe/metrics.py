@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from nc_finetune.errors import DataError
-from nc_finetune.probe.stats import ClassStats, FeatureReservoir
+from nc_finetune.probe.stats import ClassStats, FeatureReservoir, pow2_scale
 
 _F64 = torch.float64
 _EPS = float(torch.finfo(_F64).eps)
@@ -57,6 +57,7 @@ def _etf_distance(g: torch.Tensor) -> float:
     """‖G/‖G‖_F − E_K‖_F for a K×K matrix G."""
     k = g.shape[0]
     etf = (torch.eye(k, dtype=_F64, device=g.device) - 1.0 / k) / math.sqrt(k - 1)  # (K, K)
+    g = g / pow2_scale(g.abs().amax())  # exact; keeps ‖G‖_F from overflowing or underflowing
     return float(torch.linalg.matrix_norm(g / torch.linalg.matrix_norm(g) - etf))
 
 
@@ -106,15 +107,19 @@ def metrics_from_stats(
         _warn(name, reason)
         return out
 
+    mu_g = stats.global_mean()  # (D,), in the features' own units for nc4_bias
+    # Every other metric is invariant to the scale of the features: compute on x / scale, finite for any size.
+    stats = stats.normalised()
     n = stats.counts  # (K,)
     mbar = stats.centered_means()  # (K, D), rows μ_k − μ_G
     mu = stats.class_means()  # (K, D)
-    mu_g = stats.global_mean()  # (D,)
     sw = stats.within_cov()  # (D, D)
     var = stats.class_variances()  # (K,)
 
     # Uncentred class means (Wang et al. D_l); needs no spread. 1 − cos(a, b) = ½‖â − b̂‖², which keeps its
-    # relative accuracy when the means are nearly parallel (features with a large common offset).
+    # relative accuracy when the means are nearly parallel (features with a large common offset). Each row is first
+    # divided by a power of two near its size (exact), so that its norm cannot overflow.
+    mu = mu / pow2_scale(mu.abs().amax(1, keepdim=True))  # (K, D)
     unit = mu / torch.linalg.vector_norm(mu, dim=1, keepdim=True)  # (K, D)
     gap = torch.cdist(unit, unit, compute_mode="donot_use_mm_for_euclid_dist").fill_diagonal_(math.inf)  # (K, K)
     out["discrim"] = 0.5 * float(gap.min()) ** 2
@@ -204,14 +209,16 @@ def collapse_metrics(
     reservoir = FeatureReservoir(capacity=n, device=x.device)
     for start in range(0, n, _CHUNK):
         stats.update(x[start : start + _CHUNK], y[start : start + _CHUNK])
-        reservoir.add(x[start : start + _CHUNK], y[start : start + _CHUNK])
+        # The reservoir rounds to float32: store the features in the statistics' frame (shifted and scaled), where
+        # float32 keeps their class structure under an offset of 1e12 or a size of 1e±200.
+        reservoir.add(stats.to_frame(x[start : start + _CHUNK]), y[start : start + _CHUNK])
     w = None if weight is None else _as_tensor(weight, "weight")
     b = None if bias is None else _as_tensor(bias, "bias")
     out = metrics_from_stats(stats, weight=w, bias=b, name=name)
     if math.isnan(out["nc1"]):
         out["ncc_accuracy"] = _NAN  # degenerate (already warned): class centres are missing or coincide
     else:
-        correct, total = reservoir.ncc_correct(stats.class_means())
+        correct, total = reservoir.ncc_correct(stats.frame_class_means())
         out["ncc_accuracy"] = correct / total
     return out
 

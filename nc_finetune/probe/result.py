@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nc_finetune.errors import UserError
-from nc_finetune.utils.io import write_json_atomic
+from nc_finetune.utils.io import read_json_object, write_json_atomic
 
 # Columns shown by `format_table`, in order: (key, header, format).
 _TABLE_COLUMNS = (
@@ -79,7 +78,12 @@ class ProbeResult:
 
     @classmethod
     def load(cls, path: str | Path) -> ProbeResult:
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        """Read ``probe.json``.
+
+        Raises:
+            UserError: a missing or damaged file (one line naming it).
+        """
+        return read_json_object(path, cls.from_dict, "a probe.json written by nc-finetune")
 
     def format_table(self) -> str:
         """A plain-text per-layer table for the terminal."""

@@ -156,7 +156,7 @@ def probe(
         raise DataError("probe: the training split is empty")
     if labels_all.min() < 0 or labels_all.max() >= num_classes:
         raise DataError(f"probe: labels must lie in [0, {num_classes}); found {labels_all.min()}..{labels_all.max()}")
-    dev = resolve_device(device)
+    dev = resolve_device(device, "probe.device")
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
     shard = split.subset(np.arange(rank, len(split), world)) if world > 1 else split
 
@@ -165,7 +165,10 @@ def probe(
     was_training = model.training
     model.eval().to(dev)
     stats: dict[str, ClassStats] = {}
-    reservoirs = {t.name: FeatureReservoir(max(1, ncc_samples // world), seed=seed + rank) for t in taps}
+    # Never more room than samples: a huge probe.ncc_samples must not allocate for samples that do not exist (a
+    # reservoir with room for all of them holds them in order and draws nothing, so the result is the same).
+    capacity = max(1, min(ncc_samples // world, len(shard)))
+    reservoirs = {t.name: FeatureReservoir(capacity, seed=seed + rank) for t in taps}
     store: dict[str, torch.Tensor] = {}
     inputs_ref: dict[str, Any] = {}
     amp_dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16

@@ -3,8 +3,10 @@
 :class:`ClassStats` keeps per-class counts and sums, one pooled scatter matrix and per-class squared norms, all in
 float64 and all relative to a per-layer ``shift`` (the mean of the first batch). Subtracting the shift before
 accumulating protects the second moments against catastrophic cancellation when the features carry a large constant
-offset. The statistics are additive: batches, processes (``all_reduce``) and saved partial runs (``merge``) combine
-exactly.
+offset. Features of extreme size (beyond 2^±64 after the shift, e.g. ×1e200 or ×1e-200) are also divided by a
+power-of-two ``scale``, exactly, so that their second moments neither overflow nor underflow; features of ordinary
+size keep ``scale = 1``. The statistics are additive: batches, processes (``all_reduce``) and saved partial runs
+(``merge``) combine exactly.
 
 :class:`FeatureReservoir` keeps a bounded, uniformly sampled subset of the raw features for the metrics that need
 samples rather than moments (nearest-class-centre accuracy, a linear probe).
@@ -18,19 +20,32 @@ import torch.distributed as dist
 from nc_finetune.errors import DataError
 
 _F64 = torch.float64
+_PLAIN_RANGE = (2.0**-64, 2.0**64)  # centred feature sizes that need no scale (their squares stay far from the limits)
+
+
+def pow2_scale(size: torch.Tensor) -> torch.Tensor:
+    """The power of two nearest to ``size`` (a float64 tensor of positive magnitudes); 1 where ``size`` is 0 or not
+    finite. Dividing by a power of two is exact, so rescaled computations round exactly like unscaled ones."""
+    ok = torch.isfinite(size) & (size > 0)
+    return torch.where(ok, torch.exp2(torch.round(torch.log2(torch.where(ok, size, 1.0)))), 1.0)
 
 
 class ClassStats:
     """Additive second-order statistics of the features of one layer, per class.
 
-    All quantities are float64 and taken relative to ``shift`` (x̃ = x − shift):
+    All quantities are float64 and taken relative to ``shift`` and ``scale`` (x̃ = (x − shift) / scale):
 
     * ``counts`` (K,): samples per class;
     * ``sums`` (K, D): per-class Σ x̃;
     * ``scatter`` (D, D): Σ x̃ x̃^T pooled over all samples;
     * ``sq_norms`` (K,): per-class Σ ‖x̃‖²;
     * ``shift`` (D,): set from the mean of the first non-empty update;
+    * ``scale`` (): 1, or a power of two set from the first non-empty update when its centred features are
+      larger than 2^64 or smaller than 2^-64 in magnitude;
     * ``nonfinite``: number of samples skipped because a feature was NaN or infinite.
+
+    The moment accessors (:meth:`class_means`, :meth:`within_cov`, ...) return the original units;
+    :meth:`normalised` gives the statistics of x / scale, on which scale-invariant metrics are computed.
 
     Args:
         num_classes: K.
@@ -50,6 +65,7 @@ class ClassStats:
         self.scatter = torch.zeros(dim, dim, **kw)  # (D, D)
         self.sq_norms = torch.zeros(num_classes, **kw)  # (K,)
         self.shift = torch.zeros(dim, **kw)  # (D,)
+        self.scale = torch.ones((), **kw)  # ()
         self.shift_set = False
         # A device tensor, so that update() never waits for the device; read it through `nonfinite`.
         self._nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -95,11 +111,14 @@ class ClassStats:
         y = labels.detach().to(device=self.device, dtype=torch.long)  # (B,)
         finite = torch.isfinite(x).all(dim=1)  # (B,)
         if not self.shift_set:
-            # Mean of the finite rows (0 if there are none); computed without a host sync.
+            # Mean of the finite rows (0 if there are none) and, for extreme sizes, a scale; without a host sync.
             kept = torch.where(finite[:, None], x, 0.0)
             self.shift = kept.sum(0) / finite.sum().clamp(min=1)  # (D,)
+            size = torch.where(finite[:, None], x - self.shift, 0.0).abs().amax()  # ()
+            plain = (size >= _PLAIN_RANGE[0]) & (size <= _PLAIN_RANGE[1])
+            self.scale = torch.where(plain, 1.0, pow2_scale(size))  # ()
             self.shift_set = True
-        x = torch.where(finite[:, None], x - self.shift, 0.0)  # (B, D); skipped rows contribute nothing
+        x = torch.where(finite[:, None], (x - self.shift) / self.scale, 0.0)  # (B, D); skipped rows add nothing
         self.counts.index_add_(0, y, finite.to(_F64))
         self.sums.index_add_(0, y, x)
         self.sq_norms.index_add_(0, y, x.square().sum(1))
@@ -109,12 +128,12 @@ class ClassStats:
     def reshift(self, new_shift: torch.Tensor) -> ClassStats:
         """Re-express the statistics relative to ``new_shift`` (exact up to rounding). In place; returns self.
 
-        With δ = c_old − c_new and s = Σ (x − c_old):
-        Σ (x − c_new)(x − c_new)^T = S + s δ^T + δ s^T + n δ δ^T.
+        With δ = (c_old − c_new) / scale and s = Σ (x − c_old) / scale:
+        Σ x̃_new x̃_new^T = S + s δ^T + δ s^T + n δ δ^T.
         """
         new_shift = new_shift.detach().to(device=self.device, dtype=_F64).reshape(self.dim)  # (D,)
         if self.shift_set:
-            delta = self.shift - new_shift  # (D,)
+            delta = (self.shift - new_shift) / self.scale  # (D,)
             s = self.sums.sum(0)  # (D,)
             n = self.counts.sum()
             self.scatter += torch.outer(s, delta) + torch.outer(delta, s) + n * torch.outer(delta, delta)
@@ -123,6 +142,24 @@ class ClassStats:
         self.shift = new_shift.clone()
         self.shift_set = True
         return self
+
+    def rescale(self, new_scale: torch.Tensor | float) -> ClassStats:
+        """Re-express the statistics relative to ``new_scale`` (exact for powers of two). In place; returns self."""
+        new_scale = torch.as_tensor(new_scale, dtype=_F64, device=self.device).reshape(())
+        ratio = self.scale / new_scale  # ()
+        self.sums *= ratio
+        self.scatter *= ratio * ratio
+        self.sq_norms *= ratio * ratio
+        self.scale = new_scale.clone()
+        return self
+
+    def normalised(self) -> ClassStats:
+        """The statistics of x / scale (scale 1; shares the accumulated tensors): ratios of moments, as in every
+        collapse metric, are the same as on x, and stay finite for features of any size."""
+        out = ClassStats(self.num_classes, self.dim, device=self.device)
+        out.counts, out.sums, out.scatter, out.sq_norms = self.counts, self.sums, self.scatter, self.sq_norms
+        out.shift, out.shift_set, out._nonfinite = self.shift / self.scale, self.shift_set, self._nonfinite
+        return out
 
     def merge(self, other: ClassStats) -> ClassStats:
         """Add the statistics of ``other`` (left unchanged) into self. In place; returns self.
@@ -139,8 +176,11 @@ class ClassStats:
             return self  # other holds no samples
         if not self.shift_set:
             self.shift = other.shift.to(self.device).clone()
+            self.scale = other.scale.to(self.device).clone()
             self.shift_set = True
-        tmp = ClassStats.from_state_dict(other.state_dict(), device=self.device).reshift(self.shift)
+        self.rescale(torch.maximum(self.scale, other.scale.to(self.device)))  # the larger scale cannot overflow
+        tmp = ClassStats.from_state_dict(other.state_dict(), device=self.device).rescale(self.scale)
+        tmp.reshift(self.shift)
         self.counts += tmp.counts
         self.sums += tmp.sums
         self.scatter += tmp.scatter
@@ -150,12 +190,15 @@ class ClassStats:
     def all_reduce(self, group: dist.ProcessGroup | None = None) -> ClassStats:
         """Sum the statistics over all processes of ``group``; a no-op when torch.distributed is not initialised.
 
-        The ranks first agree on a common shift (the count-weighted mean of their shifts; ranks without samples
-        take no part in it), re-shift, then sum. Every rank ends up with the global statistics, so call this once.
-        Returns self.
+        The ranks first agree on a common scale (the largest) and shift (the count-weighted mean of their shifts;
+        ranks without samples take no part in it), re-express their statistics, then sum. Every rank ends up with
+        the global statistics, so call this once. Returns self.
         """
         if not (dist.is_available() and dist.is_initialized()):
             return self
+        scale = self.scale.clone()
+        dist.all_reduce(scale, op=dist.ReduceOp.MAX, group=group)
+        self.rescale(scale)
         n = self.counts.sum()
         buf = torch.cat([self.shift * n, n.reshape(1)])  # (D + 1,)
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
@@ -175,23 +218,31 @@ class ClassStats:
         """Global (sample-weighted) mean minus the shift, (D,)."""
         return self.sums.sum(0) / self.counts.sum()
 
+    def to_frame(self, features: torch.Tensor) -> torch.Tensor:
+        """Features in the frame of the statistics, (x − shift) / scale, float64 (B, D)."""
+        return (features.detach().to(device=self.device, dtype=_F64) - self.shift) / self.scale
+
+    def frame_class_means(self) -> torch.Tensor:
+        """Class means in the frame of the statistics, (μ_k − shift) / scale, (K, D); NaN rows for empty classes."""
+        return self._shifted_means()
+
     def class_means(self) -> torch.Tensor:
         """μ_k, (K, D); NaN rows for empty classes."""
-        return self._shifted_means() + self.shift
+        return self._shifted_means() * self.scale + self.shift
 
     def global_mean(self) -> torch.Tensor:
         """μ_G, the mean over all N samples, (D,)."""
-        return self._shifted_global_mean() + self.shift
+        return self._shifted_global_mean() * self.scale + self.shift
 
     def centered_means(self) -> torch.Tensor:
         """M̄ as rows: μ_k − μ_G, (K, D). (The shift cancels, so no large offset enters the difference.)"""
-        return self._shifted_means() - self._shifted_global_mean()
+        return (self._shifted_means() - self._shifted_global_mean()) * self.scale
 
     def within_cov(self) -> torch.Tensor:
         """Σ_W = (1/N) Σ_k Σ_i (h − μ_k)(h − μ_k)^T, (D, D)."""
         inv_n = torch.where(self.counts > 0, 1.0 / self.counts.clamp(min=1.0), 0.0)  # (K,); empty classes add 0
         cov = (self.scatter - self.sums.T @ (inv_n[:, None] * self.sums)) / self.counts.sum()  # (D, D)
-        return 0.5 * (cov + cov.T)
+        return 0.5 * (cov + cov.T) * self.scale.square()
 
     def between_cov(self) -> torch.Tensor:
         """Σ_B = (1/K) M̄ M̄^T (unweighted over classes), (D, D)."""
@@ -201,7 +252,7 @@ class ClassStats:
     def class_variances(self) -> torch.Tensor:
         """Per-class Var_k = E‖h − μ_k‖², (K,); NaN for empty classes."""
         m = self._shifted_means()  # (K, D)
-        return (self.sq_norms / self.counts - m.square().sum(1)).clamp(min=0.0)
+        return (self.sq_norms / self.counts - m.square().sum(1)).clamp(min=0.0) * self.scale.square()
 
     # ------------------------------------------------------------------ persistence
 
@@ -213,6 +264,7 @@ class ClassStats:
             "scatter": self.scatter.clone(),
             "sq_norms": self.sq_norms.clone(),
             "shift": self.shift.clone(),
+            "scale": self.scale.clone(),
             "shift_set": torch.tensor(self.shift_set),
             "nonfinite": self._nonfinite.clone(),
         }
@@ -224,6 +276,8 @@ class ClassStats:
         out = cls(num_classes, dim, device=device)
         for name in ("counts", "sums", "scatter", "sq_norms", "shift"):
             setattr(out, name, state[name].to(device=out.device, dtype=_F64).clone())
+        if "scale" in state:  # statistics saved before scales existed have scale 1
+            out.scale = state["scale"].to(device=out.device, dtype=_F64).clone()
         out.shift_set = bool(state["shift_set"])
         out._nonfinite = state["nonfinite"].to(device=out.device, dtype=torch.int64).clone()
         return out
@@ -235,7 +289,8 @@ class FeatureReservoir:
     Memory is ``capacity × D`` float32 whatever N is. The random choices come from a CPU ``torch.Generator`` seeded
     by ``seed`` and never depend on the feature values, so the content is deterministic for a given seed and batch
     sequence, and filling it needs no host sync. When ``capacity >= N`` it holds every sample, in order. Rows are
-    stored as given (non-finite rows included).
+    stored as given (non-finite rows included): float64 features far from the origin or of extreme size should be
+    given in the frame of their statistics (:meth:`ClassStats.to_frame`), where float32 keeps their class structure.
 
     Args:
         capacity: Maximum number of stored samples.

@@ -495,11 +495,11 @@ def _load_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
 def _load_yaml(path: Path) -> Any:
     if not path.is_file():
         return None
-    try:
-        import yaml
+    from nc_finetune.config import read_yaml
 
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except Exception:  # the recipe only fills header gaps: an unreadable one is no reason to fail
+    try:
+        return read_yaml(path, "resolved recipe")  # no aliases: a planted alias bomb must not expand here either
+    except UserError:  # the recipe only fills header gaps: an unreadable one is no reason to fail
         return None
 
 

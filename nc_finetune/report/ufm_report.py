@@ -41,7 +41,7 @@ def run_ufm(
         out: Output directory (created if needed).
         num_classes: K >= 2.
         n_per_class: n >= 1, samples per class.
-        dim: Feature dimension d >= 1.
+        dim: Feature dimension d >= K − 1 (the closed form needs it).
         lambda_w: λ_W > 0.
         lambda_h: λ_H > 0.
         lambda_b: λ_b >= 0.
@@ -55,12 +55,16 @@ def run_ufm(
         iteration: ``step``, ``loss``, ``grad_norm``, ``nc1``, ``nc2``, ``nc3``) and ``versions``.
 
     Raises:
-        UserError: Invalid arguments, or K·√(nλ_Wλ_H) >= 1, where the optimum is W = H = 0 (nothing is trained).
+        UserError: Invalid arguments, K·√(nλ_Wλ_H) >= 1, where the optimum is W = H = 0, or d < K − 1, where the
+            closed form does not hold (nothing is trained).
     """
     # The regime check comes first: in the collapse-to-zero regime nothing is trained or written.
     optimum = ufm_optimum(num_classes, n_per_class, lambda_w, lambda_h)
     if dim < 1 or lambda_b < 0:
         raise UserError(f"UFM needs dim >= 1 and lambda_b >= 0, got {dim} and {lambda_b}")
+    if dim < num_classes - 1:
+        raise UserError(f"UFM closed form needs dim >= K-1 = {num_classes - 1} (a simplex ETF of K classes spans K-1 "
+                        f"dimensions), got dim {dim}; below it the optimum is not the closed form")
     if max_iter < 1:
         raise UserError(f"UFM needs max_iter >= 1, got {max_iter}")
     res = train_ufm(num_classes, n_per_class, dim, lambda_w, lambda_h, lambda_b, seed=seed, max_iter=max_iter)

@@ -9,7 +9,6 @@ which cannot address timm blocks; anchors.md §1.1).
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import re
 import sys
@@ -24,7 +23,7 @@ from torch import nn
 from nc_finetune.errors import ConfigError
 from nc_finetune.probe.result import ProbeResult
 from nc_finetune.select.strategies import STRATEGIES, BlockLike, Ranking, rank_blocks
-from nc_finetune.utils.io import write_json_atomic
+from nc_finetune.utils.io import read_json_object, write_json_atomic
 
 #: Blocks tuned when no budget is given: one block, as in Li et al.'s Layer FT / SCL FT.
 DEFAULT_MAX_BLOCKS = 1
@@ -126,7 +125,12 @@ class Selection:
 
     @classmethod
     def load(cls, path: str | Path) -> Selection:
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        """Read ``selection.json``.
+
+        Raises:
+            UserError: a missing or damaged file (one line naming it).
+        """
+        return read_json_object(path, cls.from_dict, "a selection.json written by nc-finetune")
 
     # ------------------------------------------------------------------------------------------------------ text
 

@@ -1,7 +1,10 @@
 """Training checkpoints: trainable weights (safetensors), optimizer, scheduler, RNG and data position.
 
 A checkpoint is a directory written next to its final place and renamed over it, so a kill at any moment leaves
-either the previous complete checkpoint or the new complete one. Everything is loaded with safetensors or
+either the previous complete checkpoint or the new complete one. The previous one is renamed away before it is
+deleted, so a kill during the deletion leaves a ``checkpoint.trash`` that is never read. Loading checks every file of
+``checkpoint/`` and falls back to an intact ``checkpoint.old/`` (the previous one, left by a kill between the two
+renames, or kept by hand) when ``checkpoint/`` is missing or damaged. Everything is loaded with safetensors or
 ``torch.load(weights_only=True)``; nothing is unpickled.
 """
 
@@ -10,14 +13,16 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from nc_finetune.errors import UserError
+from nc_finetune.utils.io import load_safetensors, load_torch_state, read_json
 
 WEIGHTS = "trainable.safetensors"
 STATE = "trainer_state.pt"
@@ -49,18 +54,26 @@ def save_checkpoint(path: Path, weights: dict[str, torch.Tensor], optimizer: dic
                     position: dict[str, Any]) -> None:
     """Write a checkpoint directory atomically (temp dir + rename)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    old = path.with_name(path.name + ".old")
+    tmp, old, trash = (path.with_name(path.name + suffix) for suffix in (".tmp", ".old", ".trash"))
     shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(trash, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
     torch.save({"optimizer": optimizer, "scheduler": scheduler, "rng": rng_state()}, tmp / STATE)
     (tmp / META).write_text(json.dumps(position, indent=2))
     if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old, trash)
         path.rename(old)
     tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+    _discard(old, trash)
+
+
+def _discard(directory: Path, trash: Path) -> None:
+    """Delete ``directory`` by renaming it to ``trash`` first: a half-deleted copy never keeps a trusted name."""
+    if directory.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+        directory.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def save_weights(path: Path, weights: dict[str, torch.Tensor]) -> None:
@@ -71,25 +84,45 @@ def save_weights(path: Path, weights: dict[str, torch.Tensor]) -> None:
 
 
 def has_checkpoint(path: Path) -> bool:
-    """Whether :func:`load_checkpoint` finds a complete checkpoint at ``path`` (or its ``.old`` predecessor)."""
+    """Whether a checkpoint was written at ``path`` (or its ``.old`` predecessor survives): :func:`load_checkpoint`
+    then resumes from it, or says why it cannot."""
     path = Path(path)
-    return (path / META).is_file() or (path.with_name(path.name + ".old") / META).is_file()
+    return path.is_dir() or path.with_name(path.name + ".old").is_dir()
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """Load (weights, trainer state, position) from a checkpoint directory.
+    """Load (weights, trainer state, position) from a checkpoint directory, or from its intact ``.old`` predecessor
+    when the directory is missing or damaged (a warning says so).
 
     Raises:
-        UserError: the checkpoint is missing or incomplete.
+        UserError: neither holds a complete, readable checkpoint (names the damaged file).
     """
     path = Path(path)
-    if not (path / META).is_file():
-        old = path.with_name(path.name + ".old")
-        if (old / META).is_file():  # killed between the two renames: the previous checkpoint is complete
-            path = old
-        else:
-            raise UserError(f"no checkpoint to resume from in {path.parent}")
-    weights = load_file(str(path / WEIGHTS))
-    state = torch.load(path / STATE, map_location="cpu", weights_only=True)
-    position = json.loads((path / META).read_text())
+    old = path.with_name(path.name + ".old")
+    try:
+        return _load_complete(path)
+    except UserError as damage:
+        if not old.is_dir():
+            if not path.exists():
+                raise UserError(f"no checkpoint to resume from in {path.parent}") from None
+            raise UserError(f"cannot resume: {damage}; no {old.name}/ to fall back to (delete {path} to train "
+                            "again from step 0)") from None
+        try:
+            loaded = _load_complete(old)
+        except UserError as old_damage:
+            raise UserError(f"cannot resume: {damage}, and {old_damage}") from None
+        if path.exists():  # killed between the two renames leaves no checkpoint/: nothing to warn about
+            warnings.warn(f"resuming from {old} ({damage})", RuntimeWarning, stacklevel=2)
+        return loaded
+
+
+def _load_complete(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """The three parts of one checkpoint directory; UserError naming the first missing or damaged file."""
+    weights = load_safetensors(path / WEIGHTS)
+    state = load_torch_state(path / STATE)
+    position = read_json(path / META)
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng"} <= set(state):
+        raise UserError(f"{path / STATE} is damaged: not a trainer state written by nc-finetune")
+    if not isinstance(position, dict) or not {"epoch", "micro", "step"} <= set(position):
+        raise UserError(f"{path / META} is damaged: not a position written by nc-finetune")
     return weights, state, position

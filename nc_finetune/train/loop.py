@@ -40,7 +40,7 @@ from nc_finetune.train.metrics import (
 )
 from nc_finetune.train.nc1_penalty import NC1Penalty
 from nc_finetune.train.tracking import PROJECT, accelerate_trackers, check_trackers, scalars, tracker_config
-from nc_finetune.utils.io import write_text_atomic
+from nc_finetune.utils.io import load_safetensors, write_text_atomic
 
 #: Keys of :func:`~nc_finetune.train.metrics.metrics_from_confusion` copied to the summary per split.
 _CLASS_METRICS = ("macro_f1", "per_class_accuracy", "confusion_matrix")
@@ -107,6 +107,24 @@ def peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def _read_log(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """``(line, record)`` pairs of ``metrics.jsonl``. A cut-off last line (a kill during its append) is dropped; a
+    damaged line before it is refused (UserError naming it)."""
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            if i == len(lines) - 1:
+                break
+            raise UserError(f"{path} is damaged: line {i + 1} is not a JSON record")
+        rows.append((line, record))
+    return rows
 
 
 class Trainer:
@@ -264,7 +282,7 @@ class Trainer:
         path = self.out / "metrics.jsonl"
         if self.rank != 0 or not path.exists():
             return
-        rows = [(line, json.loads(line)) for line in path.read_text().splitlines() if line]
+        rows = _read_log(path)
         # A checkpoint at an epoch end is written after that epoch's evaluation lines, which are kept; the final test
         # line comes after the last checkpoint and is written again by the resumed run.
         keep = [line for line, r in rows if r.get("step", 0) <= step and r.get("split") != "final_test"]
@@ -328,6 +346,7 @@ class Trainer:
                    disable=not self.progress or self.rank != 0, leave=False)
         stopped_early = bool(pos.get("stopped_early", False))  # a resumed run that had stopped early stays stopped
         running = pos["running"]  # losses since the last log line (a list shared with `pos`)
+        bad_loss = None  # the first non-finite loss since the last optimizer step
         try:
             while pos["epoch"] < num_epochs and pos["step"] < total_steps and not stopped_early:
                 epoch = pos["epoch"]
@@ -354,9 +373,12 @@ class Trainer:
                                     + cfg.nc1_penalty * self.penalty.value(y)
                             acc.backward(loss / cfg.grad_accum_steps)
                         running.append(loss.item())
+                        if bad_loss is None and not math.isfinite(running[-1]):
+                            bad_loss = running[-1]
                         pos["micro"] += 1
                         if not sync:
                             continue
+                        self._stop_on_bad_loss(bad_loss, pos["step"] + 1)
                         if cfg.max_grad_norm is not None:
                             acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                 cfg.max_grad_norm)
@@ -393,9 +415,8 @@ class Trainer:
             bar.close()
 
         if (self.out / "best.safetensors").exists():
-            from safetensors.torch import load_file
-
-            acc.unwrap_model(model).load_state_dict(load_file(str(self.out / "best.safetensors")), strict=False)
+            best = load_safetensors(self.out / "best.safetensors")
+            acc.unwrap_model(model).load_state_dict(best, strict=False)
         test = self.evaluate("test", self.data.test)
         counts = self.adapted.parameter_counts()
         summary = {
@@ -424,6 +445,22 @@ class Trainer:
         if cfg.report_to:
             acc.end_training()
         return summary
+
+    def _stop_on_bad_loss(self, bad_loss: float | None, step: int) -> None:
+        """Stop, before the optimizer applies non-finite gradients, when any rank saw a NaN/inf loss in this step.
+
+        Raises:
+            UserError: naming the step; the last checkpoint stays as it is.
+        """
+        bad = bad_loss is not None
+        if self.world > 1:  # every rank must stop at the same step, or the others wait forever
+            flag = torch.tensor(float(bad), device=self.device)
+            bad = float(self.accelerator.reduce(flag, reduction="sum")) > 0
+        if bad:
+            cfg = self.cfg
+            clip = "" if cfg.max_grad_norm is not None else " or set train.max_grad_norm (clipping is off)"
+            raise UserError(f"train: loss is {bad_loss if bad_loss is not None else 'not finite on another rank'} "
+                            f"at step {step}; lower train.lr (now {cfg.lr:g}){clip}, or check the data")
 
     def _end_of_epoch(self, epoch: int, pos: dict[str, Any]) -> bool:
         """Evaluate val/test, track the best validation model; return True to stop early."""

@@ -72,7 +72,9 @@ def _check(features: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _stats_numpy(stats: ClassStats) -> dict[str, np.ndarray] | None:
-    """The statistics as float64 numpy arrays; None when they are non-finite or hold no sample."""
+    """The statistics of x / scale (see :meth:`ClassStats.normalised`; LogME and H-score do not depend on the scale
+    of the features) as float64 numpy arrays; None when they are non-finite or hold no sample."""
+    stats = stats.normalised()
     parts = {name: getattr(stats, name).detach().cpu().double().numpy()
              for name in ("counts", "sums", "scatter", "shift")}
     if stats.nonfinite > 0 or not all(np.isfinite(v).all() for v in parts.values()) or parts["counts"].sum() <= 0:
@@ -181,12 +183,14 @@ def logme_score(features: Any, labels: Any, tol: float = 1e-10, max_iter: int = 
         non-finite features.
 
     Raises:
-        DataError: Bad shapes or labels.
+        DataError: Bad shapes or labels, or labels of a single class (a one-class target is fitted perfectly by
+            the constant, so its "evidence" says nothing about the features).
     """
     x, y = _check(features, labels)
+    classes, inv = np.unique(y, return_inverse=True)
+    _check_two_classes(classes.size)
     if not np.isfinite(x).all():
         return _NAN
-    classes, inv = np.unique(y, return_inverse=True)
     onehot = np.zeros((x.shape[0], classes.size))  # (N, C)
     onehot[np.arange(x.shape[0]), inv] = 1.0
     return _logme_core(x.T @ x, x.T @ onehot, onehot.sum(0), float(x.shape[0]), tol, max_iter)
@@ -205,17 +209,26 @@ def logme_from_stats(stats: ClassStats, tol: float = 1e-10, max_iter: int = 1000
 
     Returns:
         The LogME score; NaN when the statistics hold no sample or non-finite values.
+
+    Raises:
+        DataError: Samples of a single class (see :func:`logme_score`).
     """
     p = _stats_numpy(stats)
     if p is None:
         return _NAN
     counts, sums, c = p["counts"], p["sums"], p["shift"]
+    _check_two_classes(int((counts > 0).sum()))
     n = float(counts.sum())
     s = sums.sum(0)  # (D,)
     gram = p["scatter"] + np.outer(s, c) + np.outer(c, s) + n * np.outer(c, c)  # (D, D)
     present = counts > 0
     fty = (sums[present] + counts[present, None] * c).T  # (D, C)
     return _logme_core(gram, fty, counts[present], n, tol, max_iter)
+
+
+def _check_two_classes(present: int) -> None:
+    if present < 2:
+        raise DataError(f"LogME needs samples of at least 2 classes, got {present}")
 
 
 # ---------------------------------------------------------------------------------------------------- H-score

@@ -1,4 +1,6 @@
-"""Atomic writes: a run directory never holds a half-written artefact."""
+"""Atomic writes, so a run directory never holds a half-written artefact, and readers that turn a damaged one (cut
+short, overwritten, not what its name says) into a one-line :class:`~nc_finetune.errors.UserError` naming the file.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from nc_finetune.errors import UserError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -67,3 +71,78 @@ def _finite(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_finite(v) for v in obj]
     return obj
+
+
+def _damaged(path: Path, what: str, err: BaseException) -> UserError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UserError(f"{path} is damaged: not {what} ({first[:200]})")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The content of a JSON file.
+
+    Raises:
+        UserError: missing, unreadable, not UTF-8 or not valid JSON (e.g. cut short by a kill or a full disk).
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _damaged(path, "valid JSON", e) from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def read_json_object(path: str | os.PathLike, parse: Callable[[dict], Any], what: str) -> Any:
+    """``parse`` applied to a JSON file that must hold an object written by nc-finetune (``probe.json`` ...).
+
+    Raises:
+        UserError: as :func:`read_json`, or content that ``parse`` cannot read (missing keys, wrong types).
+    """
+    path = Path(path)
+    obj = read_json(path)
+    try:
+        if not isinstance(obj, dict):
+            raise TypeError(f"a JSON object was expected, got {type(obj).__name__}")
+        return parse(obj)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"{path} is damaged: not {what} ({type(e).__name__}: {e})") from None
+
+
+def load_safetensors(path: str | os.PathLike) -> dict:
+    """Tensors of a safetensors file, on the CPU.
+
+    Raises:
+        UserError: missing or not a complete safetensors file.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise _damaged(path, "a complete safetensors file", e) from None
+
+
+def load_torch_state(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU (tensors and plain containers only, nothing unpickled).
+
+    Raises:
+        UserError: missing, cut short, or holding objects that ``weights_only`` refuses.
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} is missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as e:
+        raise _damaged(path, "a complete torch state file", e) from None

@@ -168,6 +168,16 @@ def test_unsupported_and_missing_hf_models(tmp_path: Path) -> None:
         load_backbone(f"hf:{tmp_path / 'does-not-exist'}")
 
 
+@pytest.mark.parametrize("config", [None, '{"model_type": "nosuchmodel", "hidden_size": 8}', '{"model_type": "be'],
+                         ids=["empty-dir", "unknown-model-type", "cut-config"])
+def test_a_directory_that_holds_no_model_is_one_line(tmp_path: Path, config: str | None) -> None:
+    if config is not None:
+        (tmp_path / "config.json").write_text(config, encoding="utf-8")
+    with pytest.raises(UserError, match=rf"^cannot load the config of hf:{tmp_path}: ") as e:
+        load_backbone(f"hf:{tmp_path}")
+    assert "\n" not in str(e.value)
+
+
 def test_vit_without_image_processor_uses_config_defaults(tmp_path: Path) -> None:
     config = transformers.ViTConfig(
         image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32

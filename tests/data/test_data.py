@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -270,6 +271,45 @@ def test_load_data_refuses_float_labels(tmp_path):
         load_data("csv", data_files=path)
 
 
+def test_load_data_refuses_a_sparse_integer_label_before_allocating_its_classes(tmp_path):
+    """One label of 10^6 would make 10^6 class names (10^9: ~60 GB); it is refused from the ids alone."""
+    import tracemalloc
+
+    path = _write_csv(tmp_path / "a.csv", [(f"t{i}", i % 2) for i in range(10)] + [("odd", 10**6)])
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"^data 'csv': integer labels in column 'label' must be the class ids "
+                                            r"0..K-1, each used; found 3 distinct ids up to 1000000 \(id 2 never"):
+            load_data("csv", data_files=path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    (b"", "EmptyDataError: No columns to parse from file"),
+    (bytes(range(256)) * 8, "Error"),  # a ParserError or a UnicodeDecodeError, depending on the bytes
+], ids=["empty", "binary"])
+def test_an_unreadable_csv_is_one_line_naming_it(tmp_path, content, needle):
+    path = tmp_path / "a.csv"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as e:
+        load_data("csv", data_files=str(path))
+    assert str(e.value).startswith(f"data 'csv': cannot read {path}: ") and needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_csv_texts_that_pandas_reads_as_missing_are_kept(tmp_path):
+    words = ["NA", "None", "null", "NULL", "nan", "NaN", "n/a", "#N/A", "-", "na"]
+    path = _write_csv(tmp_path / "a.csv", [(w, i % 2) for i, w in enumerate(words * 2)])
+    data = load_data("csv", data_files=path)
+    assert sorted(data.train.inputs + data.test.inputs) == sorted(words * 2)
+    empty = _write_csv(tmp_path / "b.csv", [("", 0)] + [(w, i % 2) for i, w in enumerate(words * 2)])
+    with pytest.raises(DataError, match="text column 'sentence' has 1 missing value"):  # an empty cell still is
+        load_data("csv", data_files=empty, test_size=0.05)
+
+
 def test_load_data_argument_errors(tmp_path):
     with pytest.raises(UserError, match=r"unknown dataset 'nope'"):
         load_data("nope")
@@ -341,6 +381,19 @@ def test_imagefolder_lazy_uint8_images(tmp_path):
     np.testing.assert_array_equal(sub.inputs[-1], data.train.inputs[0])
     with pytest.raises(IndexError):
         sub.inputs[2]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not-an-image"])
+def test_a_corrupt_image_is_found_when_the_data_loads(tmp_path, damage):
+    """Images decode lazily during training: one corrupt file (outside any probe subset) must fail the load, with
+    its path, instead of crashing the training loop later."""
+    folder = Path(_image_folder(tmp_path / "imgs", 4))
+    bad = folder / "dog" / "3.png"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"this is no png" * 10)
+    with pytest.raises(DataError, match=r"^data 'imagefolder' split '(train|test)': 1 image\(s\) cannot be decoded "
+                                        rf"\(row \d+ \({bad}\): \w+: .*\); remove or replace them$"):
+        load_data("imagefolder", data_files=str(folder), test_size=0.25, seed=0)
 
 
 def test_imagefolder_split_dirs_and_max_samples(tmp_path):

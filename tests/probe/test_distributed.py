@@ -29,6 +29,9 @@ def _shards() -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
         "hetero": [sample(150, [0, 1, 2], 1e4), sample(90, [1, 2, 3], 1e4 + 7.0)],
         # Rank 1 has no data at all (its shift is never set).
         "empty_rank": [sample(120, [0, 1, 2, 3], -30.0), sample(0, [0], 0.0)],
+        # Features of extreme size, a different power-of-two scale on each rank (they must agree on one).
+        "scaled": [(x * f, y) for (x, y), f in zip((sample(100, [0, 1, 2, 3], 0.0), sample(80, [0, 1, 2, 3], 0.0)),
+                                                  (1e30, 1e33), strict=True)],
     }
 
 
@@ -66,3 +69,4 @@ def test_all_reduce_matches_single_process(tmp_path) -> None:
             a, b = getattr(reduced[0], fn)(), getattr(single, fn)()
             assert float((a - b).abs().max()) <= 1e-10 * float(b.abs().max()), (name, fn)
         assert torch.equal(reduced[0].counts, single.counts)
+

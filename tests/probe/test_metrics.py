@@ -173,6 +173,46 @@ def test_no_warning_on_healthy_input() -> None:
         collapse_metrics(features, labels)
 
 
+# ---------------------------------------------------------------------------------------------- extreme sizes
+
+SCALE_FREE_KEYS = ("nc1", "nc1_trace", "sep_fuzziness", "cdnv", "nc2", "discrim", "ncc_accuracy")
+
+
+@pytest.mark.parametrize("factor", [1e200, 1e-200, 2.0**70, 3e-25])
+def test_metrics_do_not_depend_on_the_size_of_the_features(factor: float) -> None:
+    """Every metric is a ratio of moments: features ×1e200 (squares overflow) or ×1e-200 (squares underflow) give
+    the brute-force values of the unscaled features, without a warning."""
+    features, labels = _imbalanced_data(4, 6, 5)
+    ref = reference_metrics(features, labels, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = collapse_metrics(features * factor, labels)
+    for key in SCALE_FREE_KEYS:
+        assert _rel(out[key], ref[key]) < 1e-9, (key, out[key], ref[key])
+
+
+def test_ncc_accuracy_survives_a_large_offset() -> None:
+    """NC1 is exact under a 1e12 offset (the statistics are shifted); NCC accuracy must be too (float32 storage of the
+    raw features would keep nothing of the classes)."""
+    features, labels = _imbalanced_data(4, 6, 6, offset=0.0)
+    features += 2.0 * np.random.default_rng(7).standard_normal(features.shape)  # enough overlap for mistakes
+    ref = reference_metrics(features, labels, 4)
+    assert 0.5 < ref["ncc_accuracy"] < 1.0
+    shifted = features + 1e12
+    out = collapse_metrics(shifted, labels)
+    assert out["ncc_accuracy"] == reference_metrics(shifted, labels, 4)["ncc_accuracy"] == ref["ncc_accuracy"]
+    assert _rel(out["nc1"], ref["nc1"]) < 1e-4  # the input itself is rounded to 1e12 · eps ≈ 1e-4
+
+
+def test_nc4_bias_keeps_the_units_of_the_features() -> None:
+    features, labels = _imbalanced_data(3, 4, 7)
+    weight, bias = np.random.default_rng(1).standard_normal((3, 4)), np.array([0.5, -1.0, 2.0])
+    out = collapse_metrics(features * 1e200, labels, weight=weight * 1e-200, bias=bias)
+    direct = np.linalg.norm((weight * 1e-200) @ (features * 1e200).mean(0) + bias)  # ‖W μ_G + b‖, no squares
+    assert _rel(out["nc4_bias"], direct) < 1e-9
+    assert _rel(out["nc3"], reference_metrics(features, labels, 3, weight=weight)["nc3"]) < 1e-9
+
+
 @pytest.mark.parametrize(
     ("features", "labels", "num_classes", "match"),
     [

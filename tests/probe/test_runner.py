@@ -103,3 +103,20 @@ def test_probe_result_to_pandas() -> None:
     assert isinstance(df, pd.DataFrame) and len(df) == 3
     assert list(df["name"]) == ["blocks.0", "blocks.1", "blocks.2"]
     assert df["nc1"].tolist() == pytest.approx([10.0, 5.0, 10.0 / 3])
+
+
+def test_a_huge_ncc_samples_allocates_only_for_the_samples_there_are(monkeypatch):
+    backbone = load_cnn()
+    images, labels = make_images(12, 3, seed=2)
+    capacities = []
+    real = runner.FeatureReservoir
+
+    def recording(capacity, **kw):
+        capacities.append(capacity)
+        return real(capacity, **kw)
+
+    monkeypatch.setattr(runner, "FeatureReservoir", recording)
+    huge = runner.probe(backbone, Split(images, labels), 3, ncc_samples=10**12, progress=False)
+    assert set(capacities) == {12}
+    plain = runner.probe(backbone, Split(images, labels), 3, ncc_samples=4096, progress=False)
+    assert [r["ncc_accuracy"] for r in huge.layers] == [r["ncc_accuracy"] for r in plain.layers]

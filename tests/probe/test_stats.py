@@ -126,6 +126,53 @@ def test_invariant_to_large_constant_offset() -> None:
         _assert_close(stats.within_cov(), _one_shot(x, y).within_cov(), 1e-8)
 
 
+@pytest.mark.parametrize("factor", [1e200, 1e-200])
+def test_features_of_extreme_size_are_scaled_exactly(factor: float) -> None:
+    """×1e200 would overflow the second moments, ×1e-200 underflow them: a power-of-two scale keeps them finite, and
+    the moments of the normalised statistics are those of the unscaled features divided by the scale."""
+    x, y = _data(seed=17, offset=3.0)
+    plain = _one_shot(x, y)
+    big = ClassStats(K, D)
+    for batch in _random_batches(x * factor, y, seed=18):
+        big.update(*batch)
+    scale = float(big.scale)
+    assert scale != 1.0 and scale == 2.0 ** round(np.log2(scale))
+    assert bool(torch.isfinite(big.scatter).all()) and float(big.sq_norms.min()) > 0
+    _assert_close(big.class_means(), plain.class_means() * factor)
+    _assert_close(big.normalised().within_cov(), plain.within_cov() * (factor / scale) ** 2)
+    m_big, m_plain = metrics_from_stats(big), metrics_from_stats(plain)
+    assert all(abs(m_big[key] - m_plain[key]) <= 1e-10 * abs(m_plain[key]) for key in m_plain)
+
+
+def test_ordinary_features_keep_scale_one() -> None:
+    x, y = _data(seed=19)
+    for factor in (1e-12, 1.0, 1e12):
+        assert float(_one_shot(x * factor, y).scale) == 1.0
+
+
+def test_merge_of_different_scales_equals_concatenation() -> None:
+    xa, ya = _data(300, seed=20)
+    xb, yb = _data(200, seed=21)
+    xa, xb = xa * 1e200, xb * 3e202  # first batches of different sizes: different scales
+    a, b = _one_shot(xa, ya), _one_shot(xb, yb)
+    assert float(a.scale) != float(b.scale)
+    a.merge(b)
+    both = _one_shot(torch.cat([xa, xb]), torch.cat([ya, yb]))
+    _assert_close(a.class_means(), both.class_means())
+    _assert_close(a.normalised().within_cov() * float(a.scale / both.scale) ** 2, both.normalised().within_cov())
+    m_a, m_both = metrics_from_stats(a), metrics_from_stats(both)
+    assert all(abs(m_a[key] - m_both[key]) <= 1e-9 * abs(m_both[key]) for key in m_both)
+
+
+def test_state_saved_before_scales_existed_loads_with_scale_one() -> None:
+    x, y = _data(seed=22)
+    state = _one_shot(x, y).state_dict()
+    del state["scale"]
+    back = ClassStats.from_state_dict(state)
+    assert float(back.scale) == 1.0
+    _assert_same_moments(back, _one_shot(x, y))
+
+
 def test_nonfinite_samples_are_skipped() -> None:
     x, y = _data(seed=9)
     bad = x.clone()

@@ -57,3 +57,17 @@ def test_degenerate_regime_raises_before_training(tmp_path: Path, monkeypatch: p
     with pytest.raises(UserError, match="dim"):
         run_ufm(tmp_path, dim=0)
     assert not any(tmp_path.iterdir())
+
+
+def test_dimension_below_k_minus_1_is_refused_before_training(tmp_path: Path, monkeypatch) -> None:
+    """A simplex ETF of K classes needs K-1 dimensions: with d = 2 < K-1 = 3 the trained optimum stays above the
+    closed-form f*, so printing the closed form as "the optimum" would be wrong."""
+    from nc_finetune.ufm import train_ufm, ufm_optimum
+
+    res = train_ufm(4, 5, 2, 5e-3, 5e-3, 1e-3, seed=0, max_iter=500)
+    assert res.loss > ufm_optimum(4, 5, 5e-3, 5e-3)["f_star"] + 1e-2  # independent: the closed form is not reached
+
+    monkeypatch.setattr(ufm_report, "train_ufm", lambda *a, **k: pytest.fail("trained despite d < K-1"))
+    with pytest.raises(UserError, match=r"needs dim >= K-1 = 3 .*got dim 2"):
+        run_ufm(tmp_path, num_classes=4, dim=2)
+    assert not any(tmp_path.iterdir())

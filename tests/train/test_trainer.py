@@ -223,3 +223,44 @@ def test_a_fresh_run_ignores_a_stale_best_model(bert_dir, text_data, tmp_path) -
     reused.fit()
     for k, v in adapted_fresh.trainable_state_dict().items():
         assert torch.equal(adapted_reused.trainable_state_dict()[k], v), k
+
+
+def test_a_non_finite_loss_stops_training_in_one_line(bert_dir, text_data, tmp_path) -> None:
+    """lr=1e30 (in range, absurd) sends the weights to inf: the loop stops at the first NaN/inf loss, before the
+    optimizer writes it into the weights, instead of training garbage and exiting 0."""
+    t, adapted = _trainer(bert_dir, text_data, tmp_path, lr=1e30, head_lr=1e30, max_grad_norm=None, checkpoint_every=1)
+    with pytest.raises(UserError, match=r"^train: loss is (nan|inf) at step \d+; lower train.lr \(now 1e\+30\) or set "
+                                        r"train.max_grad_norm") as e:
+        t.fit()
+    assert "\n" not in str(e.value)
+    step = int(str(e.value).split("at step ")[1].split(";")[0])
+    assert step > 1  # it trained normally until then
+    assert json.loads((tmp_path / "checkpoint" / "position.json").read_text())["step"] == step - 1
+    assert all(torch.isfinite(v).all() for v in adapted.trainable_state_dict().values())
+
+
+def test_resume_tolerates_a_cut_off_last_metrics_line(bert_dir, text_data, tmp_path) -> None:
+    """A kill during the (non-atomic) append of metrics.jsonl leaves half a line: resume drops it and replays."""
+    data = {k: v for k, v in text_data.items() if k != "val"}
+    a, _ = _trainer(bert_dir, data, tmp_path / "a")
+    a.fit()
+    b, _ = _trainer(bert_dir, data, tmp_path / "b", stop=2)
+    with pytest.raises(StopTraining):
+        b.fit()
+    with open(tmp_path / "b" / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"step": 3, "epoch": 0, "lo')
+    c, _ = _trainer(bert_dir, data, tmp_path / "b")
+    c.fit(resume=True)
+    _assert_same_metrics(_metrics(tmp_path / "a"), _metrics(tmp_path / "b"))
+
+
+def test_resume_refuses_a_damaged_line_inside_the_log(bert_dir, text_data, tmp_path) -> None:
+    b, _ = _trainer(bert_dir, text_data, tmp_path, stop=2)
+    with pytest.raises(StopTraining):
+        b.fit()
+    path = tmp_path / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0][:5], *lines[1:]]) + "\n")
+    c, _ = _trainer(bert_dir, text_data, tmp_path)
+    with pytest.raises(UserError, match=r"metrics.jsonl is damaged: line 1 is not a JSON record"):
+        c.fit(resume=True)

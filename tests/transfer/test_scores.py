@@ -10,6 +10,7 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
+from nc_finetune.errors import DataError
 from nc_finetune.probe.stats import ClassStats
 from nc_finetune.transfer.scores import (
     NCTI_TERMS,
@@ -104,6 +105,27 @@ def test_logme_accepts_tensors_skips_empty_classes_and_flags_nonfinite() -> None
     bad[0, 0] = np.nan
     assert math.isnan(logme_score(bad, y))
     assert math.isnan(logme_from_stats(ClassStats(3, 6)))
+
+
+def test_logme_refuses_a_single_class() -> None:
+    """One class is fitted perfectly by the constant: a finite 'evidence' would rank the features on nothing."""
+    x, _ = _data(40, 5, 2, seed=6)
+    one = np.zeros(40, dtype=np.int64)
+    with pytest.raises(DataError, match="LogME needs samples of at least 2 classes, got 1"):
+        logme_score(x, one)
+    with pytest.raises(DataError, match="at least 2 classes, got 1"):
+        logme_from_stats(_stats(x, one, 3))
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("factor", [1e200, 1e-200])
+def test_scores_from_stats_do_not_depend_on_the_size_of_the_features(factor: float) -> None:
+    """LogME and H-score are scale-invariant (α, β and the covariances absorb the scale): statistics of features
+    ×1e±200, whose second moments would overflow or underflow, give the in-memory values of the unscaled features."""
+    x, y = _data(200, 8, 4, seed=7)
+    st = _stats(x * factor, y, 4)
+    assert _rel(logme_from_stats(st), logme_score(x, y)) < 1e-8
+    assert _rel(hscore_from_stats(st), hscore(x, y)) < 1e-8
 
 
 def test_logme_prefers_informative_features() -> None:
