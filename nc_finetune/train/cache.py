@@ -3,16 +3,22 @@
 When everything before the first trainable block is frozen, in eval mode and fed without augmentation, its output
 is a fixed function of each sample. :class:`PrefixCache` runs that prefix once over a split, keeps the input of the
 first trainable block per sample (trimmed to the real token length for text), and during training replaces the
-prefix modules' ``forward`` so they return the cached tensor instead of recomputing it. Before use the cached path
-is checked against the real forward on a batch; if they differ (an architecture with work between prefix modules
-that the cache cannot replay) caching is switched off with a warning rather than training on wrong inputs.
+``forward`` of the prefix modules whose outputs only feed that input (:func:`trace_prefix`) so they return the cached
+tensor instead of recomputing it; prefix modules whose outputs reach the target some other way (through plain
+functions, or as another argument) keep running. Before use the cached path is checked against the real forward on
+a batch; if they differ (work between modules that the trace cannot see) or the replay fails, caching is switched
+off with a warning rather than training on wrong inputs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,34 +30,129 @@ class _Stop(Exception):
     pass
 
 
-def _trace_prefix(root: nn.Module, target: str, run: Callable[[], None]) -> list[str]:
-    """Maximal modules that finish before ``target`` starts and are not its ancestors, in finishing order."""
-    events: list[tuple[str, str]] = []
+def _tensor_leaves(obj: Any) -> list[torch.Tensor]:
+    """Every tensor inside a (nested) tuple / list / dict / ModelOutput."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, Mapping):
+        return [t for v in obj.values() for t in _tensor_leaves(v)]
+    if isinstance(obj, (tuple, list)):
+        return [t for v in obj for t in _tensor_leaves(v)]
+    return []
+
+
+def _replace_tensors(obj: Any, value: torch.Tensor) -> Any:
+    """``obj`` with every tensor replaced by ``value`` (same container types, ModelOutputs included)."""
+    if isinstance(obj, torch.Tensor):
+        return value
+    if isinstance(obj, Mapping):
+        out = copy.copy(obj)  # keeps the class (a ModelOutput stays a ModelOutput)
+        for k, v in obj.items():
+            out[k] = _replace_tensors(v, value)
+        return out
+    if isinstance(obj, tuple):
+        items = [_replace_tensors(v, value) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    if isinstance(obj, list):
+        return [_replace_tensors(v, value) for v in obj]
+    return obj
+
+
+def _hidden_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden state a block receives: its first positional argument, else ``hidden_states=``/the first tensor."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return kwargs["hidden_states"]
+    return _tensor_leaves((args, kwargs))[0]
+
+
+@dataclass
+class PrefixPlan:
+    """Which modules before the first trainable block the cache replaces, found by tracing one real forward.
+
+    Attributes:
+        before: Maximal modules that finish before the target starts (not its ancestors), in finishing order.
+        skipped: The subset whose outputs flow only into other skipped modules or into the target's hidden-state
+            input; these return the cached tensor during replay. The others (a ViT patch embedding followed by
+            functional work, a DeBERTa relative-position norm whose output the target also reads) run for real.
+        outputs: Output structure of each skipped module (tuples, ModelOutputs, ``None`` entries), so that replay
+            returns what the caller unpacks.
+    """
+
+    before: list[str]
+    skipped: list[str]
+    outputs: dict[str, Any]
+
+
+def trace_prefix(root: nn.Module, target: str, run: Callable[[], None]) -> PrefixPlan:
+    """Trace one forward up to ``target`` and decide which earlier modules can be skipped.
+
+    Data flow is followed by tensor identity: module M's output feeds module N when a tensor of M's output *is* one of
+    N's inputs. A module is skipped when it feeds at least one module (or the target's hidden state) and everything
+    it feeds is skipped too; work done between modules by plain functions is invisible to this rule, which is why
+    :meth:`PrefixCache.verify` still compares the replay with the real forward.
+    """
+    calls: dict[str, dict[str, Any]] = {}
+    order: list[str] = []
+    target_in: dict[str, Any] = {}
+    keep: list[Any] = []  # holds every traced tensor so that no id() is reused during the trace
     handles = []
     target_mod = root.get_submodule(target)
     try:
         for name, m in root.named_modules():
-            handles.append(m.register_forward_pre_hook(lambda mod, args, n=name: events.append(("start", n))))
-            handles.append(m.register_forward_hook(lambda mod, args, out, n=name: events.append(("end", n))))
+            def pre(mod, args, kwargs, n=name):
+                keep.append((args, kwargs))
+                call = calls.setdefault(n, {"inputs": set(), "outputs": set()})  # a shared module may run twice
+                call["inputs"] |= {id(t) for t in _tensor_leaves((args, kwargs))}
 
-        def stop(mod, args):
+            def post(mod, args, kwargs, output, n=name):
+                keep.append(output)
+                calls[n]["outputs"] |= {id(t) for t in _tensor_leaves(output)}
+                calls[n]["output"] = output
+                order.append(n)
+
+            handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(m.register_forward_hook(post, with_kwargs=True))
+
+        def stop(mod, args, kwargs):
+            keep.append((args, kwargs))
+            hidden = _hidden_input(args, kwargs)
+            target_in["hidden"] = id(hidden)
+            target_in["other"] = {id(t) for t in _tensor_leaves((args, kwargs))} - {id(hidden)}
             raise _Stop
 
-        handles.append(target_mod.register_forward_pre_hook(stop))
+        handles.append(target_mod.register_forward_pre_hook(stop, with_kwargs=True, prepend=True))
         with contextlib.suppress(_Stop):
             run()
     finally:
         for h in handles:
             h.remove()
-    ended = [n for kind, n in events if kind == "end"]
-    ancestors = {n for n in ended if n == "" or target.startswith(n + ".")}
-    cands = [n for n in ended if n not in ancestors]
-    maximal = [n for n in cands if not any(c != n and n.startswith(c + ".") for c in cands)]
-    seen: list[str] = []
-    for n in maximal:
-        if n not in seen:
-            seen.append(n)
-    return seen
+    ancestors = {n for n in order if n == "" or target.startswith(n + ".")}
+    cands = [n for n in order if n not in ancestors]
+    before = [n for n in cands if not any(c != n and n.startswith(c + ".") for c in cands)]
+    before = list(dict.fromkeys(before))
+    # consumers of each tensor among the maximal modules; the target's non-hidden inputs are a consumer that runs
+    consumers: dict[int, set[str]] = {}
+    for n in before:
+        for t in calls[n]["inputs"]:
+            consumers.setdefault(t, set()).add(n)
+    for t in target_in.get("other", ()):
+        consumers.setdefault(t, set()).add("<target>")
+    hidden = target_in.get("hidden")
+    skipped = set(before)
+    changed = True
+    while changed:
+        changed = False
+        for n in list(skipped):
+            outs = calls[n]["outputs"]
+            fed = set().union(*(consumers.get(t, set()) for t in outs)) - {n}
+            feeds_hidden = hidden in outs
+            if not (fed or feeds_hidden) or not fed <= skipped:
+                skipped.discard(n)
+                changed = True
+    kept = [n for n in before if n in skipped]
+    return PrefixPlan(before, kept, {n: calls[n]["output"] for n in kept})
 
 
 class PrefixCache:
@@ -68,10 +169,17 @@ class PrefixCache:
         self.model = model
         self.target = target
         self.whole_backbone = target == backbone_root
-        self.prefix: list[str] = [backbone_root] if self.whole_backbone else []
+        self.plan: PrefixPlan | None = None
+        if self.whole_backbone:
+            self.plan = PrefixPlan([backbone_root], [backbone_root], {backbone_root: None})
         self.samples: dict[str, list[tuple[dict[str, torch.Tensor], torch.Tensor]]] = {}
         self.current: torch.Tensor | None = None
         self.nbytes = 0
+
+    @property
+    def prefix(self) -> list[str]:
+        """The modules replay skips (empty before the first :meth:`build` batch is traced)."""
+        return self.plan.skipped if self.plan is not None else []
 
     # -- building -----------------------------------------------------------------------------------------------
     def _capture(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -84,10 +192,10 @@ class PrefixCache:
                 raise _Stop
             h = mod.register_forward_hook(hook)
         else:
-            def hook(m, args):
-                out["x"] = args[0]
+            def hook(m, args, kwargs):
+                out["x"] = _hidden_input(args, kwargs)
                 raise _Stop
-            h = mod.register_forward_pre_hook(hook)
+            h = mod.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
         try:
             with contextlib.suppress(_Stop):
                 self.model(**inputs)
@@ -101,8 +209,8 @@ class PrefixCache:
         with torch.no_grad():
             for inputs in inputs_list:
                 inputs = {k: v.to(device) for k, v in inputs.items()}
-                if not self.prefix:
-                    self.prefix = _trace_prefix(self.model, self.target, lambda b=inputs: self.model(**b))
+                if self.plan is None:
+                    self.plan = trace_prefix(self.model, self.target, lambda b=inputs: self.model(**b))
                 x = self._capture(inputs).cpu()
                 cpu_inputs = {k: v.cpu() for k, v in inputs.items()}
                 lengths = cpu_inputs["attention_mask"].sum(1).tolist() if "attention_mask" in cpu_inputs else None
@@ -137,7 +245,7 @@ class PrefixCache:
         for name in self.prefix:
             mod = self.model.get_submodule(name)
             saved.append((mod, mod.__dict__.get("forward")))
-            mod.forward = self._replay_forward
+            mod.forward = functools.partial(self._replay_forward, self.plan.outputs[name])
         try:
             yield
         finally:
@@ -147,9 +255,10 @@ class PrefixCache:
                 else:
                     mod.forward = old
 
-    def _replay_forward(self, *args, **kwargs) -> torch.Tensor:
+    def _replay_forward(self, output: Any, *args, **kwargs) -> Any:
+        """The skipped module's output structure with every tensor replaced by the cached hidden state."""
         assert self.current is not None, "PrefixCache.batch() must be called before the forward"
-        return self.current
+        return self.current if output is None else _replace_tensors(output, self.current)
 
     def verify(self, name: str, inputs: dict[str, torch.Tensor], indices: Sequence[int], device: torch.device,
                rtol: float | None = None) -> bool:
@@ -167,8 +276,13 @@ class PrefixCache:
         with torch.no_grad(), eval_mode(self.model):
             real = self.model(**{k: v.to(device) for k, v in inputs.items()}).float()
             cached_inputs = self.batch(name, indices, device)
-            with self.replay():
-                cached = self.model(**cached_inputs).float()
+            try:
+                with self.replay():
+                    cached = self.model(**cached_inputs).float()
+            except (RuntimeError, ValueError, TypeError, IndexError) as e:  # replayed shapes the model cannot take
+                log.warning("prefix cache replay fails (%s: %s); training uncached", type(e).__name__,
+                            str(e).splitlines()[0] if str(e) else "")
+                return False
         if real.shape != cached.shape:
             log.warning("prefix cache gives logits of shape %s, the model %s; training uncached",
                         tuple(cached.shape), tuple(real.shape))

@@ -131,14 +131,40 @@ class Trainer:
 
     # -- data ---------------------------------------------------------------------------------------------------
     def _inputs(self, split_name: str, split: Split, idx: np.ndarray, train: bool) -> dict[str, torch.Tensor]:
-        if self.cache is not None:
+        if self.cache is not None and split_name in self.cache.samples:
             return self.cache.batch(split_name, idx.tolist(), self.device)
         raw = split.subset(idx).inputs
         return {k: v.to(self.device) for k, v in self.backbone.prepare(raw, train=train).items()}
 
+    def _split_passes(self, epochs_run: int) -> dict[str, int]:
+        """Forward passes the run makes over each split: one per epoch, plus the final test after reloading the best
+        validation model (without validation the last epoch's test evaluation is the final one)."""
+        passes = {"train": epochs_run, "test": epochs_run + (1 if self.data.val is not None else 0)}
+        if self.data.val is not None:
+            passes["val"] = epochs_run
+        return passes
+
+    def _schedule(self) -> tuple[int, int]:
+        """``(steps_per_epoch, total_steps)`` of this run (``max_steps`` included)."""
+        cfg = self.cfg
+        micro_per_epoch = len(epoch_batches(len(self.data.train), cfg.batch_size, self.world, self.rank, cfg.seed, 0))
+        steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.grad_accum_steps))
+        total_steps = steps_per_epoch * cfg.epochs
+        if cfg.max_steps is not None:
+            total_steps = min(total_steps, cfg.max_steps)
+        return steps_per_epoch, total_steps
+
     def _setup_cache(self) -> dict[str, Any]:
         cfg, a = self.cfg, self.adapted
+        steps_per_epoch, total_steps = self._schedule()
+        epochs_run = math.ceil(total_steps / steps_per_epoch)  # the same for a resumed run: resume stays exact
         target = a.first_trainable_block if a.method != "linear_probe" else a.backbone_prefix
+        splits = {"train": self.data.train, "test": self.data.test}
+        if self.data.val is not None:
+            splits["val"] = self.data.val
+        passes = self._split_passes(epochs_run)
+        if cfg.cache_prefix == "auto":  # building costs one forward per split: it pays on splits read twice or more
+            splits = {k: v for k, v in splits.items() if passes[k] >= 2}
         reason = None
         if cfg.cache_prefix == "off":
             reason = "train.cache_prefix=off"
@@ -146,52 +172,57 @@ class Trainer:
             reason = "augmentation makes the prefix non-deterministic"
         elif a.method == "full" or target is None:
             reason = "no frozen prefix"
+        elif not splits:
+            reason = (f"every split is read once ({epochs_run} epoch): building the cache costs the forward it would "
+                      "save")
         if reason:
             return {"enabled": False, "reason": reason}
         start = time.perf_counter()
         cache = PrefixCache(self.adapted.model, target, a.backbone_prefix)
-        splits = {"train": self.data.train, "test": self.data.test}
-        if self.data.val is not None:
-            splits["val"] = self.data.val
         bs = cfg.eval_batch_size
         with eval_mode(self.adapted.model):
             for name, split in splits.items():
                 batches = (self.backbone.prepare(split.inputs[i:i + bs]) for i in range(0, len(split), bs))
                 cache.build(name, batches, self.device)
-        probe_idx = np.arange(min(len(self.data.train), 8))
-        raw_inputs = self.backbone.prepare(self.data.train.subset(probe_idx).inputs)
-        if not cache.verify("train", raw_inputs, probe_idx.tolist(), self.device):
+        if not cache.prefix:
+            return {"enabled": False, "reason": "no module before the first trainable block can be skipped"}
+        first = next(iter(splits))
+        probe_idx = np.arange(min(len(splits[first]), 8))
+        raw_inputs = self.backbone.prepare(splits[first].subset(probe_idx).inputs)
+        if not cache.verify(first, raw_inputs, probe_idx.tolist(), self.device):
             if cfg.cache_prefix == "on":
                 raise UserError("train.cache_prefix=on but the cached prefix does not reproduce the model's "
                                 "forward for this architecture; use train.cache_prefix=auto or off")
             return {"enabled": False, "reason": "cached path differs from the real forward"}
         self.cache = cache
-        return {"enabled": True, "target": target, "prefix_modules": cache.prefix,
+        return {"enabled": True, "target": target, "prefix_modules": cache.prefix, "splits": list(splits),
                 "megabytes": cache.nbytes / 2**20, "build_seconds": time.perf_counter() - start}
 
     # -- evaluation ---------------------------------------------------------------------------------------------
     def evaluate(self, split_name: str, split: Split) -> dict[str, float]:
         """Accuracy and mean CE loss on a split (sharded over ranks, summed)."""
         model = self.adapted.model
-        correct = total = loss_sum = 0.0
+        # (correct, total, loss sum) accumulated on the device: one read at the end, not one per batch
+        t = torch.zeros(3, dtype=torch.float64, device=self.device)
         idx_all = np.arange(self.rank, len(split), self.world)
         bs = self.cfg.eval_batch_size
-        with torch.no_grad(), eval_mode(model), self._replay():
+        with torch.no_grad(), eval_mode(model), self._replay(split_name):
             for start in range(0, len(idx_all), bs):
                 idx = idx_all[start:start + bs]
                 inputs = self._inputs(split_name, split, idx, train=False)
                 y = torch.as_tensor(np.asarray(split.labels)[idx], device=self.device)
                 with self.accelerator.autocast():
                     logits = model(**inputs)
-                loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
-                correct += float((logits.argmax(1) == y).sum())
-                total += len(idx)
-        t = torch.tensor([correct, total, loss_sum], dtype=torch.float64, device=self.device)
+                t[0] += (logits.argmax(1) == y).sum()
+                t[1] += len(idx)
+                t[2] += F.cross_entropy(logits.float(), y, reduction="sum").double()
         t = self.accelerator.reduce(t, reduction="sum") if self.world > 1 else t
-        return {"accuracy": float(t[0] / t[1]), "loss": float(t[2] / t[1]), "samples": int(t[1])}
+        correct, total, loss_sum = t.tolist()
+        return {"accuracy": correct / total, "loss": loss_sum / total, "samples": int(total)}
 
-    def _replay(self):
-        return self.cache.replay() if self.cache is not None else contextlib.nullcontext()
+    def _replay(self, split_name: str):
+        cached = self.cache is not None and split_name in self.cache.samples
+        return self.cache.replay() if cached else contextlib.nullcontext()
 
     # -- logging ------------------------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
@@ -219,17 +250,13 @@ class Trainer:
         cache_info = self._setup_cache()
         optimizer = make_optimizer(model, cfg)
         n_train = len(self.data.train)
-        micro_per_epoch = len(epoch_batches(n_train, cfg.batch_size, self.world, self.rank, cfg.seed, 0))
-        steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.grad_accum_steps))
-        total_steps = steps_per_epoch * cfg.epochs
-        if cfg.max_steps is not None:
-            total_steps = min(total_steps, cfg.max_steps)
+        _, total_steps = self._schedule()
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, cfg.warmup_ratio))
         model, optimizer = acc.prepare(model, optimizer)
 
         # Everything needed to continue exactly where a checkpoint left off (saved as position.json).
         pos = {"epoch": 0, "micro": 0, "step": 0, "best_val": None, "bad_evals": 0, "stopped_early": False,
-               "train_seconds": 0.0, "epoch_seconds": [], "running": []}
+               "train_seconds": 0.0, "epoch_seconds": [], "running": [], "last_test": None}
         ckpt_dir = self.out / "checkpoint"
         if resume:
             weights, state, pos = load_checkpoint(ckpt_dir)
@@ -240,12 +267,26 @@ class Trainer:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             set_rng_state(state["rng"])
+            pos.setdefault("last_test", None)
             self._truncate_log(pos["step"])
         elif self.rank == 0:  # a fresh run: no log lines or best model of an earlier run in this directory
             for stale in ("metrics.jsonl", "best.safetensors"):
                 (self.out / stale).unlink(missing_ok=True)
 
+        # Losses since the last log line: summed on the device (reading a loss every step would make the host wait
+        # for the GPU), moved into `pos["running"]` (sum, count) when logged or checkpointed.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        loss_count = 0
+        if len(pos["running"]) != 2 or not isinstance(pos["running"][1], int):  # an older checkpoint: a list of losses
+            pos["running"] = [float(sum(pos["running"])), len(pos["running"])]
+
+        def flush_losses() -> None:
+            nonlocal loss_sum, loss_count
+            pos["running"] = [pos["running"][0] + float(loss_sum), pos["running"][1] + loss_count]
+            loss_sum, loss_count = torch.zeros_like(loss_sum), 0
+
         def checkpoint() -> None:
+            flush_losses()
             if self.rank == 0:
                 weights = self.adapted.trainable_state_dict()
                 save_checkpoint(ckpt_dir, weights, optimizer.state_dict(), scheduler.state_dict(), pos)
@@ -254,14 +295,13 @@ class Trainer:
         bar = tqdm(total=total_steps, initial=pos["step"], desc="train", unit="step",
                    disable=not self.progress or self.rank != 0, leave=False)
         stopped_early = bool(pos.get("stopped_early", False))  # a resumed run that had stopped early stays stopped
-        running = pos["running"]  # losses since the last log line (a list shared with `pos`)
         try:
             while pos["epoch"] < cfg.epochs and pos["step"] < total_steps and not stopped_early:
                 epoch = pos["epoch"]
                 batches = epoch_batches(n_train, cfg.batch_size, self.world, self.rank, cfg.seed, epoch)
                 self.adapted.train_mode()
                 t0 = time.perf_counter()
-                with self._replay():
+                with self._replay("train"):
                     while pos["micro"] < len(batches) and pos["step"] < total_steps:
                         idx = batches[pos["micro"]]
                         inputs = self._inputs("train", self.data.train, idx, train=cfg.augment)
@@ -271,7 +311,8 @@ class Trainer:
                         with ctx, acc.autocast():
                             loss = F.cross_entropy(model(**inputs).float(), y)
                             acc.backward(loss / cfg.grad_accum_steps)
-                        running.append(loss.item())
+                        loss_sum += loss.detach().double()
+                        loss_count += 1
                         pos["micro"] += 1
                         if not sync:
                             continue
@@ -284,10 +325,12 @@ class Trainer:
                         pos["step"] += 1
                         bar.update(1)
                         if pos["step"] % cfg.log_every == 0 or pos["step"] == total_steps:
-                            self._log({"step": pos["step"], "epoch": epoch, "loss": float(np.mean(running)),
+                            flush_losses()
+                            mean_loss = pos["running"][0] / max(1, pos["running"][1])
+                            self._log({"step": pos["step"], "epoch": epoch, "loss": mean_loss,
                                        "lr": scheduler.get_last_lr()[-1]})
-                            bar.set_postfix(loss=f"{np.mean(running):.4f}")
-                            running.clear()
+                            bar.set_postfix(loss=f"{mean_loss:.4f}")
+                            pos["running"] = [0.0, 0]
                         if pos["step"] % cfg.checkpoint_every == 0 and pos["micro"] < len(batches):
                             pos["train_seconds"] += time.perf_counter() - t0
                             t0 = time.perf_counter()
@@ -309,7 +352,11 @@ class Trainer:
             from safetensors.torch import load_file
 
             acc.unwrap_model(model).load_state_dict(load_file(str(self.out / "best.safetensors")), strict=False)
-        test = self.evaluate("test", self.data.test)
+            test = self.evaluate("test", self.data.test)
+        elif pos["last_test"] is not None and pos["last_test"]["step"] == pos["step"]:
+            test = pos["last_test"]["result"]  # the model has not changed since the last epoch's test evaluation
+        else:
+            test = self.evaluate("test", self.data.test)
         counts = self.adapted.parameter_counts()
         summary = {
             "test_accuracy": test["accuracy"],
@@ -343,6 +390,7 @@ class Trainer:
             else:
                 pos["bad_evals"] += 1
         test = self.evaluate("test", self.data.test)
+        pos["last_test"] = {"step": pos["step"], "result": test}
         self._log({"step": pos["step"], "epoch": epoch, "split": "test", **test})
         patience = cfg.early_stopping_patience
         return patience is not None and self.data.val is not None and pos["bad_evals"] >= patience

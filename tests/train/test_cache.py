@@ -126,8 +126,8 @@ def test_full_finetune_has_no_prefix_to_cache(bert_dir, text_data, tmp_path) -> 
 
 
 class _WorkBetweenModules(nn.Module):
-    """``a`` -> functional work (not a module) -> ``b`` -> ``c``: the cache keeps b's input, but replaying it as the
-    output of ``a`` applies the functional work a second time."""
+    """``a`` -> functional work (not a module) -> ``b`` -> ``c``: b's input is not the output of any module, so
+    nothing before b can be skipped (replaying b's input as the output of ``a`` would apply the work twice)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -140,10 +140,27 @@ class _WorkBetweenModules(nn.Module):
         return self.c(torch.relu(self.b(h)))
 
 
-def _toy_backbone() -> Backbone:
+class _ReuseAfterTarget(nn.Module):
+    """``a`` -> ``a2`` -> ``b`` -> ``c``, and ``a``'s output is read again by a plain function after ``b``: the trace
+    sees ``a`` feed only ``a2`` and skips it, so only :meth:`PrefixCache.verify` can notice that the replay is wrong."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.a2 = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.c = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.c(torch.relu(self.b(self.a2(h)))) + h.sum(1, keepdim=True)
+
+
+def _toy_backbone(cls: type[nn.Module] = _ReuseAfterTarget) -> Backbone:
     torch.manual_seed(0)
-    model = _WorkBetweenModules().eval()
-    return Backbone(spec="toy", model=model, modality="image", blocks=make_block_infos(model, ["a", "b", "c"]),
+    model = cls().eval()
+    names = [n for n, _ in model.named_children()]
+    return Backbone(spec="toy", model=model, modality="image", blocks=make_block_infos(model, names),
                     feature_dim=8, pooling="mean", final_tap=None,
                     preprocess=lambda raw, train=False: {"x": torch.as_tensor(np.asarray(raw), dtype=torch.float32)})
 
@@ -155,9 +172,9 @@ def _toy_data() -> dict[str, Split]:
     return {"train": Split(x[:16], y[:16]), "test": Split(x[16:], y[16:])}
 
 
-def _toy_run(cache: str, out: Path):
+def _toy_run(cache: str, out: Path, cls: type[nn.Module] = _ReuseAfterTarget):
     seed_everything(0)
-    bb = _toy_backbone()
+    bb = _toy_backbone(cls)
     sel = select_blocks(None, bb.blocks, strategy="manual", manual=["b"])
     adapted = build_classifier(bb, 2, method="finetune", selection=sel)
     data = _toy_data()
@@ -165,7 +182,22 @@ def _toy_run(cache: str, out: Path):
                    out, progress=False), adapted
 
 
-def test_verify_rejects_a_prefix_with_work_between_modules() -> None:
+def test_nothing_is_skipped_when_functional_work_feeds_the_target(tmp_path) -> None:
+    bb = _toy_backbone(_WorkBetweenModules)
+    sel = select_blocks(None, bb.blocks, strategy="manual", manual=["b"])
+    model = build_classifier(bb, 2, method="finetune", selection=sel).model
+    x = _toy_data()["train"].inputs
+    cache = PrefixCache(model, "backbone.b", "backbone")
+    with eval_mode(model):
+        cache.build("train", iter([bb.prepare(x[:8]), bb.prepare(x[8:])]), torch.device("cpu"))
+    assert cache.plan.before == ["backbone.a"] and cache.prefix == []
+    for mode in ("auto", "on"):
+        t, _ = _toy_run(mode, tmp_path / mode, _WorkBetweenModules)
+        info = t.fit()["prefix_cache"]
+        assert info == {"enabled": False, "reason": "no module before the first trainable block can be skipped"}
+
+
+def test_verify_rejects_a_replay_that_the_trace_cannot_see() -> None:
     bb = _toy_backbone()
     sel = select_blocks(None, bb.blocks, strategy="manual", manual=["b"])
     model = build_classifier(bb, 2, method="finetune", selection=sel).model
@@ -173,7 +205,7 @@ def test_verify_rejects_a_prefix_with_work_between_modules() -> None:
     cache = PrefixCache(model, "backbone.b", "backbone")
     with eval_mode(model):
         cache.build("train", iter([bb.prepare(x[:8]), bb.prepare(x[8:])]), torch.device("cpu"))
-    assert cache.prefix == ["backbone.a"]
+    assert cache.prefix == ["backbone.a", "backbone.a2"]
     assert not cache.verify("train", bb.prepare(x[:8]), list(range(8)), torch.device("cpu"))
 
 
@@ -206,3 +238,35 @@ def test_verify_catches_a_corrupted_cache(bert_dir) -> None:
     _, x = cache.samples["train"][5]
     x[0] += 1.0  # the CLS position of one sample
     assert not cache.verify("train", inputs, list(range(8)), torch.device("cpu"))
+
+
+# ------------------------------------------------------------------------------- auto: only where the cache pays
+
+
+def test_auto_skips_the_cache_when_every_split_is_read_once(bert_dir, text_data, tmp_path) -> None:
+    t, _ = _run("bert", "finetune", 1, text_data, tmp_path, "auto", bert_dir, epochs=1)
+    calls = []
+    evaluate = t.evaluate
+    t.evaluate = lambda name, split: calls.append(name) or evaluate(name, split)
+    info = t.fit()["prefix_cache"]
+    assert not info["enabled"] and "read once (1 epoch)" in info["reason"]
+    assert calls == ["test"]  # without validation the epoch's test evaluation is the final one: not run twice
+
+
+def test_auto_caches_only_the_splits_read_twice(bert_dir, text_data, tmp_path) -> None:
+    """One epoch with validation: train and val are read once, test twice (epoch end, then the best model)."""
+    data = {"train": text_data["train"], "val": text_data["val"], "test": text_data["test"]}
+    summaries, weights = {}, {}
+    for mode in ("auto", "off"):
+        seed_everything(0)
+        bb = load_bert(bert_dir)
+        sel = select_blocks(None, bb.blocks, strategy="manual", manual=[1])
+        adapted = build_classifier(bb, 2, method="finetune", selection=sel)
+        t = Trainer(adapted, bb, TrainData(**data), train_config(cache_prefix=mode, epochs=1), tmp_path / mode,
+                    progress=False)
+        summaries[mode], weights[mode] = t.fit(), adapted.trainable_state_dict()
+    info = summaries["auto"]["prefix_cache"]
+    assert info["enabled"] and info["splits"] == ["test"]
+    for k, v in weights["off"].items():
+        torch.testing.assert_close(weights["auto"][k], v, atol=1e-5, rtol=1e-5)
+    assert summaries["auto"]["test_loss"] == pytest.approx(summaries["off"]["test_loss"], abs=1e-5)
