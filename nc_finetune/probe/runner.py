@@ -163,6 +163,7 @@ def probe(
     taps = resolve_taps(backbone, layers)
     model = backbone.model
     was_training = model.training
+    home = next(model.parameters()).device
     model.eval().to(dev)
     stats: dict[str, ClassStats] = {}
     reservoirs = {t.name: FeatureReservoir(max(1, ncc_samples // world), seed=seed + rank) for t in taps}
@@ -190,7 +191,7 @@ def probe(
                 bar.update(len(labels))
     finally:
         bar.close()
-        model.train(was_training)
+        model.train(was_training).to(home)  # later stages find the backbone where the loader left it
     seconds = time.perf_counter() - start
 
     if world > 1:  # a rank that saw no sample still needs each layer's dimension to join the all-reduce

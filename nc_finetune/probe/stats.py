@@ -277,9 +277,10 @@ class FeatureReservoir:
         # Phase 2: sample t (0-based) replaces slot j ~ U{0..t} if j < capacity.
         rest = b - n_fill
         if rest:
-            t = torch.arange(self.seen + n_fill, self.seen + b, dtype=_F64)  # (rest,)
-            j = (torch.rand(rest, generator=self._gen, dtype=_F64) * (t + 1)).floor().long()  # (rest,)
-            src = torch.arange(n_fill, b)[j < self.capacity]
+            # the draws come from a CPU generator, so that the sample does not depend on the device
+            t = torch.arange(self.seen + n_fill, self.seen + b, dtype=_F64, device="cpu")  # (rest,)
+            j = (torch.rand(rest, generator=self._gen, dtype=_F64, device="cpu") * (t + 1)).floor().long()  # (rest,)
+            src = torch.arange(n_fill, b, device="cpu")[j < self.capacity]
             slot = j[j < self.capacity]
             # Several rows may hit the same slot: the later one wins, as in the sequential algorithm.
             last = {int(s): int(r) for s, r in zip(slot, src, strict=True)}
