@@ -144,7 +144,16 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     grad_accum_steps: int = 1
     max_grad_norm: float | None = 1.0
-    precision: Literal["no", "bf16", "fp16"] = "no"
+    precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Autocast precision; ``auto``: bf16 on a GPU that supports it, else fp32 (``no``; bf16 autocast on a CPU is
+    several times slower than fp32). The choice and its reason are in ``summary.json["precision"]``."""
+    gradient_checkpointing: bool = False
+    """Recompute block activations in the backward pass (timm ``set_grad_checkpointing``, Hugging Face
+    ``gradient_checkpointing_enable``): less memory, more compute."""
+    compile: bool = False
+    """``torch.compile`` the model's forward (pays off on a GPU for long runs; the first steps compile)."""
+    channels_last: bool = False
+    """Channels-last memory format for image models and inputs (faster convolutions on tensor-core GPUs)."""
     val_fraction: float = 0.0
     """Held-out share of the training split for early stopping (0: no validation split)."""
     early_stopping_patience: int | None = None

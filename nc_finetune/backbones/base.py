@@ -6,7 +6,7 @@ runner, the block selection and the trainer never branch on where a model came f
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -62,6 +62,8 @@ class Backbone:
         channels_last: Whether 4-D block outputs are ``(B, H, W, C)`` (e.g. timm Swin) instead of ``(B, C, H, W)``.
         family: ``"timm"``, ``"hf"`` or ``"builtin"``.
         provenance: Where the weights came from (source path/id, sha256, ...), for run manifests.
+        grad_checkpointing: Turns activation checkpointing of the blocks on or off with the family's own API
+            (``None``: not supported); use :meth:`set_grad_checkpointing`.
     """
 
     spec: str
@@ -76,6 +78,18 @@ class Backbone:
     channels_last: bool = False
     family: str = ""
     provenance: dict[str, str] = field(default_factory=dict)
+    grad_checkpointing: Callable[[bool], None] | None = None
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations during backward (less memory) through the family's own switch.
+
+        Raises:
+            ConfigError: the backbone has no gradient checkpointing.
+        """
+        if self.grad_checkpointing is None:
+            raise ConfigError(f"{self.spec} does not support gradient checkpointing; set "
+                              "train.gradient_checkpointing=false")
+        self.grad_checkpointing(enable)
 
     def prepare(self, raw: Sequence[Any], train: bool = False) -> dict[str, Tensor]:
         """Turn a raw batch into model inputs on CPU.

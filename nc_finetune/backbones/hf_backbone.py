@@ -153,7 +153,22 @@ def load_hf_backbone(
         num_prefix_tokens=num_prefix,
         family=family,
         provenance=prov,
+        grad_checkpointing=_grad_checkpointing_switch(hf),
     )
+
+
+def _grad_checkpointing_switch(hf: nn.Module) -> Any:
+    """``enable -> None`` through transformers' own API, or None for a model without gradient checkpointing."""
+    if not getattr(hf, "supports_gradient_checkpointing", False):
+        return None
+
+    def switch(enable: bool) -> None:
+        if enable:  # non-reentrant: works when the block inputs (a frozen prefix's output) need no gradient
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            hf.gradient_checkpointing_disable()
+
+    return switch
 
 
 def _hf_call(fn: Any, ref: str, what: str, **kwargs: Any) -> Any:
