@@ -230,13 +230,17 @@ class PrefixCache:
         self.samples[name] = store
 
     # -- using ------------------------------------------------------------------------------------------------
-    def batch(self, name: str, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
-        """Model inputs for ``indices`` of split ``name``; sets the tensor the patched prefix will return."""
+    def collate(self, name: str, indices: Sequence[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """``(model inputs, cached hidden state)`` of ``indices`` of split ``name``, on the CPU, re-padded."""
         items = [self.samples[name][i] for i in indices]
         keys = items[0][0].keys()
-        inputs = {k: _pad_stack([it[0][k] for it in items]).to(device) for k in keys}
-        self.current = _pad_stack([it[1] for it in items]).to(device)
-        return inputs
+        return {k: _pad_stack([it[0][k] for it in items]) for k in keys}, _pad_stack([it[1] for it in items])
+
+    def batch(self, name: str, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
+        """Model inputs for ``indices`` of split ``name``; sets the tensor the patched prefix will return."""
+        inputs, hidden = self.collate(name, indices)
+        self.current = hidden.to(device)
+        return {k: v.to(device) for k, v in inputs.items()}
 
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:

@@ -14,6 +14,7 @@ import math
 import resource
 import sys
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 from nc_finetune.adapt import AdaptedModel, eval_mode, is_head_param
 from nc_finetune.config import TrainConfig
 from nc_finetune.data import Split
+from nc_finetune.data.prefetch import prefetch, to_device
 from nc_finetune.errors import UserError
 from nc_finetune.train.cache import PrefixCache
 from nc_finetune.train.checkpoint import load_checkpoint, save_checkpoint, save_weights, set_rng_state
@@ -158,15 +160,31 @@ class Trainer:
         self._eval_forward: nn.Module = torch.compile(adapted.model) if cfg.compile else adapted.model
 
     # -- data ---------------------------------------------------------------------------------------------------
-    def _inputs(self, split_name: str, split: Split, idx: np.ndarray, train: bool) -> dict[str, torch.Tensor]:
-        if self.cache is not None and split_name in self.cache.samples:
-            inputs = self.cache.batch(split_name, idx.tolist(), self.device)
+    def _batches(self, split_name: str, split: Split, index_batches: Sequence[np.ndarray],
+                 train: bool) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """``(inputs, labels)`` on the device for each index batch; prepared a batch ahead in a background thread
+        (pinned for an asynchronous copy to a GPU) unless augmentation draws random numbers while preparing."""
+        labels = np.asarray(split.labels)
+        cached = self.cache is not None and split_name in self.cache.samples
+
+        def prepare(idx: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
+            y = torch.as_tensor(labels[idx], dtype=torch.long, device="cpu")
+            if cached:
+                inputs, hidden = self.cache.collate(split_name, idx.tolist())
+                return inputs, y, hidden
+            return self.backbone.prepare(split.subset(idx).inputs, train=train), y, None
+
+        if train:  # the flips draw from torch's global RNG: prepare in order, in this thread
+            stream: Iterable = map(prepare, index_batches)
         else:
-            raw = split.subset(idx).inputs
-            inputs = {k: v.to(self.device) for k, v in self.backbone.prepare(raw, train=train).items()}
-        if self.cfg.channels_last:
-            inputs = {k: _channels_last(v) for k, v in inputs.items()}
-        return inputs
+            stream = prefetch(index_batches, prepare, pin=self.device.type == "cuda")
+        for inputs, y, hidden in stream:
+            inputs, y = to_device(inputs, self.device), to_device(y, self.device)
+            if hidden is not None:
+                self.cache.current = to_device(hidden, self.device)
+            if self.cfg.channels_last:
+                inputs = {k: _channels_last(v) for k, v in inputs.items()}
+            yield inputs, y
 
     def _split_passes(self, epochs_run: int) -> dict[str, int]:
         """Forward passes the run makes over each split: one per epoch, plus the final test after reloading the best
@@ -214,7 +232,8 @@ class Trainer:
         bs = cfg.eval_batch_size
         with eval_mode(self.adapted.model):
             for name, split in splits.items():
-                batches = (self.backbone.prepare(split.inputs[i:i + bs]) for i in range(0, len(split), bs))
+                batches = prefetch(range(0, len(split), bs),
+                                   lambda i, s=split: self.backbone.prepare(s.inputs[i:i + bs]))
                 cache.build(name, batches, self.device)
         if not cache.prefix:
             return {"enabled": False, "reason": "no module before the first trainable block can be skipped"}
@@ -238,15 +257,13 @@ class Trainer:
         t = torch.zeros(3, dtype=torch.float64, device=self.device)
         idx_all = np.arange(self.rank, len(split), self.world)
         bs = self.cfg.eval_batch_size
+        index_batches = [idx_all[start:start + bs] for start in range(0, len(idx_all), bs)]
         with torch.no_grad(), eval_mode(model), self._replay(split_name):
-            for start in range(0, len(idx_all), bs):
-                idx = idx_all[start:start + bs]
-                inputs = self._inputs(split_name, split, idx, train=False)
-                y = torch.as_tensor(np.asarray(split.labels)[idx], device=self.device)
+            for inputs, y in self._batches(split_name, split, index_batches, train=False):
                 with self.accelerator.autocast():
                     logits = self._eval_forward(**inputs)
                 t[0] += (logits.argmax(1) == y).sum()
-                t[1] += len(idx)
+                t[1] += len(y)
                 t[2] += F.cross_entropy(logits.float(), y, reduction="sum").double()
         t = self.accelerator.reduce(t, reduction="sum") if self.world > 1 else t
         correct, total, loss_sum = t.tolist()
@@ -337,11 +354,11 @@ class Trainer:
                 batches = epoch_batches(n_train, cfg.batch_size, self.world, self.rank, cfg.seed, epoch)
                 self.adapted.train_mode()
                 t0 = time.perf_counter()
+                stream = self._batches("train", self.data.train, batches[pos["micro"]:], train=cfg.augment)
                 with self._replay("train"):
-                    while pos["micro"] < len(batches) and pos["step"] < total_steps:
-                        idx = batches[pos["micro"]]
-                        inputs = self._inputs("train", self.data.train, idx, train=cfg.augment)
-                        y = torch.as_tensor(np.asarray(self.data.train.labels)[idx], device=self.device)
+                    for inputs, y in stream:
+                        if pos["step"] >= total_steps:
+                            break
                         sync = (pos["micro"] + 1) % cfg.grad_accum_steps == 0 or pos["micro"] + 1 == len(batches)
                         ctx = acc.no_sync(model) if not sync and self.world > 1 else contextlib.nullcontext()
                         with ctx, acc.autocast():
