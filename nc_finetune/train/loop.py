@@ -230,7 +230,8 @@ class Trainer:
         start = time.perf_counter()
         cache = PrefixCache(self.adapted.model, target, a.backbone_prefix)
         bs = cfg.eval_batch_size
-        with eval_mode(self.adapted.model):
+        # under the training autocast: the cached prefix outputs are what the uncached forward would compute
+        with eval_mode(self.adapted.model), self.accelerator.autocast():
             for name, split in splits.items():
                 batches = prefetch(range(0, len(split), bs),
                                    lambda i, s=split: self.backbone.prepare(s.inputs[i:i + bs]))
@@ -240,7 +241,9 @@ class Trainer:
         first = next(iter(splits))
         probe_idx = np.arange(min(len(splits[first]), 8))
         raw_inputs = self.backbone.prepare(splits[first].subset(probe_idx).inputs)
-        if not cache.verify(first, raw_inputs, probe_idx.tolist(), self.device):
+        with self.accelerator.autocast():
+            same = cache.verify(first, raw_inputs, probe_idx.tolist(), self.device)
+        if not same:
             if cfg.cache_prefix == "on":
                 raise UserError("train.cache_prefix=on but the cached prefix does not reproduce the model's "
                                 "forward for this architecture; use train.cache_prefix=auto or off")
