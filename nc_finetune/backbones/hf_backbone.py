@@ -163,7 +163,13 @@ def _grad_checkpointing_switch(hf: nn.Module) -> Any:
         return None
 
     def switch(enable: bool) -> None:
-        if enable:  # non-reentrant: works when the block inputs (a frozen prefix's output) need no gradient
+        # non-reentrant: works when the block inputs (a frozen prefix's output) need no gradient
+        if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+            if enable:
+                hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                hf.activation_checkpointing_disable()
+        elif enable:
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
             hf.gradient_checkpointing_disable()

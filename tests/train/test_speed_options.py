@@ -62,9 +62,9 @@ def test_gradient_checkpointing_trains_identically(kind, bert_dir, text_data, im
     plain.fit()
     ckpt, a_ckpt, bb = _fit(kind, data, tmp_path / "ckpt", bert_dir, block, gradient_checkpointing=True)
     model = bb.model
-    enabled = getattr(model, "grad_checkpointing", None) or getattr(getattr(model, "hf", None),
-                                                                      "is_gradient_checkpointing", False)
-    assert enabled
+    # timm keeps a flag on the model, transformers one on every checkpointed module
+    assert getattr(model, "grad_checkpointing", False) or any(
+        getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
     ckpt.fit()
     _same_training(a_plain, a_ckpt)
 
