@@ -346,7 +346,16 @@ class TrainConfig:
     class_weights: Literal["balanced"] | None = None
     """``balanced``: weight the training loss of class k by N / (K * n_k) (as sklearn's ``compute_class_weight``);
     for imbalanced data (the trainer warns when one class exceeds 60% of it)."""
-    precision: Literal["no", "bf16", "fp16"] = "no"
+    precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Autocast precision; ``auto``: bf16 on a GPU that supports it, else fp32 (``no``; bf16 autocast on a CPU is
+    several times slower than fp32). The choice and its reason are in ``summary.json["precision"]``."""
+    gradient_checkpointing: bool = False
+    """Recompute block activations in the backward pass (timm ``set_grad_checkpointing``, Hugging Face
+    ``gradient_checkpointing_enable``): less memory, more compute."""
+    compile: bool = False
+    """``torch.compile`` the model's forward (pays off on a GPU for long runs; the first steps compile)."""
+    channels_last: bool = False
+    """Channels-last memory format for image models and inputs (faster convolutions on tensor-core GPUs)."""
     val_fraction: Annotated[float, Range(ge=0, lt=1)] = 0.0
     """Held-out share of the training split for early stopping (0: no validation split)."""
     early_stopping_patience: Annotated[int, POSITIVE] | None = None

@@ -137,7 +137,7 @@ def run_select_stage(recipe: Recipe, backbone, probe_result, prepared: PreparedD
     from nc_finetune.adapt import build_classifier
     from nc_finetune.rivals import selection_inputs as rival_inputs
     from nc_finetune.select import auto_rgn_scores, select_blocks
-    from nc_finetune.utils.env import seed_everything
+    from nc_finetune.utils.env import resolve_device, seed_everything
 
     s = recipe.selection
     head = 0 if recipe.adapt.head == "etf" else backbone.feature_dim * num_classes + num_classes  # ETF: fixed
@@ -145,6 +145,7 @@ def run_select_stage(recipe: Recipe, backbone, probe_result, prepared: PreparedD
     if s.strategy == "auto_rgn":
         seed_everything(recipe.train.seed)
         tmp = build_classifier(backbone, num_classes, method="full", copy_backbone=False)  # restored below
+        tmp.model.to(resolve_device(recipe.train.device))  # the new head is built on the CPU
         split = prepared.data.train
         rng = np.random.default_rng(recipe.selection.seed)
         bs = 64  # as in the surgical fine-tuning code
@@ -154,7 +155,7 @@ def run_select_stage(recipe: Recipe, backbone, probe_result, prepared: PreparedD
             batches.append((backbone.prepare(split.subset(idx).inputs),
                             _labels_tensor(np.asarray(split.labels)[idx])))
         rgn = auto_rgn_scores(tmp.model, backbone.blocks, batches, num_batches=s.rgn_batches)
-        tmp.model.requires_grad_(True)
+        tmp.model.requires_grad_(True).to("cpu")  # loaders hand out CPU models; the trainer moves it
         del tmp
     from nc_finetune.select.hooks import selection_inputs
 
@@ -168,7 +169,7 @@ def run_select_stage(recipe: Recipe, backbone, probe_result, prepared: PreparedD
 def _labels_tensor(labels: np.ndarray):
     import torch
 
-    return torch.as_tensor(labels, dtype=torch.long)
+    return torch.as_tensor(labels, dtype=torch.long, device="cpu")  # batches stay on the CPU until scored
 
 
 def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool = True,
@@ -295,7 +296,8 @@ def scl_skip_dim(recipe: Recipe, backbone, selection, probe_result, split) -> in
     dims = {r["name"]: r["dim"] for r in probe_result.layers}
     if names[-1] in dims:
         return int(dims[names[-1]])
-    inputs = backbone.prepare(split.subset([0]).inputs)
+    device = next(backbone.model.parameters()).device
+    inputs = {k: v.to(device) for k, v in backbone.prepare(split.subset([0]).inputs).items()}
     pooled: dict[str, int] = {}
 
     def capture(_module, _args, out) -> None:  # must return None: a returned value would replace the output

@@ -6,7 +6,7 @@ runner, the block selection and the trainer never branch on where a model came f
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -65,6 +65,8 @@ class Backbone:
         provenance: Where the weights came from (source path/id, sha256, ...), for run manifests.
         plain_prefix: Attribute path, with a trailing dot, of the library's own model inside :attr:`model` (``"hf."``
             for Hugging Face models wrapped to pool their output; ``""`` when :attr:`model` is the library's model).
+        grad_checkpointing: Turns activation checkpointing of the blocks on or off with the family's own API
+            (``None``: not supported); use :meth:`set_grad_checkpointing`.
     """
 
     spec: str
@@ -84,6 +86,18 @@ class Backbone:
     def plain_model(self) -> nn.Module:
         """The library's own model (``transformers`` ``AutoModel``, timm model), without nc-finetune's wrapper."""
         return self.model.get_submodule(self.plain_prefix.rstrip("."))
+    grad_checkpointing: Callable[[bool], None] | None = None
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations during backward (less memory) through the family's own switch.
+
+        Raises:
+            ConfigError: the backbone has no gradient checkpointing.
+        """
+        if self.grad_checkpointing is None:
+            raise ConfigError(f"{self.spec} does not support gradient checkpointing; set "
+                              "train.gradient_checkpointing=false")
+        self.grad_checkpointing(enable)
 
     def prepare(self, raw: Sequence[Any], train: bool = False) -> dict[str, Tensor]:
         """Turn a raw batch into model inputs on CPU.

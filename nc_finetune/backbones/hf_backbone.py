@@ -204,7 +204,28 @@ def load_hf_backbone(
         family=family,
         provenance=prov,
         plain_prefix="hf.",
+        grad_checkpointing=_grad_checkpointing_switch(hf),
     )
+
+
+def _grad_checkpointing_switch(hf: nn.Module) -> Any:
+    """``enable -> None`` through transformers' own API, or None for a model without gradient checkpointing."""
+    if not getattr(hf, "supports_gradient_checkpointing", False):
+        return None
+
+    def switch(enable: bool) -> None:
+        # non-reentrant: works when the block inputs (a frozen prefix's output) need no gradient
+        if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+            if enable:
+                hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                hf.activation_checkpointing_disable()
+        elif enable:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            hf.gradient_checkpointing_disable()
+
+    return switch
 
 
 def _hf_call(fn: Any, ref: str, what: str, **kwargs: Any) -> Any:

@@ -128,6 +128,7 @@ def load_timm_backbone(
         num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 0) or 0),
         channels_last=str(getattr(model, "output_fmt", "NCHW")).upper().endswith("NHWC"),
         family=family,
+        grad_checkpointing=model.set_grad_checkpointing if hasattr(model, "set_grad_checkpointing") else None,
         provenance=prov,
     )
 

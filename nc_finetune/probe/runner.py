@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from nc_finetune.backbones import Backbone
 from nc_finetune.data import Split
+from nc_finetune.data.prefetch import prefetch, to_device
 from nc_finetune.errors import ConfigError, DataError
 from nc_finetune.probe.metrics import equi_separation_fit, linear_probe_accuracy, metrics_from_stats
 from nc_finetune.probe.result import ProbeResult
@@ -163,6 +164,7 @@ def probe(
     taps = resolve_taps(backbone, layers)
     model = backbone.model
     was_training = model.training
+    home = next(model.parameters()).device
     model.eval().to(dev)
     stats: dict[str, ClassStats] = {}
     # Never more room than samples: a huge probe.ncc_samples must not allocate for samples that do not exist (a
@@ -177,10 +179,14 @@ def probe(
     start = time.perf_counter()
     try:
         with tapped(backbone, taps, store, inputs_ref), torch.no_grad():
-            for raw, labels in iter_batches(shard, batch_size):
-                inputs = {k: v.to(dev, non_blocking=True) for k, v in backbone.prepare(raw).items()}
+            def prepare(batch: tuple[Sequence, np.ndarray]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                raw, labels = batch
+                return backbone.prepare(raw), torch.as_tensor(np.asarray(labels), dtype=torch.long, device="cpu")
+
+            # the next batches are prepared (and on CUDA pinned) in a background thread while this one runs
+            for inputs, y in prefetch(iter_batches(shard, batch_size), prepare, pin=dev.type == "cuda"):
+                inputs, y = to_device(inputs, dev), to_device(y, dev)
                 inputs_ref["inputs"] = inputs
-                y = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=dev)
                 store.clear()
                 with torch.autocast(dev.type, dtype=amp_dtype, enabled=autocast), contextlib.suppress(_StopForward):
                     model(**inputs)
@@ -190,10 +196,10 @@ def probe(
                         stats[tap.name] = ClassStats(num_classes, feats.shape[1], device=dev)
                     stats[tap.name].update(feats, y)
                     reservoirs[tap.name].add(feats, y)
-                bar.update(len(labels))
+                bar.update(len(y))
     finally:
         bar.close()
-        model.train(was_training)
+        model.train(was_training).to(home)  # later stages find the backbone where the loader left it
     seconds = time.perf_counter() - start
 
     if world > 1:  # a rank that saw no sample still needs each layer's dimension to join the all-reduce

@@ -60,15 +60,42 @@ class ClassStats:
         self.dim = int(dim)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         kw = {"dtype": _F64, "device": self.device}
-        self.counts = torch.zeros(num_classes, **kw)  # (K,)
-        self.sums = torch.zeros(num_classes, dim, **kw)  # (K, D)
+        # count, Σ(x − c) and Σ‖x − c‖² of each class side by side, so that a batch is added with one index_add_;
+        # `counts`, `sums` and `sq_norms` are views of it
+        self._per_class = torch.zeros(num_classes, dim + 2, **kw)  # (K, 1 + D + 1)
         self.scatter = torch.zeros(dim, dim, **kw)  # (D, D)
-        self.sq_norms = torch.zeros(num_classes, **kw)  # (K,)
         self.shift = torch.zeros(dim, **kw)  # (D,)
         self.scale = torch.ones((), **kw)  # ()
         self.shift_set = False
         # A device tensor, so that update() never waits for the device; read it through `nonfinite`.
         self._nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Per-class sample counts n_k, (K,) (a view)."""
+        return self._per_class[:, 0]
+
+    @counts.setter
+    def counts(self, value: torch.Tensor) -> None:
+        self._per_class[:, 0] = value
+
+    @property
+    def sums(self) -> torch.Tensor:
+        """Per-class sums of shifted features Σ(x − c), (K, D) (a view)."""
+        return self._per_class[:, 1 : self.dim + 1]
+
+    @sums.setter
+    def sums(self, value: torch.Tensor) -> None:
+        self._per_class[:, 1 : self.dim + 1] = value
+
+    @property
+    def sq_norms(self) -> torch.Tensor:
+        """Per-class sums of squared norms Σ‖x − c‖², (K,) (a view)."""
+        return self._per_class[:, self.dim + 1]
+
+    @sq_norms.setter
+    def sq_norms(self, value: torch.Tensor) -> None:
+        self._per_class[:, self.dim + 1] = value
 
     # ------------------------------------------------------------------ accumulation
 
@@ -119,9 +146,8 @@ class ClassStats:
             self.scale = torch.where(plain, 1.0, pow2_scale(size))  # ()
             self.shift_set = True
         x = torch.where(finite[:, None], (x - self.shift) / self.scale, 0.0)  # (B, D); skipped rows add nothing
-        self.counts.index_add_(0, y, finite.to(_F64))
-        self.sums.index_add_(0, y, x)
-        self.sq_norms.index_add_(0, y, x.square().sum(1))
+        rows = torch.cat([finite.to(_F64)[:, None], x, x.square().sum(1, keepdim=True)], dim=1)  # (B, 1 + D + 1)
+        self._per_class.index_add_(0, y, rows)  # the same additions as three separate index_add_ calls
         self.scatter.addmm_(x.T, x)  # one (D, B) @ (B, D) matmul in float64
         self._nonfinite += (~finite).sum()
 
@@ -204,7 +230,7 @@ class ClassStats:
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
         if buf[-1] > 0:
             self.reshift(buf[:-1] / buf[-1])
-        for t in (self.counts, self.sums, self.scatter, self.sq_norms, self._nonfinite):
+        for t in (self._per_class, self.scatter, self._nonfinite):  # contiguous buffers, as collectives need
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
         return self
 
@@ -265,7 +291,7 @@ class ClassStats:
             "sq_norms": self.sq_norms.clone(),
             "shift": self.shift.clone(),
             "scale": self.scale.clone(),
-            "shift_set": torch.tensor(self.shift_set),
+            "shift_set": torch.tensor(self.shift_set, device="cpu"),
             "nonfinite": self._nonfinite.clone(),
         }
 
@@ -332,9 +358,10 @@ class FeatureReservoir:
         # Phase 2: sample t (0-based) replaces slot j ~ U{0..t} if j < capacity.
         rest = b - n_fill
         if rest:
-            t = torch.arange(self.seen + n_fill, self.seen + b, dtype=_F64)  # (rest,)
-            j = (torch.rand(rest, generator=self._gen, dtype=_F64) * (t + 1)).floor().long()  # (rest,)
-            src = torch.arange(n_fill, b)[j < self.capacity]
+            # the draws come from a CPU generator, so that the sample does not depend on the device
+            t = torch.arange(self.seen + n_fill, self.seen + b, dtype=_F64, device="cpu")  # (rest,)
+            j = (torch.rand(rest, generator=self._gen, dtype=_F64, device="cpu") * (t + 1)).floor().long()  # (rest,)
+            src = torch.arange(n_fill, b, device="cpu")[j < self.capacity]
             slot = j[j < self.capacity]
             # Several rows may hit the same slot: the later one wins, as in the sequential algorithm.
             last = {int(s): int(r) for s, r in zip(slot, src, strict=True)}

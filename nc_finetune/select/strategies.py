@@ -621,7 +621,10 @@ def auto_rgn_scores(
                 tensors.append(p)
     if not tensors:
         raise ConfigError("no block has a parameter tensor that Auto-RGN can score (all are norm/bn or zero)")
-    device = tensors[0].device
+    devices = {p.device for p in model.parameters()}
+    if len(devices) != 1:  # e.g. a backbone left on the GPU by the probe under a new head built on the CPU
+        raise ValueError(f"auto_rgn_scores needs the whole model on one device; found {sorted(map(str, devices))}")
+    device = devices.pop()
     norms = torch.stack([p.detach().double().norm() for p in tensors])
     sums = torch.zeros(len(tensors), dtype=torch.float64, device=device)
 
@@ -635,7 +638,7 @@ def auto_rgn_scores(
         with torch.enable_grad():
             for inputs, labels in itertools.islice(batches, num_batches):
                 inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-                y = torch.as_tensor(labels).to(device=device, dtype=torch.long)
+                y = torch.as_tensor(labels, dtype=torch.long, device=device)
                 loss = F.cross_entropy(_logits(model(**inputs)).float(), y)
                 grads = torch.autograd.grad(loss, tensors, allow_unused=True)
                 # An unused tensor (off the forward path) has zero gradient.

@@ -2,27 +2,22 @@
 
 When everything before the first trainable block is frozen, in eval mode and fed without augmentation, its output
 is a fixed function of each sample. :class:`PrefixCache` runs that prefix once over a split, keeps the input of the
-first trainable block per sample (its real tokens only for text, wherever the padding was), and during training
-replaces the prefix modules' ``forward`` so they return the cached tensor instead of recomputing it; a pre-hook on
-the first trainable block then hands it the cached tensor exactly, so functional work between prefix modules (GPT-2's
-sum of token and position embeddings, Gemma's embedding scale) does not corrupt it.
-
-Only prefix modules whose output is the per-sample stream (a tensor of the cached input's rank and batch size, or a
-tuple of it and ``None``) are replayed. Side computations that the later layers receive as arguments (the rotary
-position embeddings Llama/Qwen2 compute once at model level and pass to every layer, DeBERTa's normalised relative
-embeddings) keep running for real: they are cheap and depend on the batch's positions, not on the cached tensor.
-
-Before use the cached path is checked against the real forward on a batch; if they differ (an architecture whose
-prefix outputs reach later layers in a way the cache cannot replay) caching is switched off with a warning rather
-than training on wrong inputs.
+first trainable block per sample (trimmed to the real token length for text), and during training replaces the
+``forward`` of the prefix modules whose outputs only feed that input (:func:`trace_prefix`) so they return the cached
+tensor instead of recomputing it; prefix modules whose outputs reach the target some other way (through plain
+functions, or as another argument) keep running. Before use the cached path is checked against the real forward on
+a batch; if they differ (work between modules that the trace cannot see) or the replay fails, caching is switched
+off with a warning rather than training on wrong inputs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,61 +30,129 @@ class _Stop(Exception):
     pass
 
 
-def _trace_prefix(root: nn.Module, target: str, run: Callable[[], None]) -> list[tuple[str, Any]]:
-    """Maximal modules that finish before ``target`` starts and are not its ancestors, in finishing order, each with
-    its (last) output."""
-    events: list[tuple[str, str, Any]] = []
+def _tensor_leaves(obj: Any) -> list[torch.Tensor]:
+    """Every tensor inside a (nested) tuple / list / dict / ModelOutput."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, Mapping):
+        return [t for v in obj.values() for t in _tensor_leaves(v)]
+    if isinstance(obj, (tuple, list)):
+        return [t for v in obj for t in _tensor_leaves(v)]
+    return []
+
+
+def _replace_tensors(obj: Any, value: torch.Tensor) -> Any:
+    """``obj`` with every tensor replaced by ``value`` (same container types, ModelOutputs included)."""
+    if isinstance(obj, torch.Tensor):
+        return value
+    if isinstance(obj, Mapping):
+        out = copy.copy(obj)  # keeps the class (a ModelOutput stays a ModelOutput)
+        for k, v in obj.items():
+            out[k] = _replace_tensors(v, value)
+        return out
+    if isinstance(obj, tuple):
+        items = [_replace_tensors(v, value) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    if isinstance(obj, list):
+        return [_replace_tensors(v, value) for v in obj]
+    return obj
+
+
+def _hidden_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden state a block receives: its first positional argument, else ``hidden_states=``/the first tensor."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return kwargs["hidden_states"]
+    return _tensor_leaves((args, kwargs))[0]
+
+
+@dataclass
+class PrefixPlan:
+    """Which modules before the first trainable block the cache replaces, found by tracing one real forward.
+
+    Attributes:
+        before: Maximal modules that finish before the target starts (not its ancestors), in finishing order.
+        skipped: The subset whose outputs flow only into other skipped modules or into the target's hidden-state
+            input; these return the cached tensor during replay. The others (a ViT patch embedding followed by
+            functional work, a DeBERTa relative-position norm whose output the target also reads) run for real.
+        outputs: Output structure of each skipped module (tuples, ModelOutputs, ``None`` entries), so that replay
+            returns what the caller unpacks.
+    """
+
+    before: list[str]
+    skipped: list[str]
+    outputs: dict[str, Any]
+
+
+def trace_prefix(root: nn.Module, target: str, run: Callable[[], None]) -> PrefixPlan:
+    """Trace one forward up to ``target`` and decide which earlier modules can be skipped.
+
+    Data flow is followed by tensor identity: module M's output feeds module N when a tensor of M's output *is* one of
+    N's inputs. A module is skipped when it feeds at least one module (or the target's hidden state) and everything
+    it feeds is skipped too; work done between modules by plain functions is invisible to this rule, which is why
+    :meth:`PrefixCache.verify` still compares the replay with the real forward.
+    """
+    calls: dict[str, dict[str, Any]] = {}
+    order: list[str] = []
+    target_in: dict[str, Any] = {}
+    keep: list[Any] = []  # holds every traced tensor so that no id() is reused during the trace
     handles = []
     target_mod = root.get_submodule(target)
     try:
         for name, m in root.named_modules():
-            handles.append(m.register_forward_pre_hook(lambda mod, args, n=name: events.append(("start", n, None))))
-            handles.append(m.register_forward_hook(lambda mod, args, out, n=name: events.append(("end", n, out))))
+            def pre(mod, args, kwargs, n=name):
+                keep.append((args, kwargs))
+                call = calls.setdefault(n, {"inputs": set(), "outputs": set()})  # a shared module may run twice
+                call["inputs"] |= {id(t) for t in _tensor_leaves((args, kwargs))}
 
-        def stop(mod, args):
+            def post(mod, args, kwargs, output, n=name):
+                keep.append(output)
+                calls[n]["outputs"] |= {id(t) for t in _tensor_leaves(output)}
+                calls[n]["output"] = output
+                order.append(n)
+
+            handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(m.register_forward_hook(post, with_kwargs=True))
+
+        def stop(mod, args, kwargs):
+            keep.append((args, kwargs))
+            hidden = _hidden_input(args, kwargs)
+            target_in["hidden"] = id(hidden)
+            target_in["other"] = {id(t) for t in _tensor_leaves((args, kwargs))} - {id(hidden)}
             raise _Stop
 
-        handles.append(target_mod.register_forward_pre_hook(stop))
+        handles.append(target_mod.register_forward_pre_hook(stop, with_kwargs=True, prepend=True))
         with contextlib.suppress(_Stop):
             run()
     finally:
         for h in handles:
             h.remove()
-    outputs = {n: out for kind, n, out in events if kind == "end"}
-    ended = [n for kind, n, _ in events if kind == "end"]
-    ancestors = {n for n in ended if n == "" or target.startswith(n + ".")}
-    cands = [n for n in ended if n not in ancestors]
-    maximal = [n for n in cands if not any(c != n and n.startswith(c + ".") for c in cands)]
-    seen: list[str] = []
-    for n in maximal:
-        if n not in seen:
-            seen.append(n)
-    return [(n, outputs[n]) for n in seen]
-
-
-def _stream_arity(output: Any, like: torch.Tensor) -> int | None:
-    """How a prefix module's output carries the per-sample stream that ends in ``like`` (the cached input):
-    0 = a tensor with ``like``'s rank and batch size, n = a length-n tuple of such a tensor followed by ``None``
-    (a transformers layer with no attention output); None = it does not. Shapes may change along the stream
-    (a CNN stem), but side computations do not look like it: rotary position embeddings come as a (cos, sin) pair,
-    DeBERTa's relative embeddings have no batch dimension."""
-    def is_stream(t: Any) -> bool:
-        return isinstance(t, torch.Tensor) and t.dim() == like.dim() and t.shape[0] == like.shape[0]
-
-    if is_stream(output):
-        return 0
-    if isinstance(output, tuple) and output and is_stream(output[0]) and all(o is None for o in output[1:]):
-        return len(output)
-    return None
-
-
-def _hidden_input(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
-    """The hidden states a block receives: its first positional argument, or ``hidden_states=``."""
-    if args:
-        return args[0]
-    if "hidden_states" in kwargs:
-        return kwargs["hidden_states"]
-    raise RuntimeError("the first trainable block was called without a positional input or hidden_states=")
+    ancestors = {n for n in order if n == "" or target.startswith(n + ".")}
+    cands = [n for n in order if n not in ancestors]
+    before = [n for n in cands if not any(c != n and n.startswith(c + ".") for c in cands)]
+    before = list(dict.fromkeys(before))
+    # consumers of each tensor among the maximal modules; the target's non-hidden inputs are a consumer that runs
+    consumers: dict[int, set[str]] = {}
+    for n in before:
+        for t in calls[n]["inputs"]:
+            consumers.setdefault(t, set()).add(n)
+    for t in target_in.get("other", ()):
+        consumers.setdefault(t, set()).add("<target>")
+    hidden = target_in.get("hidden")
+    skipped = set(before)
+    changed = True
+    while changed:
+        changed = False
+        for n in list(skipped):
+            outs = calls[n]["outputs"]
+            fed = set().union(*(consumers.get(t, set()) for t in outs)) - {n}
+            feeds_hidden = hidden in outs
+            if not (fed or feeds_hidden) or not fed <= skipped:
+                skipped.discard(n)
+                changed = True
+    kept = [n for n in before if n in skipped]
+    return PrefixPlan(before, kept, {n: calls[n]["output"] for n in kept})
 
 
 class PrefixCache:
@@ -106,11 +169,17 @@ class PrefixCache:
         self.model = model
         self.target = target
         self.whole_backbone = target == backbone_root
-        self.prefix: list[str] = [backbone_root] if self.whole_backbone else []
-        self.arity: dict[str, int] = {}  # prefix module -> how its replayed output is shaped (see _stream_arity)
+        self.plan: PrefixPlan | None = None
+        if self.whole_backbone:
+            self.plan = PrefixPlan([backbone_root], [backbone_root], {backbone_root: None})
         self.samples: dict[str, list[tuple[dict[str, torch.Tensor], torch.Tensor]]] = {}
         self.current: torch.Tensor | None = None
         self.nbytes = 0
+
+    @property
+    def prefix(self) -> list[str]:
+        """The modules replay skips (empty before the first :meth:`build` batch is traced)."""
+        return self.plan.skipped if self.plan is not None else []
 
     # -- building -----------------------------------------------------------------------------------------------
     def _capture(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -126,7 +195,7 @@ class PrefixCache:
             def hook(m, args, kwargs):
                 out["x"] = _hidden_input(args, kwargs)
                 raise _Stop
-            h = mod.register_forward_pre_hook(hook, with_kwargs=True)
+            h = mod.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
         try:
             with contextlib.suppress(_Stop):
                 self.model(**inputs)
@@ -140,24 +209,19 @@ class PrefixCache:
         with torch.no_grad():
             for inputs in inputs_list:
                 inputs = {k: v.to(device) for k, v in inputs.items()}
-                traced = None
-                if not self.prefix:
-                    traced = _trace_prefix(self.model, self.target, lambda b=inputs: self.model(**b))
-                x = self._capture(inputs)
-                if traced is not None:
-                    self.arity = {n: a for n, out in traced if (a := _stream_arity(out, x)) is not None}
-                    self.prefix = list(self.arity)
-                x = x.cpu()
+                if self.plan is None:
+                    self.plan = trace_prefix(self.model, self.target, lambda b=inputs: self.model(**b))
+                x = self._capture(inputs).cpu()
                 cpu_inputs = {k: v.cpu() for k, v in inputs.items()}
-                mask = cpu_inputs.get("attention_mask")
+                lengths = cpu_inputs["attention_mask"].sum(1).tolist() if "attention_mask" in cpu_inputs else None
                 for i in range(x.shape[0]):
-                    if mask is not None:  # text: keep real tokens only (left or right padded); re-padded on the fly
-                        keep = mask[i] > 0  # (T,)
-                        t = mask.shape[1]
-                        sample_in = {k: (v[i][keep] if v.dim() >= 2 and v.shape[1] == t else v[i])
+                    if lengths is not None:  # text: keep real tokens only; batches are re-padded on the fly
+                        n = int(lengths[i])
+                        t = cpu_inputs["attention_mask"].shape[1]
+                        sample_in = {k: (v[i, :n] if v.dim() >= 2 and v.shape[1] == t else v[i])
                                      for k, v in cpu_inputs.items()}
                         # only a token tensor (B, T, D) is trimmed; a pooled (B, D) output is kept whole even if D == T
-                        sample_x = x[i][keep].clone() if x.dim() >= 3 and x.shape[1] == t else x[i].clone()
+                        sample_x = x[i, :n].clone() if x.dim() >= 3 and x.shape[1] == t else x[i].clone()
                     else:
                         sample_in = {k: v[i].clone() for k, v in cpu_inputs.items()}
                         sample_x = x[i].clone()
@@ -165,56 +229,49 @@ class PrefixCache:
                     store.append((sample_in, sample_x))
         self.samples[name] = store
 
+    # -- using ------------------------------------------------------------------------------------------------
     def adopt(self, other: PrefixCache) -> None:
         """Reuse the cached tensors of ``other``, built on another model instance with the same frozen prefix
         weights and data (the caller guarantees that; :meth:`verify` still checks a batch against this model)."""
         if other.target != self.target:
             raise ValueError(f"cannot adopt a cache of {other.target!r} for {self.target!r}")
-        self.prefix = list(other.prefix)
+        self.plan = other.plan
         self.samples = other.samples
         self.nbytes = other.nbytes
 
-    # -- using ------------------------------------------------------------------------------------------------
-    def batch(self, name: str, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
-        """Model inputs for ``indices`` of split ``name``; sets the tensor the patched prefix will return."""
+    def collate(self, name: str, indices: Sequence[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """``(model inputs, cached hidden state)`` of ``indices`` of split ``name``, on the CPU, re-padded."""
         items = [self.samples[name][i] for i in indices]
         keys = items[0][0].keys()
-        inputs = {k: _pad_stack([it[0][k] for it in items]).to(device) for k in keys}
-        self.current = _pad_stack([it[1] for it in items]).to(device)
-        return inputs
+        return {k: _pad_stack([it[0][k] for it in items]) for k in keys}, _pad_stack([it[1] for it in items])
+
+    def batch(self, name: str, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
+        """Model inputs for ``indices`` of split ``name``; sets the tensor the patched prefix will return."""
+        inputs, hidden = self.collate(name, indices)
+        self.current = hidden.to(device)
+        return {k: v.to(device) for k, v in inputs.items()}
 
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:
-        """Replace each prefix module's forward by one returning :attr:`current`, and feed :attr:`current` to the
-        first trainable block whatever the model computed between the two."""
+        """Replace each prefix module's forward by one returning :attr:`current`."""
         saved = []
-        handle = None
+        for name in self.prefix:
+            mod = self.model.get_submodule(name)
+            saved.append((mod, mod.__dict__.get("forward")))
+            mod.forward = functools.partial(self._replay_forward, self.plan.outputs[name])
         try:
-            for name in self.prefix:
-                mod = self.model.get_submodule(name)
-                saved.append((mod, mod.__dict__.get("forward")))
-                mod.forward = functools.partial(self._replay_forward, arity=self.arity.get(name, 0))
-            if not self.whole_backbone:
-                handle = self.model.get_submodule(self.target).register_forward_pre_hook(self._feed_target,
-                                                                                       with_kwargs=True)
             yield
         finally:
-            if handle is not None:
-                handle.remove()
             for mod, old in saved:
                 if old is None:
                     del mod.forward
                 else:
                     mod.forward = old
 
-    def _replay_forward(self, *args, arity: int = 0, **kwargs) -> Any:
+    def _replay_forward(self, output: Any, *args, **kwargs) -> Any:
+        """The skipped module's output structure with every tensor replaced by the cached hidden state."""
         assert self.current is not None, "PrefixCache.batch() must be called before the forward"
-        return self.current if arity == 0 else (self.current, *([None] * (arity - 1)))
-
-    def _feed_target(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-        if args:
-            return (self.current, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": self.current}
+        return self.current if output is None else _replace_tensors(output, self.current)
 
     def verify(self, name: str, inputs: dict[str, torch.Tensor], indices: Sequence[int], device: torch.device,
                rtol: float | None = None) -> bool:
@@ -223,7 +280,7 @@ class PrefixCache:
         The check is a relative error of the logits, ``‖real − cached‖ / ‖real‖ ≤ rtol``. The default ``rtol`` is
         1e-4 on CPU and 2e-2 on CUDA, where TF32 convolutions and batch-size-dependent kernels make the two forwards
         differ at the 1e-3 level although both are equally accurate; a prefix the cache cannot replay differs at
-        order 1, or makes the cached forward fail (False as well).
+        order 1.
         """
         from nc_finetune.adapt import eval_mode
 
@@ -235,9 +292,9 @@ class PrefixCache:
             try:
                 with self.replay():
                     cached = self.model(**cached_inputs).float()
-            except Exception as e:  # noqa: BLE001 - a forward the replay breaks can fail in any way; the real one ran
-                log.warning("prefix cache cannot replay this model's forward (%s: %s); training uncached",
-                            type(e).__name__, str(e).strip().splitlines()[0] if str(e).strip() else "")
+            except (RuntimeError, ValueError, TypeError, IndexError) as e:  # replayed shapes the model cannot take
+                log.warning("prefix cache replay fails (%s: %s); training uncached", type(e).__name__,
+                            str(e).splitlines()[0] if str(e) else "")
                 return False
         if real.shape != cached.shape:
             log.warning("prefix cache gives logits of shape %s, the model %s; training uncached",

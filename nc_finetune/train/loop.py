@@ -15,6 +15,7 @@ import resource
 import sys
 import time
 import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 from nc_finetune.adapt import AdaptedModel, eval_mode, is_head_param
 from nc_finetune.config import TrainConfig
 from nc_finetune.data import Split
+from nc_finetune.data.prefetch import prefetch, to_device
 from nc_finetune.errors import UserError
 from nc_finetune.train.cache import PrefixCache
 from nc_finetune.train.checkpoint import load_checkpoint, save_checkpoint, save_weights, set_rng_state
@@ -44,6 +46,10 @@ from nc_finetune.utils.io import load_safetensors, write_text_atomic
 
 #: Keys of :func:`~nc_finetune.train.metrics.metrics_from_confusion` copied to the summary per split.
 _CLASS_METRICS = ("macro_f1", "per_class_accuracy", "confusion_matrix")
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 and x.is_floating_point() else x
 
 
 class StopTraining(Exception):
@@ -101,6 +107,23 @@ def epoch_batches(n: int, batch_size: int, world: int, rank: int, seed: int, epo
     return out
 
 
+def resolve_precision(requested: str, device_type: str) -> tuple[str, str]:
+    """The autocast precision to use on ``device_type`` (``"no"`` = fp32) and why.
+
+    ``auto`` picks bf16 on a CUDA device that supports it and fp32 elsewhere: bf16 autocast on a CPU runs several
+    times slower than fp32 (6.8x on the development CPU). fp16 autocast is GPU-only, so it becomes bf16 on a CPU.
+    """
+    if requested == "auto":
+        if device_type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bf16", "auto: the GPU supports bf16"
+        if device_type == "cuda":
+            return "no", "auto: this GPU has no bf16; fp32 (set train.precision=fp16 for fp16 autocast)"
+        return "no", f"auto: fp32 on {device_type} (bf16 autocast is slower than fp32 there)"
+    if requested == "fp16" and device_type == "cpu":
+        return "bf16", "fp16 autocast is GPU-only: bf16 on the CPU"
+    return requested, "as configured"
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak GPU memory allocated on CUDA, else the process's peak resident set size."""
     if device.type == "cuda":
@@ -154,9 +177,12 @@ class Trainer:
         self.progress = progress
         self.stop_after_steps = stop_after_steps
         cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-        precision = cfg.precision
-        if precision == "fp16" and cpu:
-            precision = "bf16"  # fp16 autocast is GPU-only
+        device_type = "cpu" if cpu else torch.device("cuda" if cfg.device == "auto" else cfg.device).type
+        precision, why = resolve_precision(cfg.precision, device_type)
+        self.precision_info = {"requested": cfg.precision, "used": "fp32" if precision == "no" else precision,
+                               "reason": why}
+        if cfg.gradient_checkpointing:
+            backbone.set_grad_checkpointing(True)
         check_trackers(cfg.report_to)
         log_with = accelerate_trackers(cfg.report_to) or None
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=precision, log_with=log_with,
@@ -180,17 +206,66 @@ class Trainer:
         if cfg.class_weights == "balanced":
             self.class_weights = torch.as_tensor(balanced_class_weights(labels, self.num_classes),
                                                  dtype=torch.float32, device=self.device)
+        # Forwards of training (the prepared, possibly DDP-wrapped model) and of evaluation (the plain model: a DDP
+        # forward would sync buffers across ranks that run different numbers of evaluation batches).
+        self._forward: nn.Module = adapted.model
+        self._eval_forward: nn.Module = torch.compile(adapted.model) if cfg.compile else adapted.model
 
     # -- data ---------------------------------------------------------------------------------------------------
-    def _inputs(self, split_name: str, split: Split, idx: np.ndarray, train: bool) -> dict[str, torch.Tensor]:
-        if self.cache is not None:
-            return self.cache.batch(split_name, idx.tolist(), self.device)
-        raw = split.subset(idx).inputs
-        return {k: v.to(self.device) for k, v in self.backbone.prepare(raw, train=train).items()}
+    def _batches(self, split_name: str, split: Split, index_batches: Sequence[np.ndarray],
+                 train: bool) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """``(inputs, labels)`` on the device for each index batch; prepared a batch ahead in a background thread
+        (pinned for an asynchronous copy to a GPU) unless augmentation draws random numbers while preparing."""
+        labels = np.asarray(split.labels)
+        cached = self.cache is not None and split_name in self.cache.samples
+
+        def prepare(idx: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
+            y = torch.as_tensor(labels[idx], dtype=torch.long, device="cpu")
+            if cached:
+                inputs, hidden = self.cache.collate(split_name, idx.tolist())
+                return inputs, y, hidden
+            return self.backbone.prepare(split.subset(idx).inputs, train=train), y, None
+
+        if train:  # the flips draw from torch's global RNG: prepare in order, in this thread
+            stream: Iterable = map(prepare, index_batches)
+        else:
+            stream = prefetch(index_batches, prepare, pin=self.device.type == "cuda")
+        for inputs, y, hidden in stream:
+            inputs, y = to_device(inputs, self.device), to_device(y, self.device)
+            if hidden is not None:
+                self.cache.current = to_device(hidden, self.device)
+            if self.cfg.channels_last:
+                inputs = {k: _channels_last(v) for k, v in inputs.items()}
+            yield inputs, y
+
+    def _split_passes(self, epochs_run: int) -> dict[str, int]:
+        """Forward passes the run makes over each split: one per epoch, plus the final test after reloading the best
+        validation model (without validation the last epoch's test evaluation is the final one)."""
+        passes = {"train": epochs_run, "test": epochs_run + (1 if self.data.val is not None else 0)}
+        if self.data.val is not None:
+            passes["val"] = epochs_run
+        return passes
+
+    def _schedule(self) -> tuple[int, int]:
+        """``(steps_per_epoch, total_steps)`` of this run (``max_steps`` included)."""
+        cfg = self.cfg
+        micro_per_epoch = len(epoch_batches(len(self.data.train), cfg.batch_size, self.world, self.rank, cfg.seed, 0))
+        steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.grad_accum_steps))
+        # As in HF Trainer, max_steps wins over epochs: training runs as many epochs as the steps need.
+        total_steps = cfg.max_steps if cfg.max_steps is not None else steps_per_epoch * cfg.epochs
+        return steps_per_epoch, total_steps
 
     def _setup_cache(self) -> dict[str, Any]:
         cfg, a = self.cfg, self.adapted
+        steps_per_epoch, total_steps = self._schedule()
+        epochs_run = math.ceil(total_steps / steps_per_epoch)  # the same for a resumed run: resume stays exact
         target = a.first_trainable_block if a.method != "linear_probe" else a.backbone_prefix
+        splits = {"train": self.data.train, "test": self.data.test}
+        if self.data.val is not None:
+            splits["val"] = self.data.val
+        passes = self._split_passes(epochs_run)
+        if cfg.cache_prefix == "auto":  # building costs one forward per split: it pays on splits read twice or more
+            splits = {k: v for k, v in splits.items() if passes[k] >= 2}
         reason = None
         if cfg.cache_prefix == "off":
             reason = "train.cache_prefix=off"
@@ -198,25 +273,33 @@ class Trainer:
             reason = "augmentation makes the prefix non-deterministic"
         elif a.method == "full" or target is None:
             reason = "no frozen prefix"
+        elif not splits:
+            reason = (f"every split is read once ({epochs_run} epoch): building the cache costs the forward it would "
+                      "save")
         if reason:
             return {"enabled": False, "reason": reason}
         start = time.perf_counter()
         cache = PrefixCache(self.adapted.model, target, a.backbone_prefix)
         shared = self.cache_store.get(target) if self.cache_store is not None else None
-        if shared is not None:
+        bs = cfg.eval_batch_size
+        if shared is not None and set(shared.samples) == set(splits):
             cache.adopt(shared)
         else:
-            splits = {"train": self.data.train, "test": self.data.test}
-            if self.data.val is not None:
-                splits["val"] = self.data.val
-            bs = cfg.eval_batch_size
-            with eval_mode(self.adapted.model):
+            shared = None
+            # under the training autocast: the cached prefix outputs are what the uncached forward would compute
+            with eval_mode(self.adapted.model), self.accelerator.autocast():
                 for name, split in splits.items():
-                    batches = (self.backbone.prepare(split.inputs[i:i + bs]) for i in range(0, len(split), bs))
+                    batches = prefetch(range(0, len(split), bs),
+                                       lambda i, s=split: self.backbone.prepare(s.inputs[i:i + bs]))
                     cache.build(name, batches, self.device)
-        probe_idx = np.arange(min(len(self.data.train), 8))
-        raw_inputs = self.backbone.prepare(self.data.train.subset(probe_idx).inputs)
-        if not cache.verify("train", raw_inputs, probe_idx.tolist(), self.device):
+        if not cache.prefix:
+            return {"enabled": False, "reason": "no module before the first trainable block can be skipped"}
+        first = next(iter(splits))
+        probe_idx = np.arange(min(len(splits[first]), 8))
+        raw_inputs = self.backbone.prepare(splits[first].subset(probe_idx).inputs)
+        with self.accelerator.autocast():
+            same = cache.verify(first, raw_inputs, probe_idx.tolist(), self.device)
+        if not same:
             if cfg.cache_prefix == "on":
                 raise UserError("train.cache_prefix=on but the cached prefix does not reproduce the model's "
                                 "forward for this architecture; use train.cache_prefix=auto or off")
@@ -224,7 +307,8 @@ class Trainer:
         self.cache = cache
         if self.cache_store is not None:
             self.cache_store[target] = cache
-        return {"enabled": True, "target": target, "prefix_modules": cache.prefix, "shared": shared is not None,
+        return {"enabled": True, "target": target, "prefix_modules": cache.prefix, "splits": list(splits),
+                "shared": shared is not None,
                 "megabytes": cache.nbytes / 2**20, "build_seconds": time.perf_counter() - start}
 
     # -- evaluation ---------------------------------------------------------------------------------------------
@@ -237,13 +321,11 @@ class Trainer:
         loss_sum = 0.0
         idx_all = np.arange(self.rank, len(split), self.world)
         bs = self.cfg.eval_batch_size
-        with torch.no_grad(), eval_mode(model), self._replay():
-            for start in range(0, len(idx_all), bs):
-                idx = idx_all[start:start + bs]
-                inputs = self._inputs(split_name, split, idx, train=False)
-                y = torch.as_tensor(np.asarray(split.labels)[idx], device=self.device)
+        index_batches = [idx_all[start:start + bs] for start in range(0, len(idx_all), bs)]
+        with torch.no_grad(), eval_mode(model), self._replay(split_name):
+            for inputs, y in self._batches(split_name, split, index_batches, train=False):
                 with self.accelerator.autocast():
-                    logits = model(**inputs)
+                    logits = self._eval_forward(**inputs)
                 loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
                 cm += confusion_counts(y, logits.argmax(1), K)
         loss = torch.tensor([loss_sum], dtype=torch.float64, device=self.device)
@@ -266,8 +348,9 @@ class Trainer:
         inputs = self._inputs("train", self.data.train, idx, train=False)
         return inputs, torch.as_tensor(np.asarray(self.data.train.labels)[idx], device=self.device)
 
-    def _replay(self):
-        return self.cache.replay() if self.cache is not None else contextlib.nullcontext()
+    def _replay(self, split_name: str):
+        cached = self.cache is not None and split_name in self.cache.samples
+        return self.cache.replay() if cached else contextlib.nullcontext()
 
     # -- logging ------------------------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
@@ -297,22 +380,23 @@ class Trainer:
             warnings.warn(warning, UserWarning, stacklevel=2)
         self.out.mkdir(parents=True, exist_ok=True)
         model = self.adapted.model.to(self.device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)  # 4-D weights only; others are unaffected
         cache_info = self._setup_cache()
         optimizer = self.hook.make_optimizer(model, cfg) if self.hook else make_optimizer(model, cfg)
         n_train = len(self.data.train)
-        micro_per_epoch = len(epoch_batches(n_train, cfg.batch_size, self.world, self.rank, cfg.seed, 0))
-        steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.grad_accum_steps))
-        # As in HF Trainer, max_steps wins over epochs: training runs as many epochs as the steps need.
-        total_steps = cfg.max_steps if cfg.max_steps is not None else steps_per_epoch * cfg.epochs
+        steps_per_epoch, total_steps = self._schedule()
         num_epochs = math.ceil(total_steps / steps_per_epoch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, cfg.warmup_ratio))
         model, optimizer = acc.prepare(model, optimizer)
+        # The compiled module shares the parameters; checkpoints and state dicts keep using the plain module.
+        self._forward = torch.compile(model) if cfg.compile else model
         if cfg.report_to:
             acc.init_trackers(PROJECT, config=tracker_config(cfg))
 
         # Everything needed to continue exactly where a checkpoint left off (saved as position.json).
         pos = {"epoch": 0, "micro": 0, "step": 0, "best_val": None, "bad_evals": 0, "stopped_early": False,
-               "train_seconds": 0.0, "epoch_seconds": [], "running": []}
+               "train_seconds": 0.0, "epoch_seconds": [], "running": [], "last_test": None}
         ckpt_dir = self.out / "checkpoint"
         if resume:
             weights, state, pos = load_checkpoint(ckpt_dir)
@@ -323,13 +407,27 @@ class Trainer:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             set_rng_state(state["rng"])
+            pos.setdefault("last_test", None)
             self._truncate_log(pos["step"])
         elif self.rank == 0:  # a fresh run: no log lines or best model of an earlier run in this directory
             for stale in ("metrics.jsonl", "best.safetensors"):
                 (self.out / stale).unlink(missing_ok=True)
 
+        # Losses since the last log line: summed on the device (reading a loss every step would make the host wait
+        # for the GPU), moved into `pos["running"]` (sum, count) when logged or checkpointed.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        loss_count = 0
+        if len(pos["running"]) != 2 or not isinstance(pos["running"][1], int):  # an older checkpoint: a list of losses
+            pos["running"] = [float(sum(pos["running"])), len(pos["running"])]
+
+        def flush_losses() -> None:
+            nonlocal loss_sum, loss_count
+            mean_sum = self._rank_mean([float(loss_sum)])[0]  # every rank ran as many micro-batches: average them
+            pos["running"] = [pos["running"][0] + mean_sum, pos["running"][1] + loss_count]
+            loss_sum, loss_count = torch.zeros_like(loss_sum), 0
+
         def checkpoint() -> None:
-            running[:] = self._rank_mean(running)  # position.json holds the losses of every rank, averaged
+            flush_losses()
             if self.rank == 0:
                 weights = self.adapted.trainable_state_dict()
                 save_checkpoint(ckpt_dir, weights, optimizer.state_dict(), scheduler.state_dict(), pos)
@@ -345,8 +443,7 @@ class Trainer:
         bar = tqdm(total=total_steps, initial=pos["step"], desc="train", unit="step",
                    disable=not self.progress or self.rank != 0, leave=False)
         stopped_early = bool(pos.get("stopped_early", False))  # a resumed run that had stopped early stays stopped
-        running = pos["running"]  # losses since the last log line (a list shared with `pos`)
-        bad_loss = None  # the first non-finite loss since the last optimizer step
+        bad_loss = torch.zeros((), dtype=torch.bool, device=self.device)  # a non-finite loss since the last step
         try:
             while pos["epoch"] < num_epochs and pos["step"] < total_steps and not stopped_early:
                 epoch = pos["epoch"]
@@ -356,29 +453,31 @@ class Trainer:
                         self.hook.on_epoch_start(hook_ctx, epoch, batches, pos)
                 self.adapted.train_mode()
                 t0 = time.perf_counter()
-                with self._replay():
-                    while pos["micro"] < len(batches) and pos["step"] < total_steps:
-                        idx = batches[pos["micro"]]
-                        inputs = self._inputs("train", self.data.train, idx, train=cfg.augment)
-                        y = torch.as_tensor(np.asarray(self.data.train.labels)[idx], device=self.device)
+                stream = self._batches("train", self.data.train, batches[pos["micro"]:], train=cfg.augment)
+                with self._replay("train"):
+                    for inputs, y in stream:
+                        if pos["step"] >= total_steps:
+                            break
                         sync = (pos["micro"] + 1) % cfg.grad_accum_steps == 0 or pos["micro"] + 1 == len(batches)
                         ctx = acc.no_sync(model) if not sync and self.world > 1 else contextlib.nullcontext()
                         with ctx, acc.autocast():
                             if self.penalty is None:
-                                loss = F.cross_entropy(model(**inputs).float(), y, weight=self.class_weights)
+                                loss = F.cross_entropy(self._forward(**inputs).float(), y, weight=self.class_weights)
                             else:
                                 with self.penalty.capture(inputs):
-                                    logits = model(**inputs)
+                                    logits = self._forward(**inputs)
                                 loss = F.cross_entropy(logits.float(), y, weight=self.class_weights) \
                                     + cfg.nc1_penalty * self.penalty.value(y)
                             acc.backward(loss / cfg.grad_accum_steps)
-                        running.append(loss.item())
-                        if bad_loss is None and not math.isfinite(running[-1]):
-                            bad_loss = running[-1]
+                        loss_sum += loss.detach().double()
+                        loss_count += 1
+                        bad_loss |= ~torch.isfinite(loss.detach())
                         pos["micro"] += 1
                         if not sync:
                             continue
-                        self._stop_on_bad_loss(bad_loss, pos["step"] + 1)
+                        # one flag read per optimizer step: stop before non-finite gradients are applied
+                        if bool(bad_loss) or self.world > 1:
+                            self._stop_on_bad_loss(math.nan if bool(bad_loss) else None, pos["step"] + 1)
                         if cfg.max_grad_norm is not None:
                             acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                 cfg.max_grad_norm)
@@ -390,11 +489,12 @@ class Trainer:
                             self.hook.on_step_end(hook_ctx, pos)
                         bar.update(1)
                         if pos["step"] % cfg.log_every == 0 or pos["step"] == total_steps:
-                            mean_loss = float(np.mean(self._rank_mean(running)))  # over steps and ranks
+                            flush_losses()
+                            mean_loss = pos["running"][0] / max(1, pos["running"][1])
                             self._log({"step": pos["step"], "epoch": epoch, "loss": mean_loss,
                                        "lr": scheduler.get_last_lr()[-1]})
                             bar.set_postfix(loss=f"{mean_loss:.4f}")
-                            running.clear()
+                            pos["running"] = [0.0, 0]
                         if pos["step"] % cfg.checkpoint_every == 0 and pos["micro"] < len(batches):
                             pos["train_seconds"] += time.perf_counter() - t0
                             t0 = time.perf_counter()
@@ -417,7 +517,11 @@ class Trainer:
         if (self.out / "best.safetensors").exists():
             best = load_safetensors(self.out / "best.safetensors")
             acc.unwrap_model(model).load_state_dict(best, strict=False)
-        test = self.evaluate("test", self.data.test)
+            test = self.evaluate("test", self.data.test)
+        elif pos["last_test"] is not None and pos["last_test"]["step"] == pos["step"]:
+            test = pos["last_test"]["result"]  # the model has not changed since the last epoch's test evaluation
+        else:
+            test = self.evaluate("test", self.data.test)
         counts = self.adapted.parameter_counts()
         summary = {
             "test_accuracy": test["accuracy"],
@@ -435,6 +539,7 @@ class Trainer:
             "device": str(self.device),
             "world_size": self.world,
             "prefix_cache": cache_info,
+            "precision": self.precision_info,
         }
         if pos.get("hook"):
             summary["train_hook"] = pos["hook"]
@@ -475,6 +580,7 @@ class Trainer:
             else:
                 pos["bad_evals"] += 1
         test = self.evaluate("test", self.data.test)
+        pos["last_test"] = {"step": pos["step"], "result": test}
         self._log({"step": pos["step"], "epoch": epoch, "split": "test", **test})
         patience = cfg.early_stopping_patience
         return patience is not None and self.data.val is not None and pos["bad_evals"] >= patience
