@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from nc_finetune import __version__
+from nc_finetune import __version__, runs
 from nc_finetune.errors import UserError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and select blocks with selection.strategy under selection.max_blocks / "
                                    "max_param_fraction. Writes DIR/selection.json and prints the rationale.")
     _add_recipe_args(p)
-    _add_out_args(p, "selection.json")
+    _add_out_args(p, runs.SELECTION)
     p.add_argument("--emit-peft", type=Path, default=None, metavar="FILE",
                    help="also write a peft LoraConfig (adapter_config.json format) for the plain model (no wrapper)")
 
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "score with the ground truth (rank.finetune runs, or the linear probe): Kendall "
                                    "tau and weighted tau. Writes DIR/rank.json, DIR/rank.png, DIR/candidates/.")
     _add_recipe_args(p)
-    _add_out_args(p, "rank.json")
+    _add_out_args(p, runs.RANK)
 
     p = sub.add_parser("sweep", help="tune each block alone per seed and lr: oracle block, regret of every strategy",
                        description="Fine-tune every candidate block set alone (sweep.candidates: blocks, pairs or a "
@@ -300,7 +300,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_ufm(args: argparse.Namespace) -> int:
-    from nc_finetune import runs
     from nc_finetune.report.ufm_report import format_ufm, run_ufm
 
     runs.RunDir(args.out).check_writable([runs.UFM, runs.UFM_PLOT], args.overwrite)
@@ -380,7 +379,7 @@ def _print_config(args: argparse.Namespace) -> int:
     """``--print-config``: the resolved recipe as YAML (a run directory's for ``eval``)."""
     from nc_finetune.config import dump_recipe, load_recipe
 
-    path = args.run_dir / "resolved.yaml" if args.command == "eval" else resolve_recipe_path(args.recipe)
+    path = args.run_dir / runs.RESOLVED if args.command == "eval" else resolve_recipe_path(args.recipe)
     if not path.is_file():
         raise UserError(f"{args.run_dir} holds no run (no resolved.yaml)")
     if args.command == "eval":  # as eval_stage: the other sections describe the trained model

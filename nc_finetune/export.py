@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nc_finetune import runs
 from nc_finetune.errors import ConfigError, UserError
 from nc_finetune.utils.io import write_json_atomic, write_text_atomic
 
@@ -82,7 +83,6 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False) -> 
     """
     from safetensors.torch import load_file
 
-    from nc_finetune import runs
     from nc_finetune.labels import run_class_names
 
     run = runs.RunDir(run_dir)
@@ -142,7 +142,7 @@ def _rebuild(recipe, run_dir: Path, weights: dict, num_classes: int):
     proj = weights.get("skip_proj.weight")
     skip_dim = int(proj.shape[1]) if proj is not None else backbone.feature_dim  # identity P: equal dims
     adapted = build_classifier(backbone, num_classes, method=a.method, selection=Selection.load(
-        run_dir / "selection.json"), skip_dim=skip_dim, wiring=a.scl_wiring, lora_r=a.lora_r,
+        run_dir / runs.SELECTION), skip_dim=skip_dim, wiring=a.scl_wiring, lora_r=a.lora_r,
         lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, freeze_bn=a.freeze_bn,
         copy_backbone=False)  # the export reads the trained weights from backbone.model
     unexpected = sorted(set(weights) - set(adapted.model.state_dict()))
@@ -203,7 +203,7 @@ def _export_adapter(adapted, recipe, run_dir: Path, num_classes: int, class_name
     if published is None:
         target.save(target.model, base_dir)
     a = recipe.adapt
-    config = Selection.load(run_dir / "selection.json").peft_config(
+    config = Selection.load(run_dir / runs.SELECTION).peft_config(
         target.model, r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout, modules_to_save=[target.head_name])
     model = peft.get_peft_model(target.model, config)
     plain = _PEFT + "backbone." + base.plain_prefix

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from nc_finetune import runs
 from nc_finetune.errors import DataError
 
 #: Where a run's class names live: ``summary.json`` (canonical, written by ``run``), then ``probe.json``'s meta.
-_SOURCES = (("summary.json", ("class_names",)), ("probe.json", ("meta", "class_names")))
+_SOURCES = ((runs.SUMMARY, ("class_names",)), (runs.PROBE, ("meta", "class_names")))
 
 
 def run_class_names(run_dir: str | Path) -> list[str] | None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from nc_finetune import runs
 from nc_finetune.errors import DataError, UserError
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
@@ -95,7 +96,7 @@ def _load_images(files: list[Path]) -> list:
 
 def check_finished_run(run_dir: Path) -> None:
     """Raises UserError unless ``run_dir`` holds what rebuilding its model needs."""
-    needed = ["resolved.yaml", "selection.json", "probe.json", "trainable.safetensors"]
+    needed = [runs.RESOLVED, runs.SELECTION, runs.PROBE, runs.WEIGHTS]
     missing = [n for n in needed if not (run_dir / n).exists()]
     if missing:
         raise UserError(f"{run_dir} is not a finished run: missing {', '.join(missing)}")
@@ -123,9 +124,9 @@ def load_run_classifier(run_dir: Path, example_inputs: list):
     from nc_finetune.select import Selection
 
     check_finished_run(run_dir)
-    recipe = load_recipe(run_dir / "resolved.yaml")
-    probe_result = ProbeResult.load(run_dir / "probe.json")
-    weights = load_file(str(run_dir / "trainable.safetensors"))
+    recipe = load_recipe(run_dir / runs.RESOLVED)
+    probe_result = ProbeResult.load(run_dir / runs.PROBE)
+    weights = load_file(str(run_dir / runs.WEIGHTS))
     head = next((v for k, v in weights.items() if ".nc_head." in f".{k}" and k.endswith("weight")), None)
     class_names = probe_result.meta.get("class_names")
     if class_names is None:
@@ -133,7 +134,7 @@ def load_run_classifier(run_dir: Path, example_inputs: list):
             raise UserError(f"{run_dir} records no class names and its weights hold no head")
         class_names = [str(k) for k in range(int(head.shape[0]))]
     backbone = load_recipe_backbone(recipe)
-    selection = Selection.load(run_dir / "selection.json")
+    selection = Selection.load(run_dir / runs.SELECTION)
     example = Split(example_inputs[:1], np.zeros(1, dtype=np.int64))
     adapted = build_recipe_classifier(recipe, backbone, len(class_names), selection, probe_result, example)
     unexpected = set(weights) - set(adapted.model.state_dict())
@@ -163,7 +164,7 @@ def predict_stage(run_dir: Path, data: Path, out: Path, *, column: str | None = 
     check_finished_run(run_dir)
     from nc_finetune.config import load_recipe
 
-    d = load_recipe(run_dir / "resolved.yaml").data
+    d = load_recipe(run_dir / runs.RESOLVED).data
     modality = "text" if data.suffix.lower() in TABLE_SUFFIXES else "image"
     table = read_inputs(data, modality, column or d.text_column, d.label_column)  # before any model is built
     example = table["inputs"][:1]

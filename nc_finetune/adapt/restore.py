@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from nc_finetune import runs
 from nc_finetune.errors import ConfigError, UserError
 
 _BACKBONE_PREFIX = "backbone."
@@ -77,7 +78,7 @@ def restore_backbone_weights(backbone, run_dir: str | Path, *, name: str, pretra
                             f"{' -> '.join(map(str, (*_chain, key)))})")
         restore_backbone_weights(backbone, src.backbone.init_from, name=name, pretrained=pretrained,
                                  _chain=(*_chain, key))
-    weights = load_safetensors(run_dir / "trainable.safetensors")
+    weights = load_safetensors(run_dir / runs.WEIGHTS)
     if method == "lora":
         tensors = _merge_lora(backbone, run_dir, src, weights)
     else:
@@ -111,14 +112,14 @@ def _merge_lora(backbone, run_dir: Path, src, weights: dict) -> dict:
     head = next((v for k, v in weights.items() if k.endswith("nc_head.modules_to_save.default.weight")), None)
     if head is not None:
         num_classes = int(head.shape[0])
-    elif a.head == "etf" and (run_dir / "probe.json").is_file():  # a fixed head is not saved: K from the probe
+    elif a.head == "etf" and (run_dir / runs.PROBE).is_file():  # a fixed head is not saved: K from the probe
         from nc_finetune.probe.result import ProbeResult
 
-        num_classes = len(ProbeResult.load(run_dir / "probe.json").meta["class_names"])
+        num_classes = len(ProbeResult.load(run_dir / runs.PROBE).meta["class_names"])
     else:
         raise UserError(f"backbone.init_from: {run_dir}/trainable.safetensors holds no LoRA head (nc_head)")
     adapted = build_classifier(backbone, num_classes, method="lora",
-                               selection=Selection.load(run_dir / "selection.json"), lora_r=a.lora_r,
+                               selection=Selection.load(run_dir / runs.SELECTION), lora_r=a.lora_r,
                                lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, head=a.head,
                                copy_backbone=False)
     prefix = _PEFT_PREFIX + _BACKBONE_PREFIX

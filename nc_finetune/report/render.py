@@ -24,11 +24,12 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from nc_finetune import runs
 from nc_finetune.errors import UserError
 from nc_finetune.utils.io import atomic_write, write_text_atomic
 
 #: Files whose presence makes a directory renderable.
-MARKERS = ("probe.json", "summary.json", "rank.json", "sweep.json", "ufm.json")
+MARKERS = (runs.PROBE, runs.SUMMARY, runs.RANK, runs.SWEEP, runs.UFM)
 
 # Per-layer columns after index/name/dim: (key, format), shown when any layer has the key.
 _LAYER_COLUMNS = (
@@ -70,15 +71,15 @@ def render_report(run_dir: Path, out: Path | None = None) -> Path:
     else:
         out = Path(out)
         report = out if out.suffix.lower() == ".md" else out / "report.md"
-    probe = _load_probe(run_dir / "probe.json")
-    summary = _load_json(run_dir / "summary.json")
-    selection = _load_json(run_dir / "selection.json") or (summary or {}).get("selection")
+    probe = _load_probe(run_dir / runs.PROBE)
+    summary = _load_json(run_dir / runs.SUMMARY)
+    selection = _load_json(run_dir / runs.SELECTION) or (summary or {}).get("selection")
     if not isinstance(selection, Mapping):
         selection = None
-    rank = _load_json(run_dir / "rank.json")
-    sweep = _load_json(run_dir / "sweep.json")
-    ufm = _load_json(run_dir / "ufm.json")
-    metrics_path = run_dir / "metrics.jsonl"
+    rank = _load_json(run_dir / runs.RANK)
+    sweep = _load_json(run_dir / runs.SWEEP)
+    ufm = _load_json(run_dir / runs.UFM)
+    metrics_path = run_dir / runs.METRICS
     metrics = _load_jsonl(metrics_path) if metrics_path.is_file() else None
     page = _Page(run_dir, report.parent)
     page.dest.mkdir(parents=True, exist_ok=True)
@@ -130,7 +131,7 @@ def _header(run_dir: Path, probe: Any, summary: dict | None, rank: dict | None, 
     kinds = ["sweep"] if sweep is not None else []
     if summary is not None:
         kinds.append("run")
-    elif (run_dir / "metrics.jsonl").is_file():
+    elif (run_dir / runs.METRICS).is_file():
         kinds.append("run (unfinished: no summary.json)")
     elif probe is not None:
         kinds.append("probe")
@@ -140,7 +141,7 @@ def _header(run_dir: Path, probe: Any, summary: dict | None, rank: dict | None, 
         kinds.append("ufm")
     meta = dict(probe.meta) if probe is not None else {}
     s = summary or {}
-    recipe = _load_yaml(run_dir / "resolved.yaml")
+    recipe = _load_yaml(run_dir / runs.RESOLVED)
     backbone = s.get("backbone") or meta.get("backbone") or _dig(recipe, "backbone", "name") or (rank or {}).get(
         "backbone") or (sweep or {}).get("backbone")
     dataset = s.get("dataset") or meta.get("dataset") or _dig(recipe, "data", "name") or (rank or {}).get("dataset")

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from nc_finetune import runs
 from nc_finetune.adapt import AdaptedModel, eval_mode, is_head_param
 from nc_finetune.config import TrainConfig
 from nc_finetune.data import Split
@@ -355,14 +356,14 @@ class Trainer:
     # -- logging ------------------------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
         if self.rank == 0:
-            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            with open(self.out / runs.METRICS, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         if self.cfg.report_to:
             self.accelerator.log(scalars(record), step=record["step"])
 
     def _truncate_log(self, step: int) -> None:
         """On resume, drop log lines written after the checkpoint so the log matches an uninterrupted run."""
-        path = self.out / "metrics.jsonl"
+        path = self.out / runs.METRICS
         if self.rank != 0 or not path.exists():
             return
         rows = _read_log(path)
@@ -397,7 +398,7 @@ class Trainer:
         # Everything needed to continue exactly where a checkpoint left off (saved as position.json).
         pos = {"epoch": 0, "micro": 0, "step": 0, "best_val": None, "bad_evals": 0, "stopped_early": False,
                "train_seconds": 0.0, "epoch_seconds": [], "running": [], "last_test": None}
-        ckpt_dir = self.out / "checkpoint"
+        ckpt_dir = self.out / runs.CHECKPOINT
         if resume:
             weights, state, pos = load_checkpoint(ckpt_dir)
             missing = set(weights) - set(acc.unwrap_model(model).state_dict())
@@ -410,7 +411,7 @@ class Trainer:
             pos.setdefault("last_test", None)
             self._truncate_log(pos["step"])
         elif self.rank == 0:  # a fresh run: no log lines or best model of an earlier run in this directory
-            for stale in ("metrics.jsonl", "best.safetensors"):
+            for stale in (runs.METRICS, runs.BEST_WEIGHTS):
                 (self.out / stale).unlink(missing_ok=True)
 
         # Losses since the last log line: summed on the device (reading a loss every step would make the host wait
@@ -514,8 +515,8 @@ class Trainer:
                 self.penalty.detach()
             bar.close()
 
-        if (self.out / "best.safetensors").exists():
-            best = load_safetensors(self.out / "best.safetensors")
+        if (self.out / runs.BEST_WEIGHTS).exists():
+            best = load_safetensors(self.out / runs.BEST_WEIGHTS)
             acc.unwrap_model(model).load_state_dict(best, strict=False)
             test = self.evaluate("test", self.data.test)
         elif pos["last_test"] is not None and pos["last_test"]["step"] == pos["step"]:
@@ -576,7 +577,7 @@ class Trainer:
             if pos["best_val"] is None or val["accuracy"] > pos["best_val"]:
                 pos["best_val"], pos["bad_evals"] = val["accuracy"], 0
                 if self.rank == 0:
-                    save_weights(self.out / "best.safetensors", self.adapted.trainable_state_dict())
+                    save_weights(self.out / runs.BEST_WEIGHTS, self.adapted.trainable_state_dict())
             else:
                 pos["bad_evals"] += 1
         test = self.evaluate("test", self.data.test)
