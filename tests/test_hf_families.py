@@ -18,7 +18,7 @@ pytest.importorskip("datasets")
 pytest.importorskip("peft")
 
 LORA_RUN = {"selection.strategy": "knee", "selection.max_blocks": 1, "selection.blocks": "null",
-            "adapt.method": "lora", "adapt.lora_r": 4, "train.epochs": 1, "train.cache_prefix": "auto"}
+            "adapt.method": "lora", "adapt.lora_r": 4, "train.epochs": 2, "train.cache_prefix": "auto"}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

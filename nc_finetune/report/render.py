@@ -64,7 +64,7 @@ def render_report(run_dir: Path, out: Path | None = None) -> Path:
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a directory")
     if not any((run_dir / m).is_file() for m in MARKERS):
-        raise UserError(f"{run_dir} is not a probe, run, rank or ufm directory "
+        raise UserError(f"{run_dir} is not a probe, run, rank, sweep or ufm directory "
                         f"(expected {', '.join(MARKERS[:-1])} or {MARKERS[-1]})")
     if out is None:
         report = run_dir / "report.md"

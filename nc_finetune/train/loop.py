@@ -319,7 +319,7 @@ class Trainer:
         model = self.adapted.model
         K = self.num_classes
         cm = torch.zeros(K, K, dtype=torch.int64, device=self.device)
-        loss_sum = 0.0
+        loss = torch.zeros(1, dtype=torch.float64, device=self.device)  # summed on the device: one read at the end
         idx_all = np.arange(self.rank, len(split), self.world)
         bs = self.cfg.eval_batch_size
         index_batches = [idx_all[start:start + bs] for start in range(0, len(idx_all), bs)]
@@ -327,14 +327,14 @@ class Trainer:
             for inputs, y in self._batches(split_name, split, index_batches, train=False):
                 with self.accelerator.autocast():
                     logits = self._eval_forward(**inputs)
-                loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+                loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
                 cm += confusion_counts(y, logits.argmax(1), K)
-        loss = torch.tensor([loss_sum], dtype=torch.float64, device=self.device)
         if self.world > 1:
             cm, loss = self.accelerator.reduce(cm, reduction="sum"), self.accelerator.reduce(loss, reduction="sum")
+        cm = cm.cpu()
         total = int(cm.sum())
         m = metrics_from_confusion(cm)
-        mean_loss = float(loss[0]) / total if total else math.nan
+        mean_loss = float(loss.cpu()[0]) / total if total else math.nan
         return {"accuracy": m.pop("accuracy"), "loss": mean_loss, "samples": total, **m}
 
     def _rank_mean(self, values: list[float]) -> list[float]:
@@ -346,8 +346,7 @@ class Trainer:
 
     def _hook_batch(self, idx: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """A training batch without augmentation, for hooks that measure the model (Auto-RGN)."""
-        inputs = self._inputs("train", self.data.train, idx, train=False)
-        return inputs, torch.as_tensor(np.asarray(self.data.train.labels)[idx], device=self.device)
+        return next(iter(self._batches("train", self.data.train, [np.asarray(idx)], train=False)))
 
     def _replay(self, split_name: str):
         cached = self.cache is not None and split_name in self.cache.samples
@@ -450,7 +449,7 @@ class Trainer:
                 epoch = pos["epoch"]
                 batches = epoch_batches(n_train, cfg.batch_size, self.world, self.rank, cfg.seed, epoch)
                 if self.hook is not None and pos["micro"] == 0:
-                    with self._replay():
+                    with self._replay("train"):
                         self.hook.on_epoch_start(hook_ctx, epoch, batches, pos)
                 self.adapted.train_mode()
                 t0 = time.perf_counter()

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import os
 
-import torch
-import torch.distributed as dist
-
 from nc_finetune.errors import UserError
+
+# torch is imported inside the functions: the CLI asks for the launch rank before every command, and `validate`
+# must not pay for (or need) torch.
 
 _MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
 
@@ -42,6 +42,9 @@ def start_distributed(device: str) -> None:
     Args:
         device: ``train.device``: ``cpu`` (or ``auto`` without CUDA) gives gloo, else the GPU backend.
     """
+    import torch
+    import torch.distributed as dist
+
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
         return
     from accelerate import PartialState
@@ -51,6 +54,8 @@ def start_distributed(device: str) -> None:
 
 def is_main_process() -> bool:
     """True on rank 0, and in a single process."""
+    import torch.distributed as dist
+
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 

@@ -164,8 +164,8 @@ def test_ufm_dir(tmp_path: Path) -> None:
 
 
 def test_not_a_report_directory(tmp_path: Path) -> None:
-    msg = (r"is not a probe, run, rank or ufm directory \(expected probe.json, summary.json, rank.json or "
-           r"ufm.json\)")
+    msg = (r"is not a probe, run, rank, sweep or ufm directory \(expected probe.json, summary.json, rank.json, "
+           r"sweep.json or ufm.json\)")
     with pytest.raises(UserError, match=msg):
         render_report(tmp_path)
     (tmp_path / "metrics.jsonl").write_text("{}\n", encoding="utf-8")
