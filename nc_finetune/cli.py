@@ -10,12 +10,14 @@ import argparse
 import contextlib
 import os
 import sys
+from importlib import resources
 from pathlib import Path
 
 from nc_finetune import __version__, runs
 from nc_finetune.errors import UserError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# Package data, so `ls` and recipes by name work from an installed wheel; the top-level recipes/ is a symlink here.
+RECIPES_DIR = Path(str(resources.files("nc_finetune") / "recipes"))
 
 _EPILOG = """\
 examples:

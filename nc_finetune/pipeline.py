@@ -395,7 +395,7 @@ _SCORE_KEYS = ("nc1", "nc1_trace", "cdnv", "ncc_accuracy", "lp_accuracy", "logme
 def rank_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress: bool = True) -> dict:
     """Rank ``recipe.rank.candidates`` (and each one's layers) by collapse and transferability scores.
 
-    Every candidate is probed once on the same probe subset with ``transfer_scores`` on, so NC1, trace ratio,
+    Every candidate is probed once on the same probe subset with the transfer scorers on, so NC1, trace ratio,
     CDNV, LogME and H-score come from one streaming pass (NCTI from the per-layer reservoir); the parameter count is
     the static size baseline. Ground truth is the test accuracy of a training run per candidate
     (``rank.finetune``) or the probe's held-out linear-probe accuracy. Writes ``rank.json``, ``rank.png`` and
@@ -411,6 +411,7 @@ def rank_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress: 
     from nc_finetune.probe.runner import probe
     from nc_finetune.report.plots import plot_probe
     from nc_finetune.transfer.ranking import plot_rank, rank_table
+    from nc_finetune.transfer.scores import scores_from_stats
     from nc_finetune.utils.env import library_versions, seed_everything
     from nc_finetune.utils.io import write_json_atomic
 
@@ -449,7 +450,7 @@ def rank_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress: 
         backbone = load_recipe_backbone(cand_recipe)
         result = probe(backbone, prepared.probe_split, data.num_classes, batch_size=p.batch_size,
                        ncc_samples=p.ncc_samples, linear_probe=p.linear_probe, autocast=p.autocast, device=p.device,
-                       seed=p.seed, progress=progress, transfer_scores=True,
+                       seed=p.seed, progress=progress, scorers=(scores_from_stats,),
                        meta={"dataset": data.name, "candidate": label})
         cand_dir = out / "candidates" / slug
         cand_dir.mkdir(parents=True, exist_ok=True)

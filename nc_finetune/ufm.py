@@ -1,4 +1,4 @@
-"""Unconstrained feature model (UFM, Zhu et al. NeurIPS 2021; method.md §6): closed-form optimum and a trainer.
+"""Unconstrained feature model (UFM, Zhu et al. NeurIPS 2021): closed-form optimum and a trainer.
 
 Objective, with W (K×D), free features H (N×D, n per class), b (K):
 
@@ -36,7 +36,7 @@ def _check_regime(num_classes: int, n_per_class: int, lambda_w: float, lambda_h:
 
 
 def ufm_optimum(num_classes: int, n_per_class: int, lambda_w: float, lambda_h: float) -> dict[str, float]:
-    """Closed-form global optimum of the balanced UFM (method.md §6.2).
+    """Closed-form global optimum of the balanced UFM (structure from Zhu et al. 2021).
 
     The common squared classifier-row norm s = ‖w_k‖² minimises φ(s) = log(1 + (K−1)e^{−cs}) + Kλ_W s with
     c = (K/(K−1))·√(λ_W/(nλ_H)).

@@ -248,7 +248,7 @@ def converted_weights_path(
 
 
 def _convert_efficientnet_lite(asset: BuiltinAsset, src: Path, out: Path) -> None:
-    """Positional key map lukemelas -> timm (offline-assets.md §1), written atomically."""
+    """Positional key map lukemelas/EfficientNet-PyTorch -> timm, written atomically."""
     import timm
     from safetensors.torch import save_file
 

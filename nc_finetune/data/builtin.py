@@ -152,7 +152,7 @@ def load_rotten_tomatoes() -> ClassificationData:
 
     Rows with category ``plot`` and duplicate texts are dropped (12752 left, label fresh=1). The rows are shuffled
     with ``np.random.RandomState(0)`` (the same order as ``DataFrame.sample(frac=1, random_state=0)``, which is the
-    split measured in docs/offline-assets.md §2); the first 2000 are the test set and the other 10752 the train set.
+    split the README's numbers use); the first 2000 are the test set and the other 10752 the train set.
     """
     import pandas as pd
 

@@ -1,6 +1,10 @@
-"""Neural-collapse metrics computed from :class:`~nc_finetune.probe.stats.ClassStats` (method.md §1.2, §3, §5.8).
+"""Neural-collapse metrics computed from :class:`~nc_finetune.probe.stats.ClassStats`.
 
-Notation (method.md §0): K classes, n_k samples in class k, N in all; μ_k class means, μ_G the sample-weighted global
+Formulas as in ``tding1/Neural-Collapse`` (Zhu et al., NeurIPS 2021) and ``Heimine/PNC_DLN`` (Wang et al.,
+"Understanding Deep Representation Learning via Layerwise Feature Compression and Discrimination", 2023); CDNV
+from Galanti, György and Hutter, "On the Role of Neural Collapse in Transfer Learning" (ICLR 2022).
+
+Notation: K classes, n_k samples in class k, N in all; μ_k class means, μ_G the sample-weighted global
 mean, M̄ = [μ_k − μ_G] (D×K; stored here as K×D rows), Σ_W pooled within-class covariance normalised by N,
 Σ_B = M̄ M̄^T / K, E_K = (I_K − 11^T/K)/√(K−1).
 

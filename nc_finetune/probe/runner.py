@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,9 @@ from nc_finetune.probe.metrics import equi_separation_fit, linear_probe_accuracy
 from nc_finetune.probe.result import ProbeResult
 from nc_finetune.probe.stats import ClassStats, FeatureReservoir
 from nc_finetune.utils.env import library_versions, resolve_device
+
+LayerScorer = Callable[[ClassStats, torch.Tensor, torch.Tensor], Mapping[str, float]]
+"""Extra per-layer scores: ``(stats, reservoir features (n, D), their labels (n,)) -> {name: value}``."""
 
 
 class _StopForward(Exception):
@@ -124,7 +127,7 @@ def probe(
     seed: int = 0,
     progress: bool = True,
     meta: dict[str, Any] | None = None,
-    transfer_scores: bool = False,
+    scorers: Sequence[LayerScorer] = (),
 ) -> ProbeResult:
     """Measure collapse at every tapped block in one pass over ``split``.
 
@@ -141,10 +144,10 @@ def probe(
         seed: Reservoir sampling seed.
         progress: Show a tqdm bar (rank 0 only).
         meta: Extra provenance merged into ``ProbeResult.meta``.
-        transfer_scores: Also add the transferability scores of
-            :func:`nc_finetune.transfer.scores.scores_from_stats` per layer: ``logme`` and ``hscore`` from the global
-            (all-reduced) statistics, and the raw NCTI terms from the layer's reservoir. Under ``torch.distributed``
-            the reservoir terms are computed from each rank's *local* reservoir (not reduced), so they differ by rank.
+        scorers: Extra per-layer scores merged into each record, e.g.
+            ``(nc_finetune.transfer.scores.scores_from_stats,)`` for LogME, H-score and the raw NCTI terms. Each
+            gets the layer's global (all-reduced) statistics and its reservoir; under ``torch.distributed`` the
+            reservoir is each rank's *local* one (not reduced), so scores computed from it differ by rank.
 
     Returns:
         The per-layer table.
@@ -223,10 +226,8 @@ def probe(
         rec.update(metrics_from_stats(st, weight=weight if with_w else None, bias=bias if with_w else None, name=name))
         correct, total = res.ncc_correct(st.class_means())
         rec["ncc_accuracy"] = _all_sum_ratio(correct, total, dev)
-        if transfer_scores:
-            from nc_finetune.transfer.scores import scores_from_stats  # lazy: only this option needs it
-
-            rec.update(scores_from_stats(st, res.features, res.labels))  # reservoir (NCTI) terms: rank-local
+        for scorer in scorers:
+            rec.update(scorer(st, res.features, res.labels))  # reservoir terms are rank-local
         records.append(rec)
 
     block_nc1 = [r["nc1"] for r in records if r["is_block"]]

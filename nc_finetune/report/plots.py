@@ -28,11 +28,38 @@ def plot_probe(result: ProbeResult, path: str | Path, title: str | None = None) 
     Returns:
         The written path.
     """
+    fig = probe_figure(result, title)
+
+    def _save(tmp: str) -> None:
+        fig.savefig(tmp, dpi=110, format="png")
+
+    try:
+        return atomic_write(path, _save)
+    finally:
+        plt.close(fig)
+
+
+def probe_figure(result: ProbeResult, title: str | None = None) -> plt.Figure:
+    """The figure :func:`plot_probe` writes: collapse metrics (log axis) left, accuracies right.
+
+    For two classes NC2 is left out: two centred class means always form a simplex ETF, so NC2 is rounding
+    noise (~1e-16) and on the shared log axis it would flatten every other curve.
+
+    Args:
+        result: A probe result.
+        title: Figure title; defaults to backbone and dataset.
+
+    Returns:
+        The open figure; the caller closes it.
+    """
     rows = result.layers
     x = list(range(len(rows)))
     labels = [r["name"] if r.get("is_block", True) else "output" for r in rows]
+    two_classes = result.meta.get("num_classes") == 2
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [1.6, 1]})
     for key, label in _LOG_METRICS:
+        if key == "nc2" and two_classes:
+            continue
         ys = [_num(r.get(key)) for r in rows]
         if any(math.isfinite(y) and y > 0 for y in ys):
             ax.plot(x, ys, marker="o", ms=3, label=label)
@@ -62,15 +89,10 @@ def plot_probe(result: ProbeResult, path: str | Path, title: str | None = None) 
     meta = result.meta
     fig.suptitle(title or f"{meta.get('backbone', '?')} on {meta.get('dataset', '?')}: "
                  f"{meta.get('samples', '?')} training samples, K = {meta.get('num_classes', '?')}")
+    if two_classes:
+        ax.set_title("NC2 not shown: it is 0 for two classes", fontsize=8)
     fig.tight_layout()
-
-    def _save(tmp: str) -> None:
-        fig.savefig(tmp, dpi=110, format="png")
-
-    try:
-        return atomic_write(path, _save)
-    finally:
-        plt.close(fig)
+    return fig
 
 
 def _num(v: object) -> float:

@@ -90,7 +90,7 @@ def render_report(run_dir: Path, out: Path | None = None) -> Path:
     if probe is not None:
         lines += _probe_section(page, probe, selection)
     if selection:
-        lines += _selection_section(selection)
+        lines += _selection_section(selection, trained=summary is not None and "trainable_params" in summary)
     if metrics is not None:
         lines += _training_section(page, *metrics)
     if summary is not None:
@@ -203,7 +203,15 @@ def _probe_section(page: _Page, probe: Any, selection: Mapping[str, Any] | None)
     return [*lines, "", "![probe](probe.png)", ""]
 
 
-def _selection_section(sel: Mapping[str, Any]) -> list[str]:
+def _selection_section(sel: Mapping[str, Any], trained: bool = False) -> list[str]:
+    """The chosen blocks, budget and evidence.
+
+    Args:
+        sel: ``selection.json``.
+        trained: Whether ``summary.json`` counts the trainable parameters. The selection counts whole blocks
+            (what finetuning them trains); a LoRA run trains far fewer, so when the run's own count exists the
+            costs table shows the one trainable fraction and this section gives the blocks' size only.
+    """
     blocks = list(sel.get("blocks", []))
     modules = list(sel.get("module_names", []))
     lines = ["## Chosen blocks", ""]
@@ -215,7 +223,12 @@ def _selection_section(sel: Mapping[str, Any]) -> list[str]:
         body = [[str(b.get("index")), f"`{b.get('name')}`", f"`{modules[i]}`" if i < len(modules) else "",
                  _int(b.get("num_params"))] for i, b in enumerate(blocks)]
         lines += [*_table(header, body), ""]
-    if "trainable_params" in sel or "trainable_fraction" in sel:
+    if trained and "block_params" in sel:
+        lines += [f"Parameters in the chosen blocks: {_int(sel['block_params'])} "
+                  "(trainable parameters as trained: see Costs).", ""]
+    elif trained:
+        lines += ["Trainable parameters as trained: see Costs.", ""]
+    elif "trainable_params" in sel or "trainable_fraction" in sel:
         parts = f" = blocks {_int(sel['block_params'])} + head {_int(sel['head_params'])}" if (
             "block_params" in sel and "head_params" in sel) else ""
         lines += [f"Trainable parameters: {_int(sel.get('trainable_params'))} of {_int(sel.get('total_params'))} "
@@ -279,7 +292,7 @@ def _costs_section(s: Mapping[str, Any]) -> list[str]:
         if frac is None and _finite(s.get("trainable_params")) and _finite(s.get("total_params")) and s[
                 "total_params"]:
             frac = s["trainable_params"] / s["total_params"]
-        rows.append(["trainable / total params",
+        rows.append(["trainable / total params (as trained)",
                      f"{_int(s.get('trainable_params'))} / {_int(s.get('total_params'))} ({_pct(frac)})"])
     if "head_params" in s:
         rows.append(["head params", _int(s.get("head_params"))])

@@ -1,8 +1,8 @@
 """The unconstrained feature model as a demonstration: train it, compare with the closed form, write a report.
 
-:func:`run_ufm` checks the regime (method.md §6.2) before anything is trained, trains the UFM with
-:func:`nc_finetune.ufm.train_ufm` and writes ``ufm.json`` (parameters, closed-form optimum, reached values,
-per-iteration history) and ``ufm.png`` (NC1/NC2/NC3 and the objective gap f − f* against the L-BFGS iteration).
+:func:`run_ufm` checks the regime of the closed form (:func:`nc_finetune.ufm.ufm_optimum`) before anything is trained,
+trains the UFM with :func:`nc_finetune.ufm.train_ufm` and writes ``ufm.json`` (parameters, closed-form optimum, reached
+values, per-iteration history) and ``ufm.png`` (NC1/NC2/NC3 and the objective gap f − f* against the L-BFGS iteration).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def run_ufm(
 ) -> dict[str, Any]:
     """Train the UFM to its global optimum and write ``ufm.json`` and ``ufm.png`` into ``out``.
 
-    The defaults are the test oracle of method.md §6.2 (K=4, n=5, d=8, λ_W=λ_H=5e-3, λ_b=1e-3), whose optimum has
+    The defaults are the test oracle of the UFM tests (K=4, n=5, d=8, λ_W=λ_H=5e-3, λ_b=1e-3), whose optimum has
     ‖w_k‖² = 7.478779, f* = 0.1836919957 and ‖W‖_F/‖M̄‖_F = √5.
 
     Args:

@@ -8,7 +8,7 @@ the same samples; with both column-centred,
 It is invariant to orthogonal transforms and isotropic scaling of either side, 1 when Y = XQ, and near 0 for
 independent representations. A block whose output is nearly an orthogonal re-mix of its input (CKA ≈ 1) changes
 little; the ``cka`` strategy tunes first the blocks whose representation changes most (lowest CKA), a label-free rule
-in the spirit of representational-similarity freezing (SmartFRZ, method.md §5.3).
+in the spirit of representational-similarity freezing (SmartFRZ, Li et al., ICLR 2024).
 
 :func:`block_cka` runs one dedicated no-grad pass over (a seeded subset of) the probe data, taps every block's input
 (forward pre-hook) and output (forward hook), mean-pools tokens / feature maps of both, and keeps the pooled

@@ -1,4 +1,4 @@
-"""LISA's layer draw (Pan et al., NeurIPS 2024; method.md §5.1): a uniform random subset of the blocks per interval.
+"""LISA's layer draw (Pan et al., NeurIPS 2024): a uniform random subset of the blocks per interval.
 
 The draw for interval ``j`` is the first ``γ`` entries of ``numpy.random.default_rng([seed, j]).permutation(n)``:
 uniform over the γ-subsets, a pure function of (seed, j), so a resumed run redraws exactly what it drew before.

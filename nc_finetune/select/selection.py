@@ -3,7 +3,7 @@
 :func:`select_blocks` ranks the blocks with one strategy (:mod:`nc_finetune.select.strategies`) and fills the budget
 greedily in ranking order; the resulting :class:`Selection` names the modules to tune inside the classifier and
 builds explicit peft ``LoraConfig`` arguments (fully qualified ``target_modules``, never ``layers_to_transform``,
-which cannot address timm blocks; anchors.md §1.1).
+whose regex needs a dot before the container name and so cannot address timm's top-level ``blocks.N``).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def _pct(fraction: float) -> str:
 
 @dataclass
 class Selection:
-    """The blocks chosen for tuning and the parameter accounting of the resulting fine-tune (method.md §1.6).
+    """The blocks chosen for tuning and the parameter accounting of the resulting fine-tune.
 
     Attributes:
         strategy: Strategy name.
@@ -195,10 +195,11 @@ class Selection:
 
         ``target_modules`` is the sorted list of fully qualified names of every ``nn.Linear``, ``nn.Conv2d`` (and
         transformers ``Conv1D``) inside the selected blocks, found by walking ``model.named_modules()``; peft matches
-        such names exactly. ``modules_to_save`` holds the head (trained in full). ``layers_to_transform`` is never
-        used (anchors.md §1.1: it cannot address timm blocks). For a decoder layer the targets are its attention and
-        MLP projections (q/k/v/o and gate/up/down for Llama/Qwen2/Mistral/Gemma, c_attn/c_proj/c_fc for GPT-2); when
-        every target is a ``Conv1D`` (GPT-2), ``fan_in_fan_out`` is set (its weight is stored transposed).
+        such names exactly. ``modules_to_save`` holds the head (trained in full). ``layers_to_transform`` is never used
+        (peft's pattern needs a dot before the container name, so it cannot address timm blocks). For a decoder layer
+        the targets are its attention and MLP projections (q/k/v/o and gate/up/down for Llama/Qwen2/Mistral/Gemma,
+        c_attn/c_proj/c_fc for GPT-2); when every target is a ``Conv1D`` (GPT-2), ``fan_in_fan_out`` is set (its weight
+        is stored transposed).
 
         Args:
             model: The classifier the selection refers to (the model later passed to ``get_peft_model``).

@@ -3,8 +3,8 @@
 A strategy returns a :class:`Ranking` (block indices, first = tune first, a score per block and a one-paragraph
 rationale); :func:`nc_finetune.select.selection.select_blocks` turns any ranking into a budgeted selection.
 
-NC-guided, training-free rules (method.md §3.2, §3.4), with ``z_l = ln nc1_l`` over the blocks whose NC1 is
-finite and positive:
+NC-guided, training-free rules (after He & Su, "A Law of Data Separation in Deep Learning", PNAS 2023), with
+``z_l = ln nc1_l`` over the blocks whose NC1 is finite and positive:
 
 * ``knee``: OLS fit ``z_l ≈ a + b·l`` over block depth (He–Su equi-separation law, ``ρ = e^b``). The expected
   per-block progress is ``-b = -ln ρ``; the measured progress of block ``l`` is
@@ -15,8 +15,8 @@ finite and positive:
   ``l*, l*-1, …, first``.
 
 Baselines: ``last_k``, ``first_k`` (surgical fine-tuning's choice under input-level shift), ``random_k``, ``all``,
-``manual`` and ``auto_rgn`` (surgical fine-tuning's relative gradient norm, method.md §4.2, aggregated per block by
-:func:`auto_rgn_scores`).
+``manual`` and ``auto_rgn`` (surgical fine-tuning's relative gradient norm, Lee et al. ICLR 2023, aggregated per
+block by :func:`auto_rgn_scores`).
 
 Rivals: ``cka`` (label-free: lowest linear CKA between a block's input and output first, scores from
 :func:`nc_finetune.select.cka.block_cka`) and ``lisa`` (LISA's seeded uniform draw, :mod:`nc_finetune.select.lisa`).
@@ -140,7 +140,7 @@ def _unusable_note(bad: list[int]) -> str:
 
 
 def rank_knee(blocks: Sequence[BlockLike], probe_result: ProbeResult | None, residual: str = "shortfall") -> Ranking:
-    """Rank blocks by their shortfall against the equi-separation law (method.md §3.4 rule (b)).
+    """Rank blocks by their shortfall against the equi-separation law (He & Su, PNAS 2023).
 
     With ``z_l = ln nc1_l`` over the usable blocks, OLS ``z_l ≈ a + b·l`` gives the expected per-block collapse
     progress ``-b = -ln ρ``. Block ``l`` with previous usable block ``p`` progresses ``d_l = (z_p - z_l)/(l - p)``;
@@ -585,7 +585,7 @@ def auto_rgn_scores(
     num_batches: int = 5,
     prefix: str = "backbone.",
 ) -> dict[int, float]:
-    """Per-block Auto-RGN scores (surgical fine-tuning, method.md §4.2), normalised to a maximum of 1.
+    """Per-block Auto-RGN scores (surgical fine-tuning, Lee et al. ICLR 2023), normalised to a maximum of 1.
 
     For each of the first ``num_batches`` mini-batches ``(inputs, labels)`` the mean cross-entropy of
     ``model(**inputs)`` is differentiated w.r.t. every scored tensor θ of every block (see :func:`rgn_tensors`);

@@ -1,6 +1,6 @@
 """Auto-RGN as published: a learning rate per tensor from its relative gradient norm, re-measured every epoch.
 
-Surgical fine-tuning (Lee et al., ICLR 2023; method.md §4.2, ``main.py::get_lr_weights`` of the authors' code) does
+Surgical fine-tuning (Lee et al., ICLR 2023; ``main.py::get_lr_weights`` in ``anniesch/surgical-finetuning``) does
 not pick blocks: every epoch it measures, on the first few mini-batches of the training data,
 
     RGN(θ) = mean over the batches of ||∂CE/∂θ||_2 / ||θ||_2          for every tensor θ it tunes

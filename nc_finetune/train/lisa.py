@@ -1,12 +1,13 @@
 """LISA as a training mode: everything outside the blocks trains, plus γ blocks redrawn every K optimiser steps.
 
-As in LMFlow's implementation of LISA (Pan et al., NeurIPS 2024; method.md §5.1), the layers list is frozen except
-for γ uniformly drawn layers, while every parameter outside it (embeddings / stem, final norm, head) always trains.
-Here the layers are the backbone's blocks, γ is the number of selected blocks and K is ``selection.lisa_interval``.
-The optimiser holds every parameter from the start; a frozen block has no gradient, so AdamW neither moves nor
-decays it, and when a block leaves the active set its moment estimates are dropped (it restarts from zero when
-drawn again). Draws come from :func:`nc_finetune.select.lisa.lisa_draw`, a pure function of (seed, interval), so
-a resumed run trains the same blocks at the same steps. One process only: DDP fixes the trainable set at wrap time.
+As in LMFlow's implementation of LISA (Pan et al., NeurIPS 2024; ``OptimalScale/LMFlow``), the layers list is frozen
+except for γ uniformly drawn layers, while every parameter outside it (embeddings / stem, final norm, head) always
+trains. Here the layers are the backbone's blocks, γ is the number of selected blocks and K is
+``selection.lisa_interval``. The optimiser holds every parameter from the start; a frozen block has no gradient, so
+AdamW neither moves nor decays it, and when a block leaves the active set its moment estimates are dropped (it restarts
+from zero when drawn again). Draws come from :func:`nc_finetune.select.lisa.lisa_draw`, a pure function of (seed,
+interval), so a resumed run trains the same blocks at the same steps. One process only: DDP fixes the trainable set at
+wrap time.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """An NC1 loss term: induce within-class collapse of the deepest tuned block while tuning (Li et al., TMLR 2024).
 
 ``train.nc1_penalty = λ`` adds ``λ · NC1`` of one block's pooled features, measured within each mini-batch, to the
-cross-entropy. NC1 is the probe's metric (method.md §1.2), ``tr(Σ_W Σ_B^†) / K``, over the K_b classes present in the
-batch. For a differentiable, decomposition-free form (an SVD or eigendecomposition has no usable gradient when the
-class means become equiangular, which is exactly where collapse drives them): with M̄ (K_b×D) the centred class
+cross-entropy. NC1 is the probe's metric (:mod:`nc_finetune.probe.metrics`), ``tr(Σ_W Σ_B^†) / K``, over the K_b classes
+present in the batch. For a differentiable, decomposition-free form (an SVD or eigendecomposition has no usable gradient
+when the class means become equiangular, which is exactly where collapse drives them): with M̄ (K_b×D) the centred class
 means, G = M̄ M̄ᵀ and Z = (X − μ_y) M̄ᵀ (N×K_b),
 
     NC1 = tr(Σ_W (M̄ᵀM̄)^†) = ‖Z G^†‖²_F / N = ‖Z (G + u uᵀ)^{-1}‖²_F / N,

@@ -1,9 +1,9 @@
 """Rank correlation between transferability scores and ground-truth accuracy, ranking tables and their plot.
 
 The benchmark statistic is the weighted Kendall τ_w (``scipy.stats.weightedtau``, hyperbolic additive weigher, as
-used by NCTI/SFDA, method.md §2.3–2.5) next to plain Kendall τ. Candidates are models or layers. Following the
-benchmark critiques (anchors.md §5), a trivial size ranker (``params``) should always be reported beside the scores:
-:func:`rank_table` notes when it is missing.
+used by ``BUserName/NCTI`` and ``TencentARC/SFDA``) next to plain Kendall τ. Candidates are models or layers. As
+benchmark critiques of transferability estimation advise, a trivial size ranker (``params``) should always be
+reported beside the scores: :func:`rank_table` notes when it is missing.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def rank_table(
     truth = [_num(r.get(truth_key)) for r in rows] if truth_key is not None else None
     notes = []
     if not any(k in scores for k in _SIZE_KEYS):
-        notes.append("no 'params' column: the trivial size ranker (anchors.md §5) is missing from this table")
+        notes.append("no 'params' column: the trivial size ranker is missing from this table")
     return {
         "names": names,
         "scores": scores,

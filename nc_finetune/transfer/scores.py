@@ -13,7 +13,7 @@
   can be computed exactly from the probe's additive statistics (:func:`logme_from_stats`).
 * **H-score** (Bao et al., ICIP 2019): tr(cov(f)⁺ cov(E[f | y])), total covariance against the count-weighted
   between-class covariance. Bounded by the number of classes minus one.
-* **NCTI terms** (Wang et al., ICCV 2023; method.md §2.3): PCA to ≤ 64 dimensions, shrinkage LDA, then the raw SELI,
+* **NCTI terms** (Wang et al., ICCV 2023; ``BUserName/NCTI``): PCA to ≤ 64 dimensions, shrinkage LDA, then the raw SELI,
   NCC and within-class-variability terms; :func:`ncti_combine` min–max normalises them across candidates (models or
   layers) into the NCTI score.
 
@@ -401,7 +401,7 @@ def _nuclear(a: np.ndarray) -> float:
 
 
 def ncti_terms(features: Any, labels: Any, n_components: int = 64, seed: int = 0) -> dict[str, float]:
-    """The three raw NCTI terms of one feature matrix (method.md §2.3, ``BUserName/NCTI`` ``NCTI_Score``).
+    """The three raw NCTI terms of one feature matrix (``BUserName/NCTI`` ``NCTI_Score``).
 
     Steps: exact PCA to r = min(n_components, N, D) dimensions; shrinkage s = max(exp(−Σ of the first 32 explained
     variances), 1e-10); LDA (svd solver when s is at the floor, else eigen solver with shrinkage s, see :func:`_lda`);

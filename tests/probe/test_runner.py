@@ -120,3 +120,38 @@ def test_a_huge_ncc_samples_allocates_only_for_the_samples_there_are(monkeypatch
     assert set(capacities) == {12}
     plain = runner.probe(backbone, Split(images, labels), 3, ncc_samples=4096, progress=False)
     assert [r["ncc_accuracy"] for r in huge.layers] == [r["ncc_accuracy"] for r in plain.layers]
+
+
+def test_the_probe_package_imports_nothing_from_transfer():
+    """probe/ sits below transfer/: the scorers come in as an argument, so no import runs back up."""
+    import ast
+    from pathlib import Path
+
+    package = Path(runner.__file__).parent
+    imported = []
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.append((path.name, node.module))
+            elif isinstance(node, ast.Import):
+                imported += [(path.name, alias.name) for alias in node.names]
+    assert [(f, m) for f, m in imported if m.startswith("nc_finetune.transfer")] == []
+
+
+def test_scorers_see_each_layers_statistics_and_reservoir():
+    backbone = load_cnn()
+    images, labels = make_images(30, 3, seed=2)
+    seen = []
+
+    def scorer(stats, features, labels_seen):
+        seen.append(features.shape)
+        # Independent of the probe's own metrics: the class counts and the reservoir's size.
+        return {"n_stats": float(stats.counts.sum()), "n_reservoir": float(len(labels_seen))}
+
+    result = runner.probe(backbone, Split(images, labels), 3, layers=[0, 1], ncc_samples=20, progress=False,
+                          scorers=(scorer,))
+    assert len(seen) == len(result.layers) == 2  # one call per tapped block
+    for rec, shape in zip(result.layers, seen, strict=True):
+        assert rec["n_stats"] == 30 and rec["n_reservoir"] == 20 and shape == (20, rec["dim"])
+    plain = runner.probe(backbone, Split(images, labels), 3, layers=[0], progress=False)
+    assert "n_stats" not in plain.layers[0]

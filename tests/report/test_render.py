@@ -98,14 +98,14 @@ def test_run_dir(run_dir: Path, tmp_path: Path) -> None:
     assert "| 1 | `blocks.1` | 16 |" in text and text.count("| yes |") == 1  # tuned column marks blocks.1 only
     assert "## Chosen blocks" in text and "Strategy `knee`: 1 of 2 blocks tuned." in text
     assert "| 1 | `blocks.1` | `backbone.blocks.1` | 1,000 |" in text
-    assert "Trainable parameters: 1,034 of 12,345 (8.38%) = blocks 1,000 + head 34." in text
+    assert "Parameters in the chosen blocks: 1,000 (trainable parameters as trained: see Costs)." in text
     assert "**Rationale.** blocks.1 is where NC1 stops falling fast." in text
     assert "Ranking (tune first → last): 1 > 0" in text
     assert "## Training" in text and "1 unreadable line(s) of metrics.jsonl skipped" in text
     assert "last: step 3, loss 0.5, lr 0.001" in text
     assert "| 2 | 1 | test | 0.6250 | 0.6600 | 8 |" in text and "| 3 | 2 | final_test | 0.8750 | 0.4100 | 8 |" in text
     assert "## Costs" in text and "| test accuracy | 0.8750 |" in text
-    assert "| trainable / total params | 1,034 / 12,345 (8.38%) |" in text
+    assert "| trainable / total params (as trained) | 1,034 / 12,345 (8.38%) |" in text
     assert "| train seconds | 3.2 |" in text or "| train seconds | 3.3 |" in text
     assert "| seconds per epoch | 1.62 |" in text or "| seconds per epoch | 1.63 |" in text
     assert "| peak memory (MB) | nan |" in text and "| prefix cache | off (train.cache_prefix=off) |" in text
@@ -125,6 +125,24 @@ def test_run_dir_without_selection_json_uses_summary(run_dir: Path) -> None:
     text = render_report(run_dir).read_text(encoding="utf-8")
     assert "## Chosen blocks" in text and "## Costs" in text
     assert "## Training" not in text and "## Layer-wise collapse" not in text
+
+
+def test_lora_run_shows_one_trainable_fraction_from_the_summary(run_dir: Path) -> None:
+    # The selection counts whole blocks (1,034 = 8.38%); LoRA trains its adapters and the head only (234 = 1.90%).
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    summary.update(method="lora", trainable_params=234, trainable_fraction=234 / 12_345)
+    write_json_atomic(run_dir / "summary.json", summary)
+    text = render_report(run_dir).read_text(encoding="utf-8")
+    assert "| trainable / total params (as trained) | 234 / 12,345 (1.90%) |" in text
+    assert "8.38%" not in text and "1,034" not in text
+    assert text.count("1.90%") == 1
+
+
+def test_selection_without_a_run_keeps_its_trainable_count(run_dir: Path) -> None:
+    for name in ("summary.json", "metrics.jsonl"):
+        (run_dir / name).unlink()
+    text = render_report(run_dir).read_text(encoding="utf-8")
+    assert "Trainable parameters: 1,034 of 12,345 (8.38%) = blocks 1,000 + head 34." in text
 
 
 @pytest.mark.parametrize("listed", [False, True])

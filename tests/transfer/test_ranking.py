@@ -10,7 +10,7 @@ import torch
 from scipy import stats as sps
 
 from nc_finetune.transfer.ranking import SCORE_DIRECTIONS, correlations, plot_rank, rank_table
-from nc_finetune.transfer.scores import NCTI_TERMS, ncti_combine
+from nc_finetune.transfer.scores import NCTI_TERMS, ncti_combine, scores_from_stats
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -98,7 +98,7 @@ def test_probe_option_adds_transfer_scores() -> None:
     images = np.clip(rng.integers(0, 200, size=(24, 32, 32)) + 25 * labels[:, None, None], 0, 255).astype(np.uint8)
     split = Split(images, labels)
     res = probe(bb, split, 3, batch_size=12, layers=[0, -1], ncc_samples=16, device="cpu", progress=False,
-                transfer_scores=True)
+                scorers=(scores_from_stats,))
     for rec in res.layers:
         assert {"logme", "hscore", *NCTI_TERMS} <= set(rec)
         assert math.isfinite(rec["logme"]) and math.isfinite(rec["hscore"])
