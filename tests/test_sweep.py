@@ -219,3 +219,21 @@ def test_report_renders_a_sweep(tmp_path) -> None:
     assert "- kind: sweep" in text and "![per-block accuracy and collapse](sweep.png)" in text
     assert "oracle (best mean test accuracy of 4 block sets): `layer.2`" in text
     assert "| knee | +0.00 |" in text and "| last_k | +4.00 |" in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["minilm-rotten-tomatoes", "effnet-lite0-fashion-mnist"])
+def test_sweep_on_the_default_recipes_with_a_handful_of_steps(tmp_path, recipe) -> None:
+    """The two shipped recipes, real offline models and data, two seeds, a lr grid chosen on validation."""
+    out = tmp_path / "sweep"
+    argv = ["sweep", recipe, "data.max_train_samples=120", "data.max_eval_samples=60", "probe.samples_per_class=6",
+            "train.max_steps=3", "train.val_fraction=0.2", "sweep.seeds=[0, 1]", "sweep.lr_grid=[1.0e-4, 1.0e-3]",
+            "sweep.candidates=[[0], [-1]]", "sweep.strategies=[knee, stall, last_k, first_k, random_k]",
+            "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    report = json.loads((out / runs.SWEEP).read_text())
+    assert len(report["seeds"]) == 2 and report["lr_grid"] == [1.0e-4, 1.0e-3]
+    assert {tuple(c["indices"]) for c in report["cells"] if c["kind"] == "candidate"} == {
+        (0,), (len(report["blocks"]) - 1,)}
+    assert report["regret"]["1_block"]["last_k"]["mean"] is not None
+    assert (out / runs.SWEEP_PLOT).stat().st_size > 0
