@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -187,23 +188,16 @@ def time_case(recipe_name: str, overrides: list[str], repeats: int) -> dict[str,
     }
 
 
-def _rss_mb() -> float:
-    """Peak RSS of this process since the last high-water reset, in MB.
-
-    Linux: ``VmHWM`` of ``/proc/self/status``, which ``clear_refs`` resets. Not ``ru_maxrss``: the kernel folds the
-    high-water mark into the process's ``maxrss`` whenever a thread exits (torch's worker threads do), so after a
-    reset ``ru_maxrss`` still reports the model-loading peak and hides the pass's own memory. Elsewhere
-    ``ru_maxrss``.
-    """
+def _proc_status_mb(field: str) -> float:
+    """A memory field of ``/proc/self/status`` (``VmHWM``, ``VmRSS``) in MB; NaN where ``/proc`` is unavailable."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+    return float("nan")
 
 
 def _process_peak_mb() -> float:
@@ -212,16 +206,20 @@ def _process_peak_mb() -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
+def _rss_mb() -> float:
+    """Peak RSS of this process since the last high-water reset, in MB.
+
+    Linux: ``VmHWM``, which ``clear_refs`` resets. Not ``ru_maxrss``: the kernel folds the high-water mark into the
+    process's ``maxrss`` whenever a thread exits (torch's worker threads do), so after a reset ``ru_maxrss`` still
+    reports the model-loading peak and hides the pass's own memory. Elsewhere ``ru_maxrss``.
+    """
+    peak = _proc_status_mb("VmHWM")
+    return peak if math.isfinite(peak) else _process_peak_mb()
+
+
 def _current_rss_mb() -> float:
     """Current resident set size (``VmRSS``), in MB; NaN where ``/proc`` is unavailable."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    return _proc_status_mb("VmRSS")
 
 
 def _reset_peak_rss() -> bool:
