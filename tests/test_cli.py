@@ -320,3 +320,13 @@ def test_predict_refuses_bad_input_before_loading_a_model(capsys, tmp_path, fini
            "no text column 'body'", "columns: text, label")
     _fails(capsys, ["predict", run, str(tmp_path / "missing.csv"), "--out", out], "does not exist")
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_output_piped_into_a_reader_that_closes_is_not_a_traceback() -> None:
+    import subprocess
+    import sys
+
+    # `ls` prints more than one line; `head -1` closes the pipe after the first
+    proc = subprocess.run(["bash", "-c", f"{sys.executable} -m nc_finetune.cli ls | head -1"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.stdout.startswith("recipes") and "Traceback" not in proc.stderr, proc.stderr
