@@ -559,7 +559,7 @@ def plot_sweep(report: Mapping[str, Any], path: str | Path) -> Path:
     cells = [c for c in report["cells"] if c["kind"] == "candidate" and c["mean_test"] is not None]
     x_of = {b["index"]: k for k, b in enumerate(report["blocks"])}
     xs = [float(np.mean([x_of[i] for i in c["indices"]])) for c in cells]
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.45 * len(report["blocks"]) + 3), 4.8))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.45 * len(report["blocks"]) + 3) + 3.2, 4.8))
     means = np.array([100 * c["mean_test"] for c in cells])
     sds = np.array([100 * (c["sd_test"] or 0.0) for c in cells])
     order = np.argsort(xs)
@@ -601,10 +601,11 @@ def plot_sweep(report: Mapping[str, Any], path: str | Path) -> Path:
         ax2.plot(range(arr.shape[1]), np.nanmean(arr, axis=0), color=colors[metric], alpha=0.7, lw=1.2,
                  label=metric)
     ax2.set_yscale("log")
-    ax2.set_ylabel("collapse on the downstream training data (lower = more collapsed)")
+    ax2.set_ylabel("collapse on the training data (lower = more)")
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower left", ncol=2, framealpha=0.85)
+    # beside the axes, not over the curve
+    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left", bbox_to_anchor=(1.09, 1.0), framealpha=0.9)
     ax.set_title(f"{report['backbone']} on {report['dataset']}: one block set tuned at a time "
                  f"({len(report['seeds'])} seeds)", fontsize=10)
     fig.tight_layout()
