@@ -349,9 +349,10 @@ def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print)
     from nc_finetune.pipeline import load_recipe_backbone, prepare_data, run_probe_stage, run_select_stage, run_stage
     from nc_finetune.select import select_blocks
     from nc_finetune.select.strategies import STRATEGIES, strategy_needs_probe
-    from nc_finetune.utils.env import library_versions, seed_everything
+    from nc_finetune.utils.env import check_recipe_devices, library_versions, seed_everything
     from nc_finetune.utils.io import write_json_atomic
 
+    check_recipe_devices(recipe)
     cfg = recipe.sweep
     run = RunDir(out)
     explicit = cfg.strategies is not None
