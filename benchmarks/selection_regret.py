@@ -123,9 +123,45 @@ def run_setting(name: str, workdir: Path, extra: list[str], log, budgets: str = 
     chosen = [x for x in [*STRATEGIES, *s.get("strategies", [])] if not (skip_trained and x in _TRAINED_RULES)]
     strategies = "[" + ", ".join(chosen) + "]"
     out = workdir / name
+    if restore_setting(PACKS / name, out):
+        log.write(f"restored {out} from {PACKS / name}\n")
     _run(_cli("sweep", s["recipe"], *overrides, *_COMMON, f"sweep.budgets={budgets}", f"sweep.strategies={strategies}",
               *extra, "--out", str(out), "--quiet"), log)
     return out
+
+
+#: Where each setting's resume pack is committed: the sweep's recipe, per-seed probes and picks, and every finished
+#: cell's summary.json (the weights stay in the workdir). A sweep reads a cell with a summary as finished, so copying
+#: a pack into an empty workdir lets a later session continue or grow the study without retraining those cells.
+PACKS = REPO_ROOT / "benchmarks" / "results" / "cpu" / NAME
+_PACKED = ("resolved.yaml", "probe.json", "picks.json", "summary.json", "sweep.json")
+
+
+def pack_setting(sweep_dir: Path, dest: Path) -> int:
+    """Copy a sweep's small files (see :data:`PACKS`) to ``dest``; return how many finished cells it holds."""
+    import shutil
+
+    cells = 0
+    for path in sorted(sweep_dir.rglob("*")):
+        rel = path.relative_to(sweep_dir)
+        if not path.is_file() or path.name not in _PACKED or "checkpoint" in rel.parts:
+            continue
+        if rel.parts[0] == "cells" and path.name != "summary.json":
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest / rel)
+        cells += rel.parts[0] == "cells"
+    return cells
+
+
+def restore_setting(pack: Path, sweep_dir: Path) -> bool:
+    """Start an absent sweep directory from its committed pack; False when there is none."""
+    import shutil
+
+    if sweep_dir.exists() or not (pack / "resolved.yaml").is_file():
+        return False
+    shutil.copytree(pack, sweep_dir)
+    return True
 
 
 def pool(sweeps: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -219,6 +255,9 @@ def main() -> int:
     ap.add_argument("--skip-trained-rules", action="store_true",
                     help=f"leave out {', '.join(_TRAINED_RULES)} (they train every block briefly before choosing)")
     ap.add_argument("--pool-only", action="store_true", help="pool the finished sweeps under --workdir, run nothing")
+    ap.add_argument("--pack-only", action="store_true",
+                    help=f"copy each setting's resume pack (finished cells included) to "
+                         f"{PACKS.relative_to(REPO_ROOT)}, run nothing")
     ap.add_argument("--smoke", action="store_true", help="tiny cells (seconds each) to check the pipeline")
     args = ap.parse_args()
 
@@ -230,6 +269,11 @@ def main() -> int:
     cmd = command_line()
     print_header("Selection regret: each strategy's pick against the best block set", info, cmd)
     args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.pack_only:
+        for name in args.settings:
+            if (args.workdir / name / "resolved.yaml").is_file():
+                print(f"{name}: {pack_setting(args.workdir / name, PACKS / name)} finished cells packed")
+        return 0
     sweeps: dict[str, dict[str, Any]] = {}
     with open(args.workdir / "benchmark.log", "a", encoding="utf-8") as log:
         for name in args.settings:
@@ -242,7 +286,8 @@ def main() -> int:
                 except RuntimeError as e:
                     print(f"    failed: {e}", flush=True)
                     continue
-                print(f"    done in {time.perf_counter() - start:.0f} s", flush=True)
+                packed = pack_setting(out, PACKS / name)
+                print(f"    done in {time.perf_counter() - start:.0f} s; {packed} cells packed", flush=True)
             if (out / "sweep.json").exists():
                 sweeps[name] = json.loads((out / "sweep.json").read_text(encoding="utf-8"))
             if sweeps:
