@@ -357,7 +357,8 @@ def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print)
     run = RunDir(out)
     explicit = cfg.strategies is not None
     strategies = list(cfg.strategies) if explicit else default_strategies()
-    unknown = [s for s in strategies if parse_strategy(s)[0] not in STRATEGIES or parse_strategy(s)[0] in _NOT_SCORED]
+    names = [parse_strategy(s)[0] for s in strategies]  # also checks each variant's options
+    unknown = [s for s, name in zip(strategies, names, strict=True) if name not in STRATEGIES or name in _NOT_SCORED]
     if unknown:
         raise ConfigError(f"sweep.strategies: {unknown[0]!r} cannot be scored; choose from "
                           f"{', '.join(default_strategies())}")
@@ -438,7 +439,8 @@ def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print)
             if s in strategies:
                 costs.setdefault(s, []).append(c)
         state[seed] = {"recipe": srecipe, "prepared": prepared, "probe": probe_result, "picks": picks,
-                       "scores": scores, "backbone": backbone}
+                       "scores": scores, "feature_dim": backbone.feature_dim, "backbone_params": backbone.num_params()}
+        del backbone  # each cell loads its own; only its sizes are needed here
 
     # Phase 2: every candidate and every pick that is not one, for every seed and rate.
     assert blocks is not None
@@ -446,7 +448,7 @@ def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print)
                     for strategy, idx in by_s.items() if strategy in strategies} - set(candidates))
     cell_keys = [(c, "candidate") for c in candidates] + [(c, "pick") for c in extra]
     by_index = {b.index: b for b in blocks}
-    backbone_params = state[seeds[0]]["backbone"].num_params()
+    backbone_params = state[seeds[0]]["backbone_params"]
     total = len(cell_keys) * len(seeds) * len(lrs)
     done, spent, fresh = 0, 0.0, 0
     results: dict[tuple[int, ...], dict[float, dict[str, dict[int, float | None]]]] = {}
@@ -454,7 +456,7 @@ def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print)
     for seed in seeds:
         st = state[seed]
         K = st["prepared"].data.num_classes
-        head = st["backbone"].feature_dim * K + K
+        head = st["feature_dim"] * K + K
         store: dict = {}
         current_first = None
         for indices, _kind in sorted(cell_keys, key=lambda ck: ck[0]):

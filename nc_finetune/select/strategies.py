@@ -358,6 +358,20 @@ def rank_manual(blocks: Sequence[BlockLike], manual: Sequence[int | str] | int |
                    rationale=f"manual: blocks {_fmt_blocks(sorted(order))} chosen by the user.", exact=True)
 
 
+def _block_values(blocks: Sequence[BlockLike], values: Mapping[int, float], what: str) -> tuple[set[int], dict]:
+    """``(block indices, {index: float value})`` for precomputed per-block values, which must cover every block.
+
+    Raises:
+        ConfigError: values for unknown blocks, or blocks without a value.
+    """
+    out = {int(k): float(v) for k, v in values.items()}
+    idx = {b.index for b in blocks}
+    if set(out) != idx:
+        raise ConfigError(f"{what} do not match the backbone's blocks {min(idx)}..{max(idx)}: "
+                          f"missing {sorted(idx - set(out))}, unknown {sorted(set(out) - idx)}")
+    return idx, out
+
+
 def rank_auto_rgn(blocks: Sequence[BlockLike], rgn_scores: Mapping[int, float] | None) -> Ranking:
     """Blocks by precomputed Auto-RGN score (see :func:`auto_rgn_scores`), highest first, ties to the deeper block.
 
@@ -368,13 +382,7 @@ def rank_auto_rgn(blocks: Sequence[BlockLike], rgn_scores: Mapping[int, float] |
     if rgn_scores is None:
         raise ConfigError("strategy 'auto_rgn' needs per-block scores: compute them with "
                           "nc_finetune.select.auto_rgn_scores(model, blocks, batches) and pass rgn_scores=...")
-    scores = {int(k): float(v) for k, v in rgn_scores.items()}
-    idx = {b.index for b in blocks}
-    extra = sorted(set(scores) - idx)
-    missing = sorted(idx - set(scores))
-    if extra or missing:
-        raise ConfigError(f"rgn_scores do not match the backbone's blocks {min(idx)}..{max(idx)}: "
-                          f"missing {missing}, unknown {extra}")
+    idx, scores = _block_values(blocks, rgn_scores, "rgn_scores")
     scores = {i: (s if math.isfinite(s) else -math.inf) for i, s in scores.items()}
     order = _sort_desc(idx, scores)
     return Ranking(order=order, scores=scores,
@@ -399,11 +407,7 @@ def rank_cka(blocks: Sequence[BlockLike], cka: Mapping[int, float] | None) -> Ra
     if cka is None:
         raise ConfigError("strategy 'cka' needs per-block CKA values: compute them with "
                           "nc_finetune.select.cka.block_cka(backbone, split) and pass cka_scores=...")
-    values = {int(k): float(v) for k, v in cka.items()}
-    idx = {b.index for b in blocks}
-    if set(values) != idx:
-        raise ConfigError(f"cka_scores do not match the backbone's blocks {min(idx)}..{max(idx)}: missing "
-                          f"{sorted(idx - set(values))}, unknown {sorted(set(values) - idx)}")
+    idx, values = _block_values(blocks, cka, "cka_scores")
     scores = {i: (1.0 - v if math.isfinite(v) else -math.inf) for i, v in values.items()}
     order = _sort_desc(idx, scores)
     bad = [i for i in order if not math.isfinite(scores[i])]
