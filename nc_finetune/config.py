@@ -420,6 +420,8 @@ class SweepBudget:
 
 #: ``sweep.candidates`` words: every single block, or every pair of adjacent blocks.
 SWEEP_CANDIDATES = ("blocks", "pairs")
+#: ``adapt.method`` values a sweep can train as references: those that train the same weights whatever is selected.
+SWEEP_REFERENCES = ("linear_probe", "full", "auto_rgn")
 
 
 @dataclass
@@ -439,6 +441,10 @@ class SweepConfig:
     """Selection strategies to score (``null``: every strategy that applies to the recipe)."""
     budgets: list[SweepBudget] = field(default_factory=lambda: [SweepBudget(max_blocks=1)])
     """Budgets under which each strategy picks; a pick that is not a candidate is trained as an extra cell."""
+    references: list[str] = field(default_factory=list)
+    """Adapt methods that do not depend on a block choice, trained per seed beside the cells and compared with every
+    strategy's pick (paired per seed): ``linear_probe`` (the floor), ``full`` fine-tuning, surgical fine-tuning's
+    ``auto_rgn`` (every tensor at a per-tensor rate). They use the sweep's learning rates, chosen on validation."""
 
     def __post_init__(self) -> None:
         if isinstance(self.candidates, str) and self.candidates not in SWEEP_CANDIDATES:
@@ -461,6 +467,12 @@ class SweepConfig:
         labels = [b.label for b in self.budgets]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"recipe key 'sweep.budgets' has repeated budgets: {labels}")
+        bad_refs = [m for m in self.references if m not in SWEEP_REFERENCES]
+        if bad_refs:
+            raise ConfigError(f"recipe key 'sweep.references' must hold adapt methods from "
+                              f"{', '.join(SWEEP_REFERENCES)}; got {bad_refs[0]!r}")
+        if len(set(self.references)) != len(self.references):
+            raise ConfigError(f"recipe key 'sweep.references' has repeated methods: {self.references}")
 
 
 @dataclass

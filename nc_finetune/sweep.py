@@ -127,6 +127,12 @@ def cell_recipe(recipe: Recipe, seed: int, names: Sequence[str], lr: float) -> R
     return dataclasses.replace(r, train=dataclasses.replace(r.train, lr=float(lr)))
 
 
+def reference_recipe(recipe: Recipe, seed: int, names: Sequence[str], lr: float, method: str) -> Recipe:
+    """The ``run`` recipe of a reference cell: :func:`cell_recipe` on every block, trained by ``method``."""
+    r = cell_recipe(recipe, seed, names, lr)
+    return dataclasses.replace(r, adapt=dataclasses.replace(r.adapt, method=method))
+
+
 def parse_strategy(spec: str) -> tuple[str, dict[str, Any]]:
     """``name`` or ``name@key=value,key=value`` (a variant: ``selection.*`` options, values parsed as YAML).
 
@@ -221,6 +227,7 @@ def summarize(
     seeds: Sequence[int],
     backbone_params: int,
     costs: Mapping[str, float] | None = None,
+    references: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Oracle and regret from finished cells (pure arithmetic; no model involved).
 
@@ -233,12 +240,25 @@ def summarize(
         seeds: The sweep's seeds.
         backbone_params: Parameters of the backbone (for fraction budgets).
         costs: Mean selection cost in seconds per strategy.
+        references: Per adapt method trained beside the cells (``sweep.references``): ``per_lr`` as for a cell and
+            ``trainable_params``. Each strategy's pick is compared with each (``vs_references``, paired per seed).
 
     Returns:
-        ``{"cells", "oracle", "regret"}`` as written to ``sweep.json`` (accuracy differences in points).
+        ``{"cells", "oracle", "regret", "references"}`` as written to ``sweep.json`` (accuracy differences in
+        points).
     """
     from nc_finetune.transfer.ranking import correlations
 
+    refs: dict[str, Any] = {}
+    for method, ref in (references or {}).items():
+        lr = choose_lr(ref["per_lr"])
+        test = {int(s): ref["per_lr"][lr]["test"].get(s) for s in seeds}
+        tv = [v for v in test.values() if v is not None]
+        refs[method] = {"lr": lr, "trainable_params": ref.get("trainable_params"), "test_accuracy": test,
+                        "val_accuracy": {int(s): ref["per_lr"][lr]["val"].get(s) for s in seeds},
+                        "mean_test": float(np.mean(tv)) if tv else None,
+                        "sd_test": float(np.std(tv, ddof=1)) if len(tv) > 1 else None,
+                        "per_lr": {str(k): v for k, v in ref["per_lr"].items()}}
     rows = []
     for c in cells:
         lr = choose_lr(c["per_lr"])
@@ -308,9 +328,16 @@ def summarize(
                     diffs = [100.0 * (acc[s] - pick_acc[rival][s]) for s in acc if s in pick_acc[rival]]
                     stat = mean_ci95(diffs)
                     entry[f"vs_{rival}"] = {**stat, "verdict": verdict(stat)}
+            if refs:
+                entry["vs_references"] = {}
+                for method, ref in refs.items():
+                    diffs = [100.0 * (acc[s] - ref["test_accuracy"][s]) for s in acc
+                             if ref["test_accuracy"].get(s) is not None]
+                    stat = mean_ci95(diffs)
+                    entry["vs_references"][method] = {**stat, "verdict": verdict(stat)}
             table[strategy] = entry
         regret[label] = table
-    return {"cells": rows, "oracle": oracle, "regret": regret}
+    return {"cells": rows, "oracle": oracle, "regret": regret, "references": refs}
 
 
 def _nanmean(values: Sequence[float]) -> float | None:
@@ -449,10 +476,11 @@ def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print)
     cell_keys = [(c, "candidate") for c in candidates] + [(c, "pick") for c in extra]
     by_index = {b.index: b for b in blocks}
     backbone_params = state[seeds[0]]["backbone_params"]
-    total = len(cell_keys) * len(seeds) * len(lrs)
+    total = (len(cell_keys) + len(cfg.references)) * len(seeds) * len(lrs)
     done, spent, fresh = 0, 0.0, 0
     results: dict[tuple[int, ...], dict[float, dict[str, dict[int, float | None]]]] = {}
     trainable: dict[tuple[int, ...], int] = {}
+    ref_results: dict[str, dict[str, Any]] = {}
     for seed in seeds:
         st = state[seed]
         K = st["prepared"].data.num_classes
@@ -488,6 +516,32 @@ def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print)
                 echo(f"[{done}/{total}] {' + '.join(names)} seed {seed} lr {lr:g}: test {summary['test_accuracy']:.4f}"
                      + (f" val {val:.4f}" if val is not None else "")
                      + f" ({time.perf_counter() - start:.0f} s; about {_fmt_time(left)} left)")
+        # References: methods that train the same weights whatever is selected (every block passed as selected).
+        every = [b.index for b in blocks]
+        for method in cfg.references:
+            for lr in lrs:
+                ref_dir = RunDir(run / "references" / method / f"seed{seed}" / f"lr{lr:g}")
+                start = time.perf_counter()
+                if ref_dir.has(runs.SUMMARY):
+                    summary = ref_dir.read_summary()
+                else:
+                    sel = select_blocks(None, blocks, strategy="manual", manual=every, head_params=head,
+                                        total_params=backbone_params + head)
+                    summary = run_stage(reference_recipe(recipe, seed, [b.name for b in blocks], lr, method),
+                                        ref_dir.path, resume=ref_dir.has(runs.RESOLVED), progress=progress,
+                                        prepared=st["prepared"], probe_result=st["probe"], selection=sel)
+                    spent += time.perf_counter() - start
+                    fresh += 1
+                done += 1
+                per = ref_results.setdefault(method, {"per_lr": {}})
+                lr_row = per["per_lr"].setdefault(lr, {"val": {}, "test": {}})
+                lr_row["val"][seed] = summary.get("val_accuracy")
+                lr_row["test"][seed] = summary["test_accuracy"]
+                per["trainable_params"] = int(summary["trainable_params"])
+                left = (total - done) * spent / fresh if fresh else 0.0
+                echo(f"[{done}/{total}] reference {method} seed {seed} lr {lr:g}: test "
+                     f"{summary['test_accuracy']:.4f} ({time.perf_counter() - start:.0f} s; about {_fmt_time(left)} "
+                     "left)")
 
     cells = [{"indices": list(c), "names": [by_index[i].name for i in c], "kind": kind,
               "block_params": sum(by_index[i].num_params for i in c), "trainable_params": trainable.get(c),
@@ -496,7 +550,7 @@ def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print)
                      for label, by_s in state[s]["picks"].items()} for s in seeds}
     scores_all = {s: state[s]["scores"] for s in seeds}
     mean_costs = {s: float(np.mean(v)) for s, v in costs.items() if v}
-    report = summarize(cells, picks_all, scores_all, cfg.budgets, seeds, backbone_params, mean_costs)
+    report = summarize(cells, picks_all, scores_all, cfg.budgets, seeds, backbone_params, mean_costs, ref_results)
     first = state[seeds[0]]
     report.update({
         "backbone": recipe.backbone.name,
@@ -543,6 +597,10 @@ def format_sweep(report: Mapping[str, Any]) -> str:
             mean = r["mean"]
             lines.append(f"  {strategy:<10} regret {mean:+.2f}{ci_text} points; picks {pick}"
                          if mean is not None else f"  {strategy:<10} regret n/a")
+    for method, ref in report.get("references", {}).items():
+        if ref["mean_test"] is not None:
+            lines.append(f"reference {method}: {100 * ref['mean_test']:.2f}% ({ref['trainable_params']:,} trainable "
+                         f"parameters, lr {ref['lr']:g})")
     return "\n".join(lines)
 
 
@@ -594,6 +652,10 @@ def plot_sweep(report: Mapping[str, Any], path: str | Path) -> Path:
             px = float(np.mean([x_of[i] for i in idx]))
             ax.plot([px], [top + 0.6 + 0.45 * k], marker=markers[k % len(markers)], ls="none", ms=7,
                     label=f"{strategy} pick (regret {r['mean']:+.2f})" if r["mean"] is not None else strategy)
+    for k, (method, ref) in enumerate(report.get("references", {}).items()):
+        if ref["mean_test"] is not None:
+            ax.axhline(100 * ref["mean_test"], ls=":", lw=1.2, color=f"C{(k + 3) % 10}",
+                       label=f"{method} (every block; mean)")
     ax2 = ax.twinx()
     colors = {"nc1": "tab:red", "nc1_trace": "tab:orange", "cdnv": "tab:purple"}
     for metric in PLOT_METRICS:

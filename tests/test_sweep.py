@@ -89,6 +89,21 @@ def test_regret_is_paired_per_seed_against_the_oracle() -> None:
     assert rep["regret"]["70pct"]["rule"]["mean"] == pytest.approx(0.0)
 
 
+
+def test_references_are_compared_paired_per_seed_after_choosing_their_rate_on_validation() -> None:
+    cells = [_cell((0,), {0: 0.70, 1: 0.80}), _cell((1,), {0: 0.90, 1: 0.84})]
+    picks = {s: {"1_block": {"rule": [1]}} for s in (0, 1)}
+    full = {"trainable_params": 1000, "per_lr": {
+        0.1: {"val": {0: 0.99, 1: 0.99}, "test": {0: 0.10, 1: 0.10}},  # best on validation: chosen
+        0.01: {"val": {0: 0.50, 1: 0.50}, "test": {0: 0.99, 1: 0.99}}}}
+    rep = summarize(cells, picks, {}, [SweepBudget(max_blocks=1)], [0, 1], backbone_params=100,
+                    references={"full": full})
+    assert rep["references"]["full"]["lr"] == 0.1 and rep["references"]["full"]["mean_test"] == pytest.approx(0.10)
+    vs = rep["regret"]["1_block"]["rule"]["vs_references"]["full"]
+    assert vs["mean"] == pytest.approx(100 * np.mean([0.90 - 0.10, 0.84 - 0.10]))
+    assert vs["verdict"] == "win"
+
+
 def test_sweep_end_to_end_resumes_and_writes_run_directories(tmp_path, bert_dir, text_csv, monkeypatch) -> None:
     import nc_finetune.pipeline as pipeline
     from nc_finetune.pipeline import eval_stage
@@ -155,6 +170,19 @@ def test_sweep_end_to_end_resumes_and_writes_run_directories(tmp_path, bert_dir,
     assert len(calls) == before + 2 * 2 * new_cells
     assert {k: v for k, v in bigger["regret"]["1_block"].items() if k != "lisa"} == report["regret"]["1_block"]
     assert "lisa" in bigger["regret"]["1_block"]
+    # ... or references (methods trained on every block): only they train; each pick is compared with them
+    with_refs = load_recipe(None, [*overrides, "sweep.strategies=[knee, stall, 'stall@stall_reference=min', last_k, "
+                                               "random_k, first_k, lisa]", "sweep.references=[linear_probe, full]"])
+    before = len(calls)
+    refd = sweep_stage(with_refs, out, progress=False, echo=lambda line: None)
+    assert len(calls) == before + 2 * 2 * 2
+    full = refd["references"]["full"]
+    ref_run = json.loads((out / "references" / "full" / "seed0" / f"lr{full['lr']:g}" / runs.SUMMARY).read_text())
+    assert ref_run["method"] == "full" and ref_run["trainable_params"] == full["trainable_params"]
+    assert refd["references"]["linear_probe"]["trainable_params"] < full["trainable_params"]
+    knee = refd["regret"]["1_block"]["knee"]
+    diffs = [100 * (knee["test_accuracy"][str(s)] - full["test_accuracy"][s]) for s in (0, 1)]
+    assert knee["vs_references"]["full"]["mean"] == pytest.approx(np.mean(diffs))
 
 
 @pytest.mark.parametrize(("override", "needle"), [
@@ -165,6 +193,7 @@ def test_sweep_end_to_end_resumes_and_writes_run_directories(tmp_path, bert_dir,
     ("sweep.strategies=[knee, nc_magic]", "nc_magic"),
     ("sweep.strategies=['stall@stall_reference=median']", "stall_reference"),
     ("sweep.budgets=[]", "at least one budget"),
+    ("sweep.references=[lora]", "sweep.references"),
 ])
 def test_bad_sweep_input_is_one_line_before_any_data_loads(capsys, tmp_path, bert_dir, text_csv, monkeypatch,
                                                            override, needle) -> None:

@@ -366,6 +366,12 @@ def _sweep_section(page: _Page, sweep: Mapping[str, Any]) -> list[str]:
                  _pct(c.get("mean_test")), _pct(c.get("sd_test")), _pct(c.get("mean_val"))] for c in cells]
         lines += [f"### Block sets ({len(cells)})", "",
                   *_table(["blocks", "kind", "block params", "lr", "test (mean)", "sd", "val (mean)"], rows), ""]
+    refs = {m: r for m, r in (sweep.get("references") or {}).items() if isinstance(r, Mapping)}
+    if refs:
+        rows = [[m, _int(r.get("trainable_params")), _fmt(r.get("lr")), _pct(r.get("mean_test")),
+                 _pct(r.get("sd_test"))] for m, r in refs.items()]
+        lines += ["### References (every block, no selection)", "",
+                  *_table(["method", "trainable params", "lr", "test (mean)", "sd"], rows), ""]
     for label, oracle in (sweep.get("oracle") or {}).items():
         best = oracle.get("by_test") or {}
         by_val = oracle.get("by_val") or {}
@@ -378,11 +384,15 @@ def _sweep_section(page: _Page, sweep: Mapping[str, Any]) -> list[str]:
         for strategy, r in sorted(table.items(), key=lambda kv: (kv[1].get("mean") is None, kv[1].get("mean") or 0)):
             ci = r.get("ci95")
             picks = sorted({" + ".join(p) for p in (r.get("picks") or {}).values() if p})
+            vs_refs = [(r.get("vs_references") or {}).get(m) or {} for m in refs]
             rows.append([strategy, _fmt(r.get("mean"), "+.2f"), f"[{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "—",
                          _fmt(r.get("kendall_tau"), "+.2f"), _fmt(r.get("weighted_tau"), "+.2f"),
-                         _fmt(r.get("cost_seconds"), ".1f"), "; ".join(picks)])
+                         _fmt(r.get("cost_seconds"), ".1f"),
+                         *(f"{_fmt(v.get('mean'), '+.2f')} ({v.get('verdict', '—')})" for v in vs_refs),
+                         "; ".join(picks)])
         if rows:
-            lines += [*_table(["strategy", "regret (points)", "95% CI", "τ", "τ_w", "cost (s)", "picks"], rows), ""]
+            lines += [*_table(["strategy", "regret (points)", "95% CI", "τ", "τ_w", "cost (s)",
+                               *(f"vs {m} (points)" for m in refs), "picks"], rows), ""]
     return lines
 
 
