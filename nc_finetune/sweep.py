@@ -228,6 +228,7 @@ def summarize(
     backbone_params: int,
     costs: Mapping[str, float] | None = None,
     references: Mapping[str, Mapping[str, Any]] | None = None,
+    stability: Mapping[int, Mapping[str, Mapping[str, float]]] | None = None,
 ) -> dict[str, Any]:
     """Oracle and regret from finished cells (pure arithmetic; no model involved).
 
@@ -242,6 +243,8 @@ def summarize(
         costs: Mean selection cost in seconds per strategy.
         references: Per adapt method trained beside the cells (``sweep.references``): ``per_lr`` as for a cell and
             ``trainable_params``. Each strategy's pick is compared with each (``vs_references``, paired per seed).
+        stability: ``{seed: {budget_label: {strategy: share}}}``: for ``bootstrap`` variants, the share of resampled
+            probes that chose the pick (``bootstrap_stability``: its mean over seeds).
 
     Returns:
         ``{"cells", "oracle", "regret", "references"}`` as written to ``sweep.json`` (accuracy differences in
@@ -323,6 +326,10 @@ def summarize(
                 "weighted_tau": _nanmean([t["weighted_tau"] for t in taus]),
                 "cost_seconds": None if costs is None else costs.get(strategy),
             }
+            shares = [stability[s][label][strategy] for s in seeds
+                      if strategy in (stability or {}).get(s, {}).get(label, {})]
+            if shares:
+                entry["bootstrap_stability"] = {"mean": float(np.mean(shares)), "per_seed": shares}
             for rival in ("random_k", "last_k"):
                 if rival in pick_acc and rival != strategy:
                     diffs = [100.0 * (acc[s] - pick_acc[rival][s]) for s in acc if s in pick_acc[rival]]
@@ -438,6 +445,7 @@ def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print)
                                                for s, d in saved.get("scores", {}).items()}
         seed_costs: dict[str, float] = dict(saved.get("costs", {}))
         unpicked: dict[str, dict[str, str]] = saved.get("unpicked", {})
+        stable: dict[str, dict[str, float]] = saved.get("stability", {})
         todo = [(b, s) for b in cfg.budgets for s in strategies
                 if s not in picks.get(b.label, {}) and s not in unpicked.get(b.label, {})]
         for budget, strategy in todo:
@@ -455,10 +463,13 @@ def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print)
                 spent += float(probe_result.meta.get("seconds", 0.0))
             seed_costs[strategy] = seed_costs.get(strategy, 0.0) + spent
             picks.setdefault(budget.label, {})[strategy] = sel.indices
+            if "bootstrap" in sel.details:
+                stable.setdefault(budget.label, {})[strategy] = float(sel.details["bootstrap"]["stability"])
             scores[strategy] = {int(k): float(v) for k, v in sel.scores.items()}
         if todo or not seed_dir.has("picks.json"):
             write_json_atomic(seed_dir / "picks.json", {"picks": picks, "scores": scores, "costs": seed_costs,
-                                                        "unpicked": unpicked, "selection": selection_now})
+                                                        "unpicked": unpicked, "stability": stable,
+                                                        "selection": selection_now})
         for label, by_s in unpicked.items():
             for strategy, why in by_s.items():
                 skipped.setdefault(f"{strategy} ({label})", why)
@@ -466,7 +477,8 @@ def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print)
             if s in strategies:
                 costs.setdefault(s, []).append(c)
         state[seed] = {"recipe": srecipe, "prepared": prepared, "probe": probe_result, "picks": picks,
-                       "scores": scores, "feature_dim": backbone.feature_dim, "backbone_params": backbone.num_params()}
+                       "scores": scores, "stability": stable, "feature_dim": backbone.feature_dim,
+                       "backbone_params": backbone.num_params()}
         del backbone  # each cell loads its own; only its sizes are needed here
 
     # Phase 2: every candidate and every pick that is not one, for every seed and rate.
@@ -550,7 +562,8 @@ def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print)
                      for label, by_s in state[s]["picks"].items()} for s in seeds}
     scores_all = {s: state[s]["scores"] for s in seeds}
     mean_costs = {s: float(np.mean(v)) for s, v in costs.items() if v}
-    report = summarize(cells, picks_all, scores_all, cfg.budgets, seeds, backbone_params, mean_costs, ref_results)
+    report = summarize(cells, picks_all, scores_all, cfg.budgets, seeds, backbone_params, mean_costs, ref_results,
+                       {s: state[s]["stability"] for s in seeds})
     first = state[seeds[0]]
     report.update({
         "backbone": recipe.backbone.name,

@@ -183,6 +183,14 @@ def test_sweep_end_to_end_resumes_and_writes_run_directories(tmp_path, bert_dir,
     knee = refd["regret"]["1_block"]["knee"]
     diffs = [100 * (knee["test_accuracy"][str(s)] - full["test_accuracy"][s]) for s in (0, 1)]
     assert knee["vs_references"]["full"]["mean"] == pytest.approx(np.mean(diffs))
+    # a bootstrap variant records how often the resampled probes chose its pick
+    boot = load_recipe(None, [*overrides, "sweep.strategies=[knee, 'knee@bootstrap=4']"])
+    stab = sweep_stage(boot, out, progress=False, echo=lambda line: None)["regret"]["1_block"]["knee@bootstrap=4"]
+    shares = stab["bootstrap_stability"]["per_seed"]
+    assert len(shares) == 2 and all(0.25 <= x <= 1.0 for x in shares)
+    assert stab["bootstrap_stability"]["mean"] == pytest.approx(np.mean(shares))
+    picks0 = json.loads((out / "seeds" / "seed0" / "picks.json").read_text())
+    assert picks0["stability"]["1_block"]["knee@bootstrap=4"] == shares[0]
 
 
 @pytest.mark.parametrize(("override", "needle"), [

@@ -389,10 +389,11 @@ def _sweep_section(page: _Page, sweep: Mapping[str, Any]) -> list[str]:
                          _fmt(r.get("kendall_tau"), "+.2f"), _fmt(r.get("weighted_tau"), "+.2f"),
                          _fmt(r.get("cost_seconds"), ".1f"),
                          *(f"{_fmt(v.get('mean'), '+.2f')} ({v.get('verdict', '—')})" for v in vs_refs),
-                         "; ".join(picks)])
+                         _pct(stab) if (stab := (r.get("bootstrap_stability") or {}).get("mean")) is not None
+                         else "—", "; ".join(picks)])
         if rows:
             lines += [*_table(["strategy", "regret (points)", "95% CI", "τ", "τ_w", "cost (s)",
-                               *(f"vs {m} (points)" for m in refs), "picks"], rows), ""]
+                               *(f"vs {m} (points)" for m in refs), "bootstrap stability", "picks"], rows), ""]
     return lines
 
 
