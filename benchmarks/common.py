@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: machine description, Markdown tables, statistics, atomic JSON output.
+"""Helpers shared by the benchmark studies: machine description, Markdown tables, statistics, atomic JSON output.
 
 Imported as a sibling module (``from common import ...``): the scripts are run as files
 (``python benchmarks/<name>.py``), which puts this directory first on ``sys.path``.
@@ -161,13 +161,18 @@ def write_results(path: Path, payload: dict[str, Any]) -> Path:
     return write_json_atomic(path, payload)
 
 
-def parse_overrides(items: Sequence[str]) -> list[str]:
-    """Check ``key=value`` overrides early (the recipe loader validates keys and types later).
+def paired(a: dict[int, float], b: dict[int, float]) -> list[float]:
+    """``a[s] - b[s]`` for every seed in both."""
+    return [a[s] - b[s] for s in sorted(a) if s in b]
 
-    Raises:
-        SystemExit: an item without ``=``.
-    """
-    for item in items:
-        if "=" not in item or item.startswith("="):
-            raise SystemExit(f"--set expects key=value (e.g. train.max_steps=5); got {item!r}")
-    return list(items)
+
+def wtl(diffs: list[float], tol: float = 1e-9) -> str:
+    """Wins-ties-losses of paired differences, e.g. ``2-0-1``."""
+    w = sum(d > tol for d in diffs)
+    t = sum(abs(d) <= tol for d in diffs)
+    return f"{w}-{t}-{len(diffs) - w - t}"
+
+
+def accuracies(runs: dict[int, dict[str, Any]]) -> dict[int, float]:
+    """Test accuracy in % per seed."""
+    return {s: 100 * r["test_accuracy"] for s, r in runs.items()}
