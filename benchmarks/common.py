@@ -154,6 +154,22 @@ def check(ok: bool | None) -> str:
     return "PASS" if ok else "FAIL"
 
 
+def start_study(title: str) -> tuple[dict[str, Any], str]:
+    """Print a study's header (title, machine, command line); return the machine description and the command line."""
+    info, cmd = machine_info(), command_line()
+    print_header(title, info, cmd)
+    return info, cmd
+
+
+def finish_figure(fig: Any, title: str, path: Path) -> Path:
+    """A study figure's end: its title, a tight layout and the PNG, written atomically."""
+    from nc_finetune.report.plots import save_figure
+
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def write_results(path: Path, payload: dict[str, Any]) -> Path:
     """Write the raw results as JSON atomically (NaN/inf become ``null``)."""
     from nc_finetune.utils.io import write_json_atomic

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import accuracies, fmt_stat, markdown_table, mean_std, paired, wtl
+from common import accuracies, finish_figure, fmt_stat, markdown_table, mean_std, paired, wtl
 
 
 def blocks_label(runs: list[dict[str, Any]]) -> str:
@@ -122,8 +122,6 @@ class ModeComparison:
         """Test accuracy per mode (mean ± std over seeds, trainable % annotated), one panel per task."""
         from matplotlib.figure import Figure
 
-        from nc_finetune.report.plots import save_figure
-
         tasks = [t for t, rows in tables.items() if rows]
         if not tasks:
             return None
@@ -150,6 +148,4 @@ class ModeComparison:
             ax.set_xlabel("test accuracy % (mean ± std over seeds)")
             ax.set_title(task, fontsize=10)
             ax.grid(True, axis="x", alpha=0.3)
-        fig.suptitle(f"{title} (red = NC-guided)", fontsize=11)
-        fig.tight_layout()
-        return save_figure(fig, path)
+        return finish_figure(fig, f"{title} (red = NC-guided)", path)

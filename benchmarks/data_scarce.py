@@ -55,25 +55,15 @@ from pathlib import Path
 from typing import Any
 
 import harness
-from common import (
-    accuracies,
-    command_line,
-    fmt_stat,
-    machine_info,
-    markdown_table,
-    mean_std,
-    paired,
-    print_header,
-    write_results,
-)
+from common import accuracies, finish_figure, fmt_stat, markdown_table, mean_std, paired, start_study
 from comparison import blocks_label
 
 NAME = "data_scarce"
+FULL = "full"  # the size that keeps the recipe's data.max_train_samples
 EXPERIMENT = harness.load_experiment(NAME)
 TASKS = EXPERIMENT.settings
 MODES = EXPERIMENT.modes
 REFERENCE = EXPERIMENT.params["reference"]
-FULL = "full"
 
 
 # --------------------------------------------------------------------------------------------------- the plan
@@ -203,8 +193,6 @@ def plot_tasks(tables: dict[str, list[dict[str, Any]]], modes: list[str], path: 
     """Accuracy (mean ± std over seeds) against samples per class (log x), one line per mode, a panel per task."""
     from matplotlib.figure import Figure
 
-    from nc_finetune.report.plots import save_figure
-
     tasks = [t for t, rows in tables.items() if rows]
     if not tasks:
         return None
@@ -230,9 +218,7 @@ def plot_tasks(tables: dict[str, list[dict[str, Any]]], modes: list[str], path: 
         ax.set_title(task, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Data-scarce fine-tuning: accuracy vs training-set size (step-matched)", fontsize=11)
-    fig.tight_layout()
-    return save_figure(fig, path)
+    return finish_figure(fig, "Data-scarce fine-tuning: accuracy vs training-set size (step-matched)", path)
 
 
 # --------------------------------------------------------------------------------------------------- main
@@ -262,13 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = harness.parse_args(build_parser(), EXPERIMENT, argv)
-    if args is None:
-        return 0
     args.sizes = list(dict.fromkeys(args.sizes))
     extra = args.overrides
-    shared = harness.device_overrides(args.device)
-    if args.cache_prefix != "recipe":
-        shared.append(harness.cache_override(args.cache_prefix))
+    shared = harness.shared_overrides(args)
     env = harness.subprocess_env(args.threads)
 
     plan: list[dict[str, Any]] = []
@@ -311,10 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         harness.print_plan(plan)
         return 0
 
-    info = machine_info()
-    cmd = command_line()
-    print_header("Data-scarce fine-tuning: NC-selected adaptation vs full fine-tuning and the linear probe", info,
-                 cmd)
+    info, cmd = start_study("Data-scarce fine-tuning: NC-selected adaptation vs full fine-tuning and the linear probe")
     runs = harness.run_plan(plan, args.workdir, env, prefix=NAME)
 
     tables: dict[str, list[dict[str, Any]]] = {}
@@ -344,15 +323,12 @@ def main(argv: list[str] | None = None) -> int:
           "same mode's at full size; both paired per seed (mean ± std). steps (cap) = the max_epochs cap held the "
           "run below T steps.\n")
     png = plot_tasks(tables, args.modes, args.out.with_suffix(".png"))
-    payload = {"benchmark": NAME, "command": cmd, "machine": info,
-               "args": harness.args_record(args),
-               "tasks": {t: TASKS[t] for t in args.tasks}, "modes": {m: MODES[m] for m in args.modes},
-               "rule": "epochs = clamp(ceil(T / steps_per_epoch), 1, max_epochs); train.max_steps = T",
-               "steps_target": targets, "schedules": {t: {size_label(s): v for s, v in d.items()}
-                                                      for t, d in schedules.items()},
-               "tables": tables, "figure": str(png) if png else None, "runs": runs}
-    path = write_results(args.out, payload)
-    print(f"raw results: {path}" + (f"; figure: {png}" if png else ""))
+    harness.report(NAME, args, cmd, info, tasks={t: TASKS[t] for t in args.tasks},
+                   modes={m: MODES[m] for m in args.modes},
+                   rule="epochs = clamp(ceil(T / steps_per_epoch), 1, max_epochs); train.max_steps = T",
+                   steps_target=targets,
+                   schedules={t: {size_label(s): v for s, v in d.items()} for t, d in schedules.items()},
+                   tables=tables, figure=png, runs=runs)
     return 1 if any("error" in r for r in runs) else 0
 
 

@@ -40,21 +40,11 @@ import sys
 from typing import Any
 
 import harness
-from common import (
-    check,
-    command_line,
-    fmt_stat,
-    machine_info,
-    markdown_table,
-    mean_std,
-    print_header,
-    safe_ratio,
-    write_results,
-)
+from common import check, fmt_stat, markdown_table, mean_std, safe_ratio, start_study
 
 NAME = "finetune_efficiency"
 EXPERIMENT = harness.load_experiment(NAME)
-CASES = {name: case["recipe"] for name, case in EXPERIMENT.settings.items()}
+CASES = EXPERIMENT.recipes
 MODES = EXPERIMENT.modes
 REFERENCE = EXPERIMENT.params["reference"]
 TARGET_ACC_POINTS = 0.5  # accuracy may be at most this many points below full
@@ -240,8 +230,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = harness.parse_args(build_parser(), EXPERIMENT, argv)
-    if args is None:
-        return 0
     extra = args.overrides
     shared = [f"train.epochs={args.epochs}"] if args.epochs is not None else []
     shared += harness.device_overrides(args.device)
@@ -261,14 +249,10 @@ def main(argv: list[str] | None = None) -> int:
                                           + [harness.cache_override(c)])
             plan += [{"case": case, "recipe": recipe, "seed": seed, "mode": mode, "overrides": over,
                       "path": f"{case}/seed{seed}/{mode}"} for mode, over in runs.items()]
-    harness.validate_plan(plan)
-    if args.dry_run:
-        harness.print_plan(plan)
+    if harness.plan_only(plan, args):
         return 0
 
-    info = machine_info()
-    cmd = command_line()
-    print_header("Fine-tuning efficiency: NC-selected blocks vs full fine-tuning and baselines", info, cmd)
+    info, cmd = start_study("Fine-tuning efficiency: NC-selected blocks vs full fine-tuning and baselines")
     runs = harness.run_plan(plan, args.workdir, env, prefix=NAME, keep_summary=True)
 
     tables: dict[str, Any] = {}
@@ -308,15 +292,10 @@ def main(argv: list[str] | None = None) -> int:
               f"the cache build (train + test prefix outputs) amortised over the epochs; target >= "
               f"{TARGET_CACHE_X:.0f}x (checked against full when it ran).\n")
 
-    payload = {"benchmark": NAME, "command": cmd, "machine": info,
-               "args": harness.args_record(args),
-               "targets": {"accuracy_points_below_full_max": TARGET_ACC_POINTS,
-                           "trainable_param_pct_max": TARGET_PARAM_PCT, "time_ratio_min": TARGET_TIME_X,
-                           "cache_speedup_min": TARGET_CACHE_X},
-               "tables": tables, "cache_compare": cache_results or None,
-               "runs": runs}
-    path = write_results(args.out, payload)
-    print(f"raw results: {path}")
+    targets = {"accuracy_points_below_full_max": TARGET_ACC_POINTS, "trainable_param_pct_max": TARGET_PARAM_PCT,
+               "time_ratio_min": TARGET_TIME_X, "cache_speedup_min": TARGET_CACHE_X}
+    harness.report(NAME, args, cmd, info, targets=targets, tables=tables, cache_compare=cache_results or None,
+                   runs=runs)
     return 1 if any("error" in r for r in runs) else 0
 
 

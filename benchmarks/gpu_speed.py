@@ -270,8 +270,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = harness.parse_args(p, EXPERIMENT, argv)
-    if args is None:
-        return 0
     from nc_finetune.utils.env import resolve_device
 
     device = resolve_device(args.device)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import BENCH_DIR, REPO_ROOT, default_out
+from common import BENCH_DIR, REPO_ROOT, default_out, write_results
 
 if str(REPO_ROOT) not in sys.path:  # a source checkout runs the studies without installing the package
     sys.path.insert(0, str(REPO_ROOT))
@@ -84,6 +84,11 @@ class Experiment:
     seeds: list[int] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
     smoke: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def recipes(self) -> dict[str, str]:
+        """``{setting: recipe}`` of the settings that name a recipe."""
+        return {name: s["recipe"] for name, s in self.settings.items() if "recipe" in s}
 
     def listing(self) -> str:
         """The settings and modes, one per line (what ``--list-settings`` prints)."""
@@ -310,7 +315,7 @@ def _shown(path: Path) -> str:
 
 
 def parse_args(parser: argparse.ArgumentParser, exp: Experiment,
-               argv: Sequence[str] | None = None) -> argparse.Namespace | None:
+               argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse a study's arguments; ``--smoke`` applies the experiment's smoke preset under the flags given.
 
     Lists of settings, modes and seeds lose their repeats (order kept). ``--smoke`` makes the preset's values the
@@ -318,7 +323,10 @@ def parse_args(parser: argparse.ArgumentParser, exp: Experiment,
     ``--workdir`` to ``benchmarks/out/smoke/`` unless they are given.
 
     Returns:
-        The arguments, or ``None`` after ``--list-...`` printed the experiment (the study returns 0).
+        The arguments.
+
+    Raises:
+        SystemExit: after ``--help`` or ``--list-...`` (status 0) or a bad argument (status 2).
     """
     args = parser.parse_args(argv)
     if getattr(args, "smoke", False):
@@ -343,7 +351,7 @@ def parse_args(parser: argparse.ArgumentParser, exp: Experiment,
     listing = next((a.dest for a in parser._actions if a.dest.startswith("list_")), None)
     if listing and getattr(args, listing):
         print(exp.listing())
-        return None
+        raise SystemExit(0)
     for dest in {_settings_dest(parser), "modes", "seeds"}:
         value = getattr(args, dest, None)
         if isinstance(value, list):
@@ -376,6 +384,30 @@ def args_record(args: argparse.Namespace) -> dict[str, Any]:
 def device_overrides(device: str | None) -> list[str]:
     """``train.device`` and ``probe.device`` set to ``device`` (none when ``None``: the recipe's)."""
     return [] if device is None else [f"train.device={device}", f"probe.device={device}"]
+
+
+def shared_overrides(args: argparse.Namespace) -> list[str]:
+    """The overrides ``--device`` and ``--cache-prefix`` give every run (none where they keep the recipe's)."""
+    over = device_overrides(getattr(args, "device", None))
+    if getattr(args, "cache_prefix", "recipe") != "recipe":
+        over.append(cache_override(args.cache_prefix))
+    return over
+
+
+def report(study: str, args: argparse.Namespace, cmd: str, info: dict[str, Any], **fields: Any) -> Path:
+    """Write a study's raw results to ``args.out`` and say where they (and a ``figure``) are.
+
+    The JSON holds the study's name, the command line, the machine and the arguments, then ``fields`` in the order
+    given (paths as strings).
+
+    Returns:
+        The written path.
+    """
+    fields = {k: (str(v) if isinstance(v, Path) else v) for k, v in fields.items()}
+    path = write_results(args.out, {"benchmark": study, "command": cmd, "machine": info, "args": args_record(args),
+                                    **fields})
+    print(f"raw results: {path}" + (f"; figure: {fields['figure']}" if fields.get("figure") else ""))
+    return path
 
 
 def cache_override(value: str) -> str:
@@ -479,6 +511,15 @@ def print_plan(plan: list[dict[str, Any]]) -> None:
     """One line per planned run: its directory, recipe and overrides (``--dry-run``)."""
     for item in plan:
         print(f"{item['path']}: {item['recipe']} {' '.join(item['overrides'])}")
+
+
+def plan_only(plan: list[dict[str, Any]], args: argparse.Namespace) -> bool:
+    """Validate every planned run (:func:`validate_plan`); under ``--dry-run`` print the plan and return True."""
+    validate_plan(plan)
+    if getattr(args, "dry_run", False):
+        print_plan(plan)
+        return True
+    return False
 
 
 def run_plan(plan: list[dict[str, Any]], workdir: Path | None, env: dict[str, str], prefix: str,

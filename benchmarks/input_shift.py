@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import harness
-from common import REPO_ROOT, command_line, machine_info, print_header, write_results
+from common import REPO_ROOT, start_study
 from comparison import ModeComparison
 
 NAME = "input_shift"
@@ -94,8 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = harness.parse_args(build_parser(), EXPERIMENT, argv)
-    if args is None:
-        return 0
     extra, source_extra = args.overrides, args.source_overrides
     env = harness.subprocess_env(args.threads)
     workdir = args.workdir.resolve()
@@ -112,13 +110,10 @@ def main(argv: list[str] | None = None) -> int:
                         *MODES[mode]]
                 plan.append({"task": task, "recipe": RECIPE, "seed": seed, "mode": mode, "overrides": over,
                              "path": f"{task}/seed{seed}/{mode}"})
-    harness.validate_plan(source + plan)
-    if args.dry_run:
-        harness.print_plan(source + plan)
+    if harness.plan_only(source + plan, args):
         return 0
 
-    info, cmd = machine_info(), command_line()
-    print_header("Input-level shift: which blocks to tune after a corruption of the inputs", info, cmd)
+    info, cmd = start_study("Input-level shift: which blocks to tune after a corruption of the inputs")
     src = harness.run_plan(source, workdir, env, prefix=NAME)[0]
     if "result" not in src:
         raise SystemExit(f"the source run failed: {src.get('error')} (log: {src.get('log')})")
@@ -147,13 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     png = COMPARE.plot(tables, args.out.with_suffix(".png"),
                        "Input-level shift: target accuracy after adapting the source model")
-    payload = {"benchmark": NAME, "command": cmd, "machine": info,
-               "args": harness.args_record(args),
-               "source": src, "source_unadapted": unadapted, "modes": {m: MODES[m] for m in args.modes},
-               "tables": tables, "wins": task_wins,
-               "figure": str(png) if png else None, "runs": runs}
-    path = write_results(args.out, payload)
-    print(f"raw results: {path}" + (f"; figure: {png}" if png else ""))
+    harness.report(NAME, args, cmd, info, source=src, source_unadapted=unadapted,
+                   modes={m: MODES[m] for m in args.modes}, tables=tables, wins=task_wins, figure=png, runs=runs)
     return 1 if any("error" in r for r in runs) else 0
 
 

@@ -51,7 +51,7 @@ import sys
 from typing import Any
 
 import harness
-from common import command_line, machine_info, print_header, write_results
+from common import start_study
 from comparison import ModeComparison
 
 NAME = "layer_selection"
@@ -97,12 +97,8 @@ def build_parser():
 
 def main(argv: list[str] | None = None) -> int:
     args = harness.parse_args(build_parser(), EXPERIMENT, argv)
-    if args is None:
-        return 0
     extra = args.overrides
-    shared = harness.device_overrides(args.device)
-    if args.cache_prefix != "recipe":
-        shared.append(harness.cache_override(args.cache_prefix))
+    shared = harness.shared_overrides(args)
     env = harness.subprocess_env(args.threads)
 
     plan = []
@@ -114,14 +110,10 @@ def main(argv: list[str] | None = None) -> int:
                         *MODES[mode]]
                 plan.append({"task": task, "recipe": t["recipe"], "seed": seed, "mode": mode, "overrides": over,
                              "path": f"{task}/seed{seed}/{mode}"})
-    harness.validate_plan(plan)
-    if args.dry_run:
-        harness.print_plan(plan)
+    if harness.plan_only(plan, args):
         return 0
 
-    info = machine_info()
-    cmd = command_line()
-    print_header("Layer selection: NC-guided blocks vs other choices at a matched budget", info, cmd)
+    info, cmd = start_study("Layer selection: NC-guided blocks vs other choices at a matched budget")
     runs = harness.run_plan(plan, args.workdir, env, prefix=NAME)
 
     tables: dict[str, list[dict[str, Any]]] = {}
@@ -159,13 +151,9 @@ def main(argv: list[str] | None = None) -> int:
           "W-T-L = seeds on which the NC-guided mode was better / equal / worse. s/epoch = training seconds per "
           "epoch (no evaluation, no cache build). trainable % = trainable / all parameters (head included).\n")
     png = COMPARE.plot(tables, args.out.with_suffix(".png"), "Layer selection at a matched budget")
-    payload = {"benchmark": NAME, "command": cmd, "machine": info,
-               "args": harness.args_record(args),
-               "tasks": {t: TASKS[t] for t in args.tasks}, "modes": {m: MODES[m] for m in args.modes},
-               "tables": tables, "wins": task_wins, "identical_selections": identical,
-               "figure": str(png) if png else None, "runs": runs}
-    path = write_results(args.out, payload)
-    print(f"raw results: {path}" + (f"; figure: {png}" if png else ""))
+    harness.report(NAME, args, cmd, info, tasks={t: TASKS[t] for t in args.tasks},
+                   modes={m: MODES[m] for m in args.modes}, tables=tables, wins=task_wins,
+                   identical_selections=identical, figure=png, runs=runs)
     return 1 if any("error" in r for r in runs) else 0
 
 

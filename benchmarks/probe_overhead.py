@@ -39,22 +39,11 @@ from pathlib import Path
 from typing import Any
 
 import harness
-from common import (
-    REPO_ROOT,
-    check,
-    command_line,
-    machine_info,
-    markdown_table,
-    median,
-    print_header,
-    safe_ratio,
-    usable_cores,
-    write_results,
-)
+from common import REPO_ROOT, check, markdown_table, median, safe_ratio, start_study, usable_cores
 
 NAME = "probe_overhead"
 EXPERIMENT = harness.load_experiment(NAME)
-CASES = {name: case["recipe"] for name, case in EXPERIMENT.settings.items()}
+CASES = EXPERIMENT.recipes
 TARGET_WALL_RATIO = 1.10
 TARGET_MEMORY_RATIO = 1.05
 _RESULT_MARK = "@@PROBE_OVERHEAD_RESULT@@ "
@@ -394,8 +383,6 @@ def case_recipe(case: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = harness.parse_args(build_parser(), EXPERIMENT, argv)
-    if args is None:
-        return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.memory_worker is not None:
         result = memory_worker(json.loads(args.memory_worker))
@@ -423,9 +410,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:
                 raise SystemExit(f"{case}: {e}") from None
 
-    info = machine_info()
-    cmd = command_line()
-    print_header("Probe overhead vs a plain forward pass", info, cmd)
+    info, cmd = start_study("Probe overhead vs a plain forward pass")
 
     results = []
     for case in args.cases:
@@ -472,12 +457,9 @@ def main(argv: list[str] | None = None) -> int:
         print(t2)
         print()
 
-    payload = {"benchmark": NAME, "command": cmd, "machine": info, "args": harness.args_record(args),
-               "threads": threads, "targets": {"wall_ratio_max": TARGET_WALL_RATIO,
-                                               "memory_ratio_max": TARGET_MEMORY_RATIO},
-               "results": results}
-    path = write_results(args.out, payload)
-    print(f"raw results: {path}")
+    harness.report(NAME, args, cmd, info, threads=threads,
+                   targets={"wall_ratio_max": TARGET_WALL_RATIO, "memory_ratio_max": TARGET_MEMORY_RATIO},
+                   results=results)
     failed = any("error" in (r.get("timing") or {}) for r in results) or any(
         "error" in r.get("memory", {}).get(s, {}).get(m, {}) for r in results for s in ("small", "large")
         for m in ("forward", "probe"))

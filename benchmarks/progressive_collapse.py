@@ -50,16 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import harness
-from common import (
-    DEFAULT_OUT_DIR,
-    REPO_ROOT,
-    command_line,
-    machine_info,
-    markdown_table,
-    median,
-    print_header,
-    write_results,
-)
+from common import DEFAULT_OUT_DIR, REPO_ROOT, finish_figure, markdown_table, median, start_study
 
 NAME = "progressive_collapse"
 EXPERIMENT = harness.load_experiment(NAME)
@@ -268,8 +259,6 @@ def plot_grid(records: list[dict[str, Any]], path: Path) -> Path | None:
     """One panel per dataset: NC1 (log) against relative depth, one line per backbone."""
     from matplotlib.figure import Figure
 
-    from nc_finetune.report.plots import save_figure
-
     done = [r for r in records if "summary" in r]
     datasets = list(dict.fromkeys(r["dataset"] for r in done))
     if not datasets:
@@ -296,9 +285,7 @@ def plot_grid(records: list[dict[str, Any]], path: Path) -> Path | None:
         ax.set_xlim(-0.03, 1.03)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("NC1 across pretrained blocks (downstream training data)", fontsize=11)
-    fig.tight_layout()
-    return save_figure(fig, path)
+    return finish_figure(fig, "NC1 across pretrained blocks (downstream training data)", path)
 
 
 # --------------------------------------------------------------------------------------------------- main
@@ -329,8 +316,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = harness.parse_args(build_parser(), EXPERIMENT, argv)
-    if args is None:
-        return 0
     pairs = [parse_pair(p) for p in dict.fromkeys(args.pairs)]
     order = list(dict.fromkeys(d for _, d in pairs))
     pairs.sort(key=lambda bd: order.index(bd[1]))  # grouped by dataset (stable): each dataset loads once
@@ -351,9 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{backbone}:{dataset}: {e}") from None
         plans.append((backbone, dataset, over))
 
-    info = machine_info()
-    cmd = command_line()
-    print_header("Progressive collapse: NC1 across the blocks of pretrained backbones", info, cmd)
+    info, cmd = start_study("Progressive collapse: NC1 across the blocks of pretrained backbones")
     records: list[dict[str, Any]] = []
     prepared_cache: dict[str, Any] = {}
     for i, (backbone, dataset, over) in enumerate(plans, 1):
@@ -389,11 +372,8 @@ def main(argv: list[str] | None = None) -> int:
           "nearest-class-centre accuracy on the probed training samples.\n")
     print("\n".join(overall_lines(records)))
     png = plot_grid(records, args.out.with_suffix(".png"))
-    payload = {"benchmark": NAME, "command": cmd, "machine": info,
-               "args": harness.args_record(args),
-               "pairs": records, "figure": str(png) if png else None}
-    path = write_results(args.out, payload)
-    print(f"\nraw results: {path}" + (f"; figure: {png}" if png else ""))
+    print()
+    harness.report(NAME, args, cmd, info, pairs=records, figure=png)
     return 1 if any(r["status"] == "failed" for r in records) else 0
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import harness
-from common import REPO_ROOT, command_line, machine_info, markdown_table, print_header, write_results
+from common import REPO_ROOT, markdown_table, start_study, write_results
 
 from nc_finetune.sweep import mean_ci95, verdict
 
@@ -233,12 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = harness.parse_args(build_parser(), EXPERIMENT, argv)
-    if args is None:
-        return 0
     extra = [f"sweep.seeds=[{', '.join(map(str, args.seeds))}]", *args.overrides]
-    info = machine_info()
-    cmd = command_line()
-    print_header("Selection regret: each strategy's pick against the best block set", info, cmd)
+    info, cmd = start_study("Selection regret: each strategy's pick against the best block set")
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.pack_only:
         for name in args.settings:
