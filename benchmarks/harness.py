@@ -290,9 +290,10 @@ def study_parser(exp: Experiment, doc: str, *, flags: Sequence[str] = COMMON_FLA
                        help=f"a tiny run to check the pipeline (the experiment file's smoke preset; flags given "
                             f"still win); --out and --workdir default to {_shown(SMOKE_DIR)}/")
     if "device" in flags:
+        shown = device or "the recipe's"
         p.add_argument("--device", default=device, metavar="DEVICE",
-                       help=helps.get("device", "auto, cpu or cuda[:N]: sets train.device and probe.device "
-                                                f"(default: {device or 'the recipe' + chr(39) + 's'})"))
+                       help=helps.get("device", f"auto, cpu or cuda[:N]: sets train.device and probe.device "
+                                                f"(default: {shown})"))
     if "threads" in flags:
         p.add_argument("--threads", type=int, default=None,
                        help=helps.get("threads", "OMP/MKL threads of each run (default: unset, torch uses all "
@@ -334,12 +335,12 @@ def parse_args(parser: argparse.ArgumentParser, exp: Experiment,
         unknown = sorted(set(exp.smoke) - set(dests))
         if unknown:
             raise ExperimentError(f"{exp.path.name}: smoke sets unknown argument(s) {unknown}")
-        given = vars(parser.parse_args(argv))
+        given = vars(args)
         preset = {}
         for key, value in exp.smoke.items():
             action = dests[key]
             value = _typed(action, value)
-            if isinstance(action, argparse._AppendAction):
+            if isinstance(action, argparse._AppendAction):  # --set and the like: the given items come last, win
                 preset[key] = [*value, *given[key]]
             elif given[key] == action.default:
                 preset[key] = value
@@ -377,8 +378,8 @@ def _settings_dest(parser: argparse.ArgumentParser) -> str:
 
 
 def args_record(args: argparse.Namespace) -> dict[str, Any]:
-    """The arguments as JSON-ready values (paths as strings), for a study's raw results."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    """The arguments as JSON-ready values (paths as strings), for a study's raw results (``--list-...`` left out)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("list_")}
 
 
 def device_overrides(device: str | None) -> list[str]:

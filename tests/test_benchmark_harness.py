@@ -183,3 +183,37 @@ def test_report_writes_the_common_fields_first(bench, tmp_path, capsys) -> None:
     assert list(payload) == ["benchmark", "command", "machine", "args", "tables", "figure", "runs"]
     assert payload["figure"] == str(png) and payload["args"]["out"] == str(tmp_path / "r.json")
     assert f"raw results: {path}; figure: {png}" in capsys.readouterr().out
+
+
+def _quoted_commands() -> list[str]:
+    """Study command lines quoted in the READMEs and recorded in the committed results."""
+    import json
+    import re
+
+    root = BENCH.parent
+    text = " ".join((root / f).read_text(encoding="utf-8").replace("\n", " ")
+                    for f in ("README.md", "benchmarks/README.md"))
+    cmds = re.findall(r"`(python3? benchmarks/\w+\.py[^`]*)`", text)
+    for path in sorted((BENCH / "results").rglob("*.json")):
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(payload, dict) and "benchmarks/" in str(payload.get("command", "")):
+            cmds.append(payload["command"])
+    return cmds
+
+
+def test_quoted_and_recorded_command_lines_still_parse(bench) -> None:
+    import shlex
+
+    checked = 0
+    for cmd in _quoted_commands():
+        argv = shlex.split(cmd)
+        i = next(i for i, a in enumerate(argv) if a.startswith("benchmarks/"))
+        study = Path(argv[i]).stem
+        if study == "run":
+            study, i = argv[i + 1], i + 1
+        if study not in bench.STUDIES:  # a placeholder such as STUDY
+            continue
+        module = importlib.import_module(study)
+        bench.parse_args(module.build_parser(), module.EXPERIMENT, argv[i + 1:])
+        checked += 1
+    assert checked >= 20
