@@ -378,8 +378,8 @@ def _settings_dest(parser: argparse.ArgumentParser) -> str:
 
 
 def args_record(args: argparse.Namespace) -> dict[str, Any]:
-    """The arguments as JSON-ready values (paths as strings), for a study's raw results (``--list-...`` left out)."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("list_")}
+    """The arguments as JSON-ready values (paths as strings), for a study's raw results."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
 def device_overrides(device: str | None) -> list[str]:
