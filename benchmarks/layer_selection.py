@@ -47,6 +47,7 @@ Examples:
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Any
 
@@ -80,7 +81,7 @@ def identical_selections(by_mode: dict[str, dict[int, dict[str, Any]]]) -> list[
     return notes
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     p = harness.study_parser(
         EXPERIMENT, __doc__, settings_alias="--tasks",
         helps={"modes": f"modes, of {', '.join(MODES)} (default: all; the wins need {' or '.join(NC_MODES)}, "
