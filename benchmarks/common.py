@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: machine description, Markdown tables, statistics, atomic JSON output.
+"""Helpers shared by the benchmark studies: machine description, Markdown tables, statistics, atomic JSON output.
 
 Imported as a sibling module (``from common import ...``): the scripts are run as files
 (``python benchmarks/<name>.py``), which puts this directory first on ``sys.path``.
@@ -154,6 +154,22 @@ def check(ok: bool | None) -> str:
     return "PASS" if ok else "FAIL"
 
 
+def start_study(title: str) -> tuple[dict[str, Any], str]:
+    """Print a study's header (title, machine, command line); return the machine description and the command line."""
+    info, cmd = machine_info(), command_line()
+    print_header(title, info, cmd)
+    return info, cmd
+
+
+def finish_figure(fig: Any, title: str, path: Path) -> Path:
+    """A study figure's end: its title, a tight layout and the PNG, written atomically."""
+    from nc_finetune.report.plots import save_figure
+
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def write_results(path: Path, payload: dict[str, Any]) -> Path:
     """Write the raw results as JSON atomically (NaN/inf become ``null``)."""
     from nc_finetune.utils.io import write_json_atomic
@@ -161,13 +177,18 @@ def write_results(path: Path, payload: dict[str, Any]) -> Path:
     return write_json_atomic(path, payload)
 
 
-def parse_overrides(items: Sequence[str]) -> list[str]:
-    """Check ``key=value`` overrides early (the recipe loader validates keys and types later).
+def paired(a: dict[int, float], b: dict[int, float]) -> list[float]:
+    """``a[s] - b[s]`` for every seed in both."""
+    return [a[s] - b[s] for s in sorted(a) if s in b]
 
-    Raises:
-        SystemExit: an item without ``=``.
-    """
-    for item in items:
-        if "=" not in item or item.startswith("="):
-            raise SystemExit(f"--set expects key=value (e.g. train.max_steps=5); got {item!r}")
-    return list(items)
+
+def wtl(diffs: list[float], tol: float = 1e-9) -> str:
+    """Wins-ties-losses of paired differences, e.g. ``2-0-1``."""
+    w = sum(d > tol for d in diffs)
+    t = sum(abs(d) <= tol for d in diffs)
+    return f"{w}-{t}-{len(diffs) - w - t}"
+
+
+def accuracies(runs: dict[int, dict[str, Any]]) -> dict[int, float]:
+    """Test accuracy in % per seed."""
+    return {s: 100 * r["test_accuracy"] for s, r in runs.items()}

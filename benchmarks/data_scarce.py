@@ -39,12 +39,11 @@ against samples per class (log x), one line per mode.
 
 Examples:
     # the real CPU run (EfficientNet-Lite0 on Fashion-MNIST; runs kept, an interrupted run continues)
-    python benchmarks/data_scarce.py --seeds 0 1 2 --workdir runs/bench-data-scarce
+    python benchmarks/run.py data_scarce --seeds 0 1 2 --workdir runs/bench-data-scarce
     # also MiniLM on Rotten Tomatoes
-    python benchmarks/data_scarce.py --tasks effnet-fm minilm-rt --seeds 0 1 2 --workdir runs/bench-data-scarce
-    # a smoke run (seconds)
-    python benchmarks/data_scarce.py --sizes 3 6 --modes scl linear_probe --seeds 0 --set train.max_steps=2 \\
-        --set data.max_eval_samples=30 --set probe.samples_per_class=10 --out /tmp/ds-smoke.json
+    python benchmarks/run.py data_scarce --tasks effnet-fm minilm-rt --seeds 0 1 2 --workdir runs/bench-data-scarce
+    # a smoke run (seconds): the experiment file's smoke preset
+    python benchmarks/run.py data_scarce --smoke
 """
 
 from __future__ import annotations
@@ -55,39 +54,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import (
-    REPO_ROOT,
-    command_line,
-    default_out,
-    fmt_stat,
-    machine_info,
-    markdown_table,
-    mean_std,
-    parse_overrides,
-    print_header,
-    write_results,
-)
-from finetune_efficiency import _recipe_dict, cache_override
-from layer_selection import accuracies, blocks_label, paired, run_plan, subprocess_env, validate_plan
+import harness
+from common import accuracies, finish_figure, fmt_stat, markdown_table, mean_std, paired, start_study
+from comparison import blocks_label
 
 NAME = "data_scarce"
-TASKS: dict[str, dict[str, Any]] = {
-    "effnet-fm": {"recipe": "effnet-lite0-fashion-mnist", "num_classes": 10, "max_epochs": 160,
-                  "overrides": ["data.max_eval_samples=1000"],
-                  "about": "EfficientNet-Lite0 (64 px) on Fashion-MNIST"},
-    "minilm-rt": {"recipe": "minilm-rotten-tomatoes", "num_classes": 2, "max_epochs": 40,
-                  "overrides": ["data.max_eval_samples=1000"],
-                  "about": "MiniLM-L6 (max_length 64, mean pooling) on Rotten Tomatoes"},
-}
-MODES: dict[str, list[str]] = {
-    "scl": ["adapt.method=scl", "adapt.scl_wiring=add"],
-    "nc-finetune": ["adapt.method=finetune"],
-    "nc-lora": ["adapt.method=lora"],
-    "full": ["adapt.method=full"],
-    "linear_probe": ["adapt.method=linear_probe"],
-}
-REFERENCE = "full"
-FULL = "full"
+FULL = "full"  # the size that keeps the recipe's data.max_train_samples
+EXPERIMENT = harness.load_experiment(NAME)
+TASKS = EXPERIMENT.settings
+MODES = EXPERIMENT.modes
+REFERENCE = EXPERIMENT.params["reference"]
 
 
 # --------------------------------------------------------------------------------------------------- the plan
@@ -215,17 +191,13 @@ def detail_table(rows: list[dict[str, Any]], failures: list[str], target: int) -
 
 def plot_tasks(tables: dict[str, list[dict[str, Any]]], modes: list[str], path: Path) -> Path | None:
     """Accuracy (mean ± std over seeds) against samples per class (log x), one line per mode, a panel per task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from nc_finetune.utils.io import atomic_write
+    from matplotlib.figure import Figure
 
     tasks = [t for t, rows in tables.items() if rows]
     if not tasks:
         return None
-    fig, axes = plt.subplots(1, len(tasks), figsize=(max(6.5, 5.4 * len(tasks)), 4.3), squeeze=False)
+    fig = Figure(figsize=(max(6.5, 5.4 * len(tasks)), 4.3))
+    axes = fig.subplots(1, len(tasks), squeeze=False)
     styles = {"scl": ("tab:red", "*"), "nc-finetune": ("tab:orange", "o"), "nc-lora": ("tab:purple", "s"),
               "full": ("black", "D"), "linear_probe": ("tab:gray", "v")}
     for ax, task in zip(axes[0], tasks, strict=True):
@@ -246,85 +218,40 @@ def plot_tasks(tables: dict[str, list[dict[str, Any]]], modes: list[str], path: 
         ax.set_title(task, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Data-scarce fine-tuning: accuracy vs training-set size (step-matched)", fontsize=11)
-    fig.tight_layout()
-
-    def _save(tmp: str) -> None:
-        fig.savefig(tmp, dpi=110, format="png")
-
-    try:
-        return atomic_write(path, _save)
-    finally:
-        plt.close(fig)
+    return finish_figure(fig, "Data-scarce fine-tuning: accuracy vs training-set size (step-matched)", path)
 
 
 # --------------------------------------------------------------------------------------------------- main
 
 
-def task_listing() -> str:
-    lines = ["tasks (recipe + per-task defaults; --set is applied after them):"]
-    for name, t in TASKS.items():
-        lines.append(f"  {name:<10} {t['about']}; K = {t['num_classes']}, max_epochs {t['max_epochs']}\n"
-                     f"  {'':<10} {t['recipe']} {' '.join(t['overrides'])}")
-    return "\n".join(lines)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python benchmarks/data_scarce.py",
-        description=__doc__[:__doc__.index("Examples:")].rstrip(),
-        epilog=task_listing() + "\n\n" + __doc__[__doc__.index("Examples:"):],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", nargs="+", default=["effnet-fm"], choices=list(TASKS), metavar="TASK",
-                   help=f"tasks, of {', '.join(TASKS)} (default: effnet-fm)")
-    p.add_argument("--sizes", nargs="+", type=parse_size, default=[10, 100, FULL], metavar="N",
+    p = harness.study_parser(
+        EXPERIMENT, __doc__, settings_alias="--tasks",
+        helps={"modes": f"modes, of {', '.join(MODES)} (default: all; Δ vs full FT needs {REFERENCE})",
+               "set": "recipe override shared by every run, after the task defaults, repeatable "
+                      "(e.g. --set data.max_eval_samples=500)",
+               "cache_prefix": "train.cache_prefix of every run (default 'recipe', i.e. auto)",
+               "workdir": "keep the run directories here (TASK/SIZE/seedS/MODE); a finished identical run found "
+                          "there is reused, so an interrupted benchmark continues (default: a temporary directory, "
+                          "deleted)"})
+    p.add_argument("--sizes", nargs="+", type=parse_size, default=EXPERIMENT.params["sizes"], metavar="N",
                    help="training samples per class, or 'full' for the recipe's data.max_train_samples "
-                        "(default: 10 100 full)")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), metavar="MODE",
-                   help=f"modes, of {', '.join(MODES)} (default: all; Δ vs full FT needs {REFERENCE})")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="SEED",
-                   help="seeds; each sets train.seed and selection.seed (default: 0 1 2)")
+                        f"(default: {' '.join(map(str, EXPERIMENT.params['sizes']))})")
     p.add_argument("--resample-data", action="store_true",
                    help="also set data.seed to the seed: each seed draws its own training (and test) subsample")
     p.add_argument("--steps-target", type=int, default=None,
                    help="T of the step-matching rule (default: the recipe's own steps at full size)")
-    p.add_argument("--max-epochs", type=int, default=None,
-                   help="cap of the rule's epochs (default per task: effnet-fm 160, minilm-rt 40)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="recipe override shared by every run, after the task defaults, repeatable "
-                        "(e.g. --set data.max_eval_samples=500)")
-    p.add_argument("--cache-prefix", choices=["off", "auto", "on", "recipe"], default="recipe",
-                   help="train.cache_prefix of every run (default 'recipe', i.e. auto)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
-                   help="sets train.device and probe.device (default: the recipe's, i.e. auto)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="OMP/MKL threads of each run (default: unset, torch uses all cores)")
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="keep the run directories here (TASK/SIZE/seedS/MODE); a finished identical run found there "
-                        "is reused, so an interrupted benchmark continues (default: a temporary directory, deleted)")
-    p.add_argument("--out", type=Path, default=default_out(NAME),
-                   help=f"JSON of the raw results (default {default_out(NAME).relative_to(REPO_ROOT)}); the figure "
-                        "goes next to it with the suffix .png")
-    p.add_argument("--list-tasks", action="store_true", help="print the tasks and their defaults, then exit")
-    p.add_argument("--dry-run", action="store_true",
-                   help="validate every run's recipe, print the runs (and the step schedule) and exit")
+    caps = ", ".join(f"{name} {task['max_epochs']}" for name, task in TASKS.items())
+    p.add_argument("--max-epochs", type=int, default=None, help=f"cap of the rule's epochs (default per task: {caps})")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.list_tasks:
-        print(task_listing())
-        return 0
-    args.tasks, args.sizes, args.modes, args.seeds = (list(dict.fromkeys(x))
-                                                      for x in (args.tasks, args.sizes, args.modes, args.seeds))
-    extra = parse_overrides(args.overrides)
-    shared: list[str] = []
-    if args.device is not None:
-        shared += [f"train.device={args.device}", f"probe.device={args.device}"]
-    if args.cache_prefix != "recipe":
-        shared.append(cache_override(args.cache_prefix))
-    env = subprocess_env(args.threads)
+    args = harness.parse_args(build_parser(), EXPERIMENT, argv)
+    args.sizes = list(dict.fromkeys(args.sizes))
+    extra = args.overrides
+    shared = harness.shared_overrides(args)
+    env = harness.subprocess_env(args.threads)
 
     plan: list[dict[str, Any]] = []
     schedules: dict[str, dict[Any, dict[str, Any]]] = {}
@@ -333,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         t = TASKS[task]
         base_over = [*t["overrides"], *shared, *extra]
         try:
-            base = _recipe_dict(t["recipe"], base_over)
+            base = harness.resolve_recipe(t["recipe"], base_over)
         except Exception as e:
             raise SystemExit(f"{t['recipe']} {' '.join(base_over)}: {e}") from None
         available = available_train(base)
@@ -357,32 +284,24 @@ def main(argv: list[str] | None = None) -> int:
                     plan.append({"task": task, "recipe": t["recipe"], "size": size, "seed": seed, "mode": mode,
                                  "overrides": [*t["overrides"], *seeded, *shared, *extra, *size_over, *MODES[mode]],
                                  "path": f"{task}/{size_label(size)}/seed{seed}/{mode}"})
-    validate_plan(plan)
+    harness.validate_plan(plan)
     if args.dry_run:
         for task, by_size in schedules.items():
             for size, v in by_size.items():
                 print(f"{task} {_size_name(size, v)}: N={v['n_train']}, {v['steps_per_epoch']} steps/epoch -> "
                       f"{v['epochs']} epochs, {v['steps']} of T={targets[task]} steps")
-        for item in plan:
-            print(f"{item['path']}: {item['recipe']} {' '.join(item['overrides'])}")
+        harness.print_plan(plan)
         return 0
 
-    info = machine_info()
-    cmd = command_line()
-    print_header("Data-scarce fine-tuning: NC-selected adaptation vs full fine-tuning and the linear probe", info,
-                 cmd)
-    runs = run_plan(plan, args.workdir, env, prefix=NAME)
+    info, cmd = start_study("Data-scarce fine-tuning: NC-selected adaptation vs full fine-tuning and the linear probe")
+    runs = harness.run_plan(plan, args.workdir, env, prefix=NAME)
 
     tables: dict[str, list[dict[str, Any]]] = {}
     for task in args.tasks:
         mine = [r for r in runs if r["task"] == task]
-        runs_by: dict[tuple[Any, str], dict[int, dict[str, Any]]] = {}
-        failures = []
-        for r in mine:
-            if "result" in r:
-                runs_by.setdefault((r["size"], r["mode"]), {})[r["seed"]] = r["result"]
-            else:
-                failures.append(f"{size_label(r['size'])} {r['mode']} (seed {r['seed']}): {r['error']}")
+        runs_by, failed = harness.by_mode(mine, [], key=lambda r: (r["size"], r["mode"]),
+                                          label=lambda r: f"{size_label(r['size'])} {r['mode']} (seed {r['seed']})")
+        failures = [f"{k}: {v}" for k, v in failed.items()]
         tables[task] = size_rows(runs_by, args.sizes, args.modes, schedules[task])
         resolved = next(p["resolved"] for p in plan if p["task"] == task)
         sel = resolved["selection"]
@@ -404,15 +323,12 @@ def main(argv: list[str] | None = None) -> int:
           "same mode's at full size; both paired per seed (mean ± std). steps (cap) = the max_epochs cap held the "
           "run below T steps.\n")
     png = plot_tasks(tables, args.modes, args.out.with_suffix(".png"))
-    payload = {"benchmark": NAME, "command": cmd, "machine": info,
-               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "tasks": {t: TASKS[t] for t in args.tasks}, "modes": {m: MODES[m] for m in args.modes},
-               "rule": "epochs = clamp(ceil(T / steps_per_epoch), 1, max_epochs); train.max_steps = T",
-               "steps_target": targets, "schedules": {t: {size_label(s): v for s, v in d.items()}
-                                                      for t, d in schedules.items()},
-               "tables": tables, "figure": str(png) if png else None, "runs": runs}
-    path = write_results(args.out, payload)
-    print(f"raw results: {path}" + (f"; figure: {png}" if png else ""))
+    harness.report(NAME, args, cmd, info, tasks={t: TASKS[t] for t in args.tasks},
+                   modes={m: MODES[m] for m in args.modes},
+                   rule="epochs = clamp(ceil(T / steps_per_epoch), 1, max_epochs); train.max_steps = T",
+                   steps_target=targets,
+                   schedules={t: {size_label(s): v for s, v in d.items()} for t, d in schedules.items()},
+                   tables=tables, figure=png, runs=runs)
     return 1 if any("error" in r for r in runs) else 0
 
 

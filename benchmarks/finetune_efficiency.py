@@ -25,129 +25,33 @@ at <= 10% trainable parameters and >= 3x less time per epoch; >= 5x with the pre
 
 Examples:
     # the real CPU benchmark, one seed (see --help of each option)
-    python benchmarks/finetune_efficiency.py --cache-compare
+    python benchmarks/run.py finetune_efficiency --cache-compare
     # three seeds, keep the runs (an interrupted benchmark continues where it stopped)
-    python benchmarks/finetune_efficiency.py --seeds 0 1 2 --workdir runs/bench-ft
-    # a smoke run (about a minute)
-    python benchmarks/finetune_efficiency.py --cases minilm --set train.max_steps=3 \\
-        --set data.max_train_samples=100 --set data.max_eval_samples=50 --set probe.samples_per_class=20
+    python benchmarks/run.py finetune_efficiency --seeds 0 1 2 --workdir runs/bench-ft
+    # a smoke run (about a minute): the experiment file's smoke preset
+    python benchmarks/run.py finetune_efficiency --smoke
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 from typing import Any
 
-from common import (
-    REPO_ROOT,
-    check,
-    command_line,
-    default_out,
-    fmt_stat,
-    machine_info,
-    markdown_table,
-    mean_std,
-    parse_overrides,
-    print_header,
-    safe_ratio,
-    write_results,
-)
+import harness
+from common import check, fmt_stat, markdown_table, mean_std, safe_ratio, start_study
 
 NAME = "finetune_efficiency"
-CASES = {"minilm": "minilm-rotten-tomatoes", "effnet": "effnet-lite0-fashion-mnist"}
-MODES: dict[str, list[str]] = {
-    "full": ["adapt.method=full"],
-    "nc-finetune": ["adapt.method=finetune"],
-    "nc-lora": ["adapt.method=lora"],
-    "nc-scl": ["adapt.method=scl", "adapt.scl_wiring=add"],
-    "last_k": ["selection.strategy=last_k", "adapt.method=finetune"],
-    "linear_probe": ["adapt.method=linear_probe"],
-}
-REFERENCE = "full"
+EXPERIMENT = harness.load_experiment(NAME)
+CASES = EXPERIMENT.recipes
+MODES = EXPERIMENT.modes
+REFERENCE = EXPERIMENT.params["reference"]
 TARGET_ACC_POINTS = 0.5  # accuracy may be at most this many points below full
 TARGET_PARAM_PCT = 10.0  # trainable parameters, % of the model
 TARGET_TIME_X = 3.0  # full / mode seconds per epoch
 TARGET_CACHE_X = 5.0  # full (or uncached) / cached, per epoch with the cache build amortised
-_SUMMARY_KEYS = ("test_accuracy", "test_loss", "test_samples", "trainable_params", "total_params", "head_params",
-                 "trainable_fraction", "train_seconds", "seconds_per_epoch", "steps", "epochs_run", "peak_memory_mb",
-                 "device", "world_size", "prefix_cache", "method", "train_samples")
 
-
-# --------------------------------------------------------------------------------------------------- running
-
-
-def _recipe_dict(recipe: str, overrides: list[str]) -> dict[str, Any]:
-    """The fully resolved recipe (validates every override before anything runs)."""
-    from nc_finetune.cli import resolve_recipe_path
-    from nc_finetune.config import load_recipe, recipe_to_dict
-
-    return recipe_to_dict(load_recipe(resolve_recipe_path(recipe), overrides))
-
-
-def _normalised(recipe: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A recipe dict read back from an older run, with keys added to the schema since then at their defaults."""
-    from nc_finetune.config import Recipe, from_dict, recipe_to_dict
-    from nc_finetune.errors import ConfigError
-
-    try:
-        return recipe_to_dict(from_dict(Recipe, recipe, "")) if recipe is not None else None
-    except ConfigError:
-        return recipe
-
-
-def cache_override(value: str) -> str:
-    """``train.cache_prefix=<value>``, quoted: override values are YAML and YAML 1.1 reads bare on/off as booleans."""
-    return f"train.cache_prefix='{value}'"
-
-
-def run_mode(recipe: str, overrides: list[str], run_dir: Path, env: dict[str, str]) -> dict[str, Any]:
-    """Run ``nc-finetune run`` in a fresh process (or reuse a finished identical run in ``run_dir``).
-
-    Returns:
-        ``{"command", "run_dir", "rc", "wall_seconds", "summary" | "error", "reused"}``.
-    """
-    import json
-
-    cmd = [sys.executable, "-m", "nc_finetune.cli", "run", recipe, *overrides, "--out", str(run_dir), "--quiet"]
-    rec: dict[str, Any] = {"command": cmd, "run_dir": str(run_dir), "reused": False}
-    summary_path = run_dir / "summary.json"
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-        if _normalised(summary.get("recipe")) == _recipe_dict(recipe, overrides):
-            return rec | {"rc": 0, "wall_seconds": None, "summary": summary, "reused": True}
-        raise SystemExit(f"{run_dir} holds a run made with a different recipe; use another --workdir")
-    if run_dir.exists():  # an interrupted run of an earlier benchmark: start it again
-        shutil.rmtree(run_dir)
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    log = run_dir.parent / f"{run_dir.name}.log"
-    start = time.perf_counter()
-    with open(log, "w", encoding="utf-8") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env, check=False)
-    rec |= {"rc": proc.returncode, "wall_seconds": time.perf_counter() - start, "log": str(log)}
-    if proc.returncode == 0 and summary_path.is_file():
-        rec["summary"] = json.loads(summary_path.read_text(encoding="utf-8"))
-    else:
-        lines = [ln for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
-        rec["error"] = lines[-1] if lines else f"exit status {proc.returncode}"
-        rec["log_tail"] = lines[-20:]
-    return rec
-
-
-def _slim(summary: dict[str, Any]) -> dict[str, Any]:
-    """The summary keys the benchmark reads, plus the selected blocks."""
-    out = {k: summary.get(k) for k in _SUMMARY_KEYS}
-    sel = summary.get("selection") or {}
-    out["selected_blocks"] = [b["name"] for b in sel.get("blocks", [])]
-    out["selection_strategy"] = sel.get("strategy")
-    return out
 
 
 # --------------------------------------------------------------------------------------------------- reporting
@@ -301,109 +205,61 @@ def cache_table(case_results: dict[str, dict[str, Any]]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python benchmarks/finetune_efficiency.py",
-        description=__doc__[:__doc__.index("Examples:")].rstrip(),
-        epilog=__doc__[__doc__.index("Examples:"):],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", nargs="+", default=list(CASES), metavar="CASE",
-                   help=f"cases: {', '.join(f'{k} ({v})' for k, v in CASES.items())}; a recipe name or path is "
-                        f"accepted too (default: all)")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), metavar="MODE",
-                   help=f"modes to run, of {', '.join(MODES)} (default: all; '{REFERENCE}' is the reference of the "
-                        f"differences and ratios)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED",
-                   help="seeds (each sets train.seed and selection.seed); >1 seed gives mean ± std (default: 0)")
+    p = harness.study_parser(
+        EXPERIMENT, __doc__, settings_alias="--cases", settings_choices=False, cache_prefix="off",
+        helps={"settings": f"cases: {', '.join(f'{k} ({v})' for k, v in CASES.items())}; a recipe name or path is "
+                           "accepted too (default: all)",
+               "modes": f"modes to run, of {', '.join(MODES)} (default: all; '{REFERENCE}' is the reference of the "
+                        "differences and ratios)",
+               "seeds": "seeds (each sets train.seed and selection.seed); >1 seed gives mean ± std (default: "
+                        f"{' '.join(map(str, EXPERIMENT.seeds))})",
+               "set": "recipe override shared by every run, repeatable (e.g. --set train.max_steps=5 "
+                      "--set data.max_train_samples=200 for a smoke run)",
+               "cache_prefix": "train.cache_prefix of the mode table (default off: the per-epoch times measure the "
+                               "block selection alone; the cache is measured by --cache-compare; 'recipe' keeps the "
+                               "recipe's)",
+               "out": "JSON file for the raw results (default "
+                      f"{harness.default_out(NAME).relative_to(harness.REPO_ROOT)})"})
     p.add_argument("--epochs", type=int, default=None,
                    help="train.epochs for every mode (default: the recipe's: minilm 1, effnet 2)")
-    p.add_argument("--cache-prefix", choices=["off", "auto", "on", "recipe"], default="off",
-                   help="train.cache_prefix of the mode table (default off: the per-epoch times measure the block "
-                        "selection alone; the cache is measured by --cache-compare; 'recipe' keeps the recipe's)")
     p.add_argument("--cache-compare", action="store_true",
                    help="also run nc-finetune with train.cache_prefix=off vs on over --cache-epochs epochs")
     p.add_argument("--cache-epochs", type=int, default=3, help="epochs of the --cache-compare runs (default 3)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="recipe override shared by every run, repeatable (e.g. --set train.max_steps=5 "
-                        "--set data.max_train_samples=200 for a smoke run)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
-                   help="sets train.device and probe.device (default: the recipe's, i.e. auto)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="OMP/MKL threads of each run (default: unset, torch uses all cores)")
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="keep the run directories here; a finished identical run found there is reused, so an "
-                        "interrupted benchmark continues (default: a temporary directory, deleted at the end)")
-    p.add_argument("--out", type=Path, default=default_out(NAME),
-                   help=f"JSON file for the raw results (default {default_out(NAME).relative_to(REPO_ROOT)})")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.cases, args.modes, args.seeds = (list(dict.fromkeys(x)) for x in (args.cases, args.modes, args.seeds))
-    extra = parse_overrides(args.overrides)
-    shared: list[str] = []
-    if args.epochs is not None:
-        shared.append(f"train.epochs={args.epochs}")
-    if args.device is not None:
-        shared += [f"train.device={args.device}", f"probe.device={args.device}"]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    if args.threads:
-        env |= {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-        import torch
-
-        torch.set_num_threads(args.threads)  # so the header shows what the runs use
+    args = harness.parse_args(build_parser(), EXPERIMENT, argv)
+    extra = args.overrides
+    shared = [f"train.epochs={args.epochs}"] if args.epochs is not None else []
+    shared += harness.device_overrides(args.device)
+    env = harness.subprocess_env(args.threads)
 
     # Every run's overrides, validated up front (a typo fails in a second, not after an hour).
-    plan: list[tuple[str, str, int, str, list[str]]] = []  # (case, recipe, seed, run name, overrides)
+    plan: list[dict[str, Any]] = []
     for case in args.cases:
         recipe = CASES.get(case, case)
         for seed in args.seeds:
             seeded = shared + [f"train.seed={seed}", f"selection.seed={seed}"]
-            cache = [] if args.cache_prefix == "recipe" else [cache_override(args.cache_prefix)]
-            for mode in args.modes:
-                plan.append((case, recipe, seed, mode, seeded + cache + extra + MODES[mode]))
+            cache = [] if args.cache_prefix == "recipe" else [harness.cache_override(args.cache_prefix)]
+            runs = {mode: seeded + cache + extra + MODES[mode] for mode in args.modes}
             if args.cache_compare:
                 for c in ("off", "on"):
-                    over = seeded + [f"train.epochs={args.cache_epochs}"] + extra + MODES["nc-finetune"]
-                    plan.append((case, recipe, seed, f"cache-{c}", over + [cache_override(c)]))
-    for _, recipe, _, _, over in plan:
-        try:
-            _recipe_dict(recipe, over)
-        except Exception as e:
-            raise SystemExit(f"{recipe} {' '.join(over)}: {e}") from None
+                    runs[f"cache-{c}"] = (seeded + [f"train.epochs={args.cache_epochs}"] + extra + MODES["nc-finetune"]
+                                          + [harness.cache_override(c)])
+            plan += [{"case": case, "recipe": recipe, "seed": seed, "mode": mode, "overrides": over,
+                      "path": f"{case}/seed{seed}/{mode}"} for mode, over in runs.items()]
+    if harness.plan_only(plan, args):
+        return 0
 
-    info = machine_info()
-    cmd = command_line()
-    print_header("Fine-tuning efficiency: NC-selected blocks vs full fine-tuning and baselines", info, cmd)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="nc_ft_bench_"))
-    runs: list[dict[str, Any]] = []
-    try:
-        for i, (case, recipe, seed, name, over) in enumerate(plan, 1):
-            run_dir = workdir / case / f"seed{seed}" / name
-            print(f"[{i}/{len(plan)}] {case} seed {seed} {name} ...", file=sys.stderr, flush=True)
-            rec = run_mode(recipe, over, run_dir, env)
-            wall = f"{rec['wall_seconds']:.0f} s" if rec["wall_seconds"] is not None else "reused"
-            print(f"    {'ok' if 'summary' in rec else 'FAILED: ' + rec['error']} ({wall})", file=sys.stderr,
-                  flush=True)
-            rec |= {"case": case, "recipe": recipe, "seed": seed, "mode": name, "overrides": over}
-            if "summary" in rec:
-                rec["result"] = _slim(rec["summary"])
-            runs.append(rec)
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
+    info, cmd = start_study("Fine-tuning efficiency: NC-selected blocks vs full fine-tuning and baselines")
+    runs = harness.run_plan(plan, args.workdir, env, prefix=NAME, keep_summary=True)
 
     tables: dict[str, Any] = {}
     cache_results: dict[str, dict[str, Any]] = {}
     for case in args.cases:
         mine = [r for r in runs if r["case"] == case]
-        by_mode: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in [*args.modes, "cache-off", "cache-on"]}
-        failures = {}
-        for r in mine:
-            if "result" in r:
-                by_mode[r["mode"]][r["seed"]] = r["result"]
-            else:
-                failures[f"{r['mode']} (seed {r['seed']})"] = r["error"]
+        by_mode, failures = harness.by_mode(mine, [*args.modes, "cache-off", "cache-on"])
         rows = aggregate({m: by_mode[m] for m in args.modes})
         tables[case] = rows
         ref = next((r for r in mine if "result" in r), None)
@@ -436,15 +292,10 @@ def main(argv: list[str] | None = None) -> int:
               f"the cache build (train + test prefix outputs) amortised over the epochs; target >= "
               f"{TARGET_CACHE_X:.0f}x (checked against full when it ran).\n")
 
-    payload = {"benchmark": NAME, "command": cmd, "machine": info,
-               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "targets": {"accuracy_points_below_full_max": TARGET_ACC_POINTS,
-                           "trainable_param_pct_max": TARGET_PARAM_PCT, "time_ratio_min": TARGET_TIME_X,
-                           "cache_speedup_min": TARGET_CACHE_X},
-               "tables": tables, "cache_compare": cache_results or None,
-               "runs": runs}
-    path = write_results(args.out, payload)
-    print(f"raw results: {path}")
+    targets = {"accuracy_points_below_full_max": TARGET_ACC_POINTS, "trainable_param_pct_max": TARGET_PARAM_PCT,
+               "time_ratio_min": TARGET_TIME_X, "cache_speedup_min": TARGET_CACHE_X}
+    harness.report(NAME, args, cmd, info, targets=targets, tables=tables, cache_compare=cache_results or None,
+                   runs=runs)
     return 1 if any("error" in r for r in runs) else 0
 
 

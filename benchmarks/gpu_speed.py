@@ -17,9 +17,9 @@ hand loop per step, >= 3.5x over 3 epochs with the cache. Streaming memory is no
 
 Examples:
     # the real run on one GPU (ViT-B/16, ResNet-50, ConvNeXt-T at 224 px), about 10 minutes
-    python benchmarks/gpu_speed.py
+    python benchmarks/run.py gpu_speed
     # a CPU smoke run with tiny models (seconds; what the test runs)
-    python benchmarks/gpu_speed.py --smoke --out /tmp/gpu_speed.json
+    python benchmarks/run.py gpu_speed --smoke
 """
 
 from __future__ import annotations
@@ -31,13 +31,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import harness
 import numpy as np
 import torch
 import torch.nn.functional as F
 from common import BENCH_DIR, command_line, machine_info, markdown_table, print_header, safe_ratio, write_results
 
-MODELS = {"vit_b16": "vit_base_patch16_224", "resnet50": "resnet50", "convnext_t": "convnext_tiny"}
-SMOKE_MODELS = {"vit": "test_vit", "resnet": "test_resnet", "convnext": "test_convnext"}
+NAME = "gpu_speed"
+EXPERIMENT = harness.load_experiment(NAME)
+MODELS = {label: m["model"] for label, m in EXPERIMENT.settings.items()}
+SMOKE_MODELS = {label: m["model"] for label, m in EXPERIMENT.params["smoke_models"].items()}
 TARGETS = {"probe_vs_resident": 0.9, "full_vs_hand": 1.1, "last2_speedup": 2.0, "last2_cache_3ep_speedup": 3.5}
 
 
@@ -251,25 +254,28 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def build_parser() -> argparse.ArgumentParser:
+    return harness.study_parser(
+        EXPERIMENT, __doc__, flags=("settings", "workdir", "out", "smoke", "device"), settings_alias="--models",
+        settings_choices=False, settings_default=[], workdir=Path("/tmp/nc-gpu-speed"), device="auto",
+        out=None,
+        helps={"settings": "a subset of the model labels (default: all; with --smoke the tiny models "
+                           f"{', '.join(SMOKE_MODELS)})",
+               "out": "JSON of the raw results (default benchmarks/results/gpu/gpu_speed.json on a GPU, "
+                      "benchmarks/out/gpu_speed.json elsewhere)",
+               "workdir": "the trainer's run directories (default /tmp/nc-gpu-speed)",
+               "device": "auto, cpu or cuda[:N] (default auto)"})
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--smoke", action="store_true", help="tiny models, few samples and steps (CPU, seconds)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--workdir", default="/tmp/nc-gpu-speed")
-    p.add_argument("--models", nargs="+", default=None, help="a subset of the model labels")
-    args = p.parse_args(argv)
+    p = build_parser()
+    args = harness.parse_args(p, EXPERIMENT, argv)
     from nc_finetune.utils.env import resolve_device
 
     device = resolve_device(args.device)
-    if args.smoke:
-        models = SMOKE_MODELS
-        args.n, args.cache_n, args.image_size, args.batch_size, args.train_batch_size = 32, 16, 32, 16, 8
-        args.repeats, args.warmup, args.steps = 1, 1, 2
-    else:
-        models = MODELS
-        args.n, args.cache_n, args.image_size, args.batch_size, args.train_batch_size = 5000, 2560, 224, 256, 128
-        args.repeats, args.warmup, args.steps = 3, 10, 50
+    models = SMOKE_MODELS if args.smoke else MODELS
+    for key, value in EXPERIMENT.params["smoke_sizes" if args.smoke else "sizes"].items():
+        setattr(args, key, value)
     if args.models:
         unknown = sorted(set(args.models) - set(models))
         if unknown:

@@ -20,11 +20,9 @@ mode. Tables go to stdout (Markdown), raw results to ``--out`` (JSON) and a figu
 
 Examples:
     # the CPU run recorded in benchmarks/README.md
-    python benchmarks/input_shift.py --corruptions gaussian_noise:5 --seeds 0 1 2 --workdir runs/bench-input-shift
-    # a smoke run (a minute)
-    python benchmarks/input_shift.py --corruptions invert --modes first_k stall --seeds 0 --workdir /tmp/is \\
-        --source-set train.max_steps=2 --set train.max_steps=2 --set data.max_train_samples=60 \\
-        --set data.max_eval_samples=30 --set probe.samples_per_class=5 --out /tmp/is.json
+    python benchmarks/run.py input_shift --corruptions gaussian_noise:5 --seeds 0 1 2 --workdir runs/bench-input-shift
+    # a smoke run (a minute): the experiment file's smoke preset
+    python benchmarks/run.py input_shift --smoke
 """
 
 from __future__ import annotations
@@ -34,30 +32,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import REPO_ROOT, command_line, default_out, machine_info, parse_overrides, print_header, write_results
-from layer_selection import (
-    MODES as LS_MODES,
-)
-from layer_selection import (
-    main_table,
-    plot_tasks,
-    run_plan,
-    subprocess_env,
-    task_rows,
-    validate_plan,
-    wins,
-    wins_table,
-)
+import harness
+from common import REPO_ROOT, start_study
+from comparison import ModeComparison
 
 NAME = "input_shift"
-RECIPE = "effnet-lite0-fashion-mnist"
-SOURCE = ["adapt.method=full", "data.max_train_samples=5000", "data.max_eval_samples=1000",
-          "probe.samples_per_class=50", "train.epochs=2"]
-TARGET = ["data.max_train_samples=2000", "data.max_eval_samples=1000", "probe.samples_per_class=100",
-          "train.epochs=2"]
-MODES: dict[str, list[str]] = {"first_k": ["selection.strategy=first_k", "adapt.method=finetune"],
-                               **{m: LS_MODES[m] for m in ("stall", "knee", "last_k", "random_k", "auto_rgn", "full",
-                                                           "linear_probe")}}
+EXPERIMENT = harness.load_experiment(NAME)
+RECIPE = EXPERIMENT.params["recipe"]
+SOURCE = EXPERIMENT.params["source"]
+TARGET = EXPERIMENT.params["target"]
+MODES = EXPERIMENT.modes
+COMPARE = ModeComparison(tuple(EXPERIMENT.params["nc_modes"]), EXPERIMENT.params["reference"])
 
 
 def parse_corruption(text: str) -> tuple[str, int]:
@@ -91,35 +76,26 @@ def task_name(name: str, severity: int) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python benchmarks/input_shift.py",
-                                description=__doc__[:__doc__.index("Examples:")].rstrip(),
-                                epilog=__doc__[__doc__.index("Examples:"):],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corruptions", nargs="+", type=parse_corruption, default=[("gaussian_noise", 5)],
-                   metavar="NAME[:SEVERITY]", help="target shifts (default gaussian_noise:5)")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), metavar="MODE",
-                   help=f"modes, of {', '.join(MODES)} (default: all)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="SEED",
-                   help="seeds of the target runs; each sets train.seed and selection.seed (default: 0 1 2)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="recipe override of every target run, after the defaults, repeatable")
-    p.add_argument("--source-set", dest="source_overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="recipe override of the source run, repeatable")
-    p.add_argument("--threads", type=int, default=None, help="OMP/MKL threads of each run (default: unset)")
-    p.add_argument("--workdir", type=Path, default=REPO_ROOT / "runs" / "bench-input-shift",
-                   help="run directories (source/, CORRUPTION/seedS/MODE); finished identical runs are reused "
-                        "(default runs/bench-input-shift)")
-    p.add_argument("--out", type=Path, default=default_out(NAME),
-                   help=f"JSON of the raw results (default {default_out(NAME).relative_to(REPO_ROOT)})")
-    p.add_argument("--dry-run", action="store_true", help="validate and print every run, then exit")
+    p = harness.study_parser(
+        EXPERIMENT, __doc__, settings_alias="--corruptions", settings_type=parse_corruption,
+        settings_default=[parse_corruption(c) for c in EXPERIMENT.params["corruptions"]],
+        flags=("settings", "modes", "seeds", "set", "workdir", "out", "smoke", "threads", "dry_run"),
+        workdir=REPO_ROOT / "runs" / "bench-input-shift",
+        helps={"settings": f"target shifts, NAME[:SEVERITY] (default {' '.join(EXPERIMENT.params['corruptions'])})",
+               "seeds": "seeds of the target runs; each sets train.seed and selection.seed (default: "
+                        f"{' '.join(map(str, EXPERIMENT.seeds))})",
+               "set": "recipe override of every target run, after the defaults, repeatable",
+               "workdir": "run directories (source/, CORRUPTION/seedS/MODE); finished identical runs are reused "
+                          "(default runs/bench-input-shift)"})
+    p.add_argument("--source-set", dest="source_overrides", action="append", type=harness.override, default=[],
+                   metavar="KEY=VALUE", help="recipe override of the source run, repeatable")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.modes, args.seeds = list(dict.fromkeys(args.modes)), list(dict.fromkeys(args.seeds))
-    extra, source_extra = parse_overrides(args.overrides), parse_overrides(args.source_overrides)
-    env = subprocess_env(args.threads)
+    args = harness.parse_args(build_parser(), EXPERIMENT, argv)
+    extra, source_extra = args.overrides, args.source_overrides
+    env = harness.subprocess_env(args.threads)
     workdir = args.workdir.resolve()
     source_dir = workdir / "source"
     source = [{"task": "source", "recipe": RECIPE, "seed": 0, "mode": "full", "path": "source",
@@ -134,54 +110,40 @@ def main(argv: list[str] | None = None) -> int:
                         *MODES[mode]]
                 plan.append({"task": task, "recipe": RECIPE, "seed": seed, "mode": mode, "overrides": over,
                              "path": f"{task}/seed{seed}/{mode}"})
-    validate_plan(source + plan)
-    if args.dry_run:
-        for item in source + plan:
-            print(f"{item['path']}: {item['recipe']} {' '.join(item['overrides'])}")
+    if harness.plan_only(source + plan, args):
         return 0
 
-    info, cmd = machine_info(), command_line()
-    print_header("Input-level shift: which blocks to tune after a corruption of the inputs", info, cmd)
-    src = run_plan(source, workdir, env, prefix=NAME)[0]
+    info, cmd = start_study("Input-level shift: which blocks to tune after a corruption of the inputs")
+    src = harness.run_plan(source, workdir, env, prefix=NAME)[0]
     if "result" not in src:
         raise SystemExit(f"the source run failed: {src.get('error')} (log: {src.get('log')})")
     s = src["result"]
     print(f"- source: `{RECIPE} {' '.join(source[0]['overrides'])}` → clean test accuracy "
           f"{100 * s['test_accuracy']:.2f}% ({s['train_samples']} training images)\n")
-    runs = run_plan(plan, workdir, env, prefix=NAME)
+    runs = harness.run_plan(plan, workdir, env, prefix=NAME)
 
     tables: dict[str, list[dict[str, Any]]] = {}
     task_wins: dict[str, list[dict[str, Any]]] = {}
     unadapted: dict[str, dict[str, Any]] = {}
     for name, severity in args.corruptions:
         task = task_name(name, severity)
-        by_mode: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in args.modes}
-        failures = []
-        for r in (r for r in runs if r["task"] == task):
-            if "result" in r:
-                by_mode[r["mode"]][r["seed"]] = r["result"]
-            else:
-                failures.append(f"{r['mode']} (seed {r['seed']}): {r['error']}")
-        tables[task], task_wins[task] = task_rows(by_mode), wins(by_mode)
+        by_mode, failed = harness.by_mode([r for r in runs if r["task"] == task], args.modes)
+        failures = [f"{k}: {v}" for k, v in failed.items()]
+        tables[task], task_wins[task] = COMPARE.task_rows(by_mode), COMPARE.wins(by_mode)
         print(f"### {task} (target: corrupted Fashion-MNIST, from the source model)\n")
         print(f"- target runs: `{RECIPE} {' '.join(TARGET + extra)}`; seeds {' '.join(map(str, args.seeds))}")
         unadapted[task] = source_on_target(source_dir, name, severity)
         print(f"- the source model itself on this corrupted test split, no adaptation: "
               f"{100 * unadapted[task]['accuracy']:.2f}% (clean: {100 * s['test_accuracy']:.2f}%)\n")
-        print(main_table(tables[task], failures))
+        print(COMPARE.main_table(tables[task], failures))
         print()
     print("### Wins of the NC-guided modes\n")
-    print(wins_table(task_wins))
+    print(COMPARE.wins_table(task_wins))
     print()
-    png = plot_tasks(tables, args.out.with_suffix(".png"),
-                     title="Input-level shift: target accuracy after adapting the source model")
-    payload = {"benchmark": NAME, "command": cmd, "machine": info,
-               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "source": src, "source_unadapted": unadapted, "modes": {m: MODES[m] for m in args.modes},
-               "tables": tables, "wins": task_wins,
-               "figure": str(png) if png else None, "runs": runs}
-    path = write_results(args.out, payload)
-    print(f"raw results: {path}" + (f"; figure: {png}" if png else ""))
+    png = COMPARE.plot(tables, args.out.with_suffix(".png"),
+                       "Input-level shift: target accuracy after adapting the source model")
+    harness.report(NAME, args, cmd, info, source=src, source_unadapted=unadapted,
+                   modes={m: MODES[m] for m in args.modes}, tables=tables, wins=task_wins, figure=png, runs=runs)
     return 1 if any("error" in r for r in runs) else 0
 
 

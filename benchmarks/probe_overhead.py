@@ -17,11 +17,11 @@ Prints Markdown tables and writes the raw numbers to ``--out`` (JSON, written at
 
 Examples:
     # the real CPU benchmark (both cases)
-    python benchmarks/probe_overhead.py
+    python benchmarks/run.py probe_overhead
     # one case, with the linear probe, 4 threads, 5 repeats
-    python benchmarks/probe_overhead.py --cases minilm --linear-probe --threads 4 --repeats 5
-    # a smoke run (seconds)
-    python benchmarks/probe_overhead.py --cases minilm --samples-per-class 10 --n-small 10 --n-large 20 --repeats 2
+    python benchmarks/run.py probe_overhead --cases minilm --linear-probe --threads 4 --repeats 5
+    # a smoke run (seconds): the experiment file's smoke preset
+    python benchmarks/run.py probe_overhead --smoke
 """
 
 from __future__ import annotations
@@ -38,23 +38,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import (
-    REPO_ROOT,
-    check,
-    command_line,
-    default_out,
-    machine_info,
-    markdown_table,
-    median,
-    parse_overrides,
-    print_header,
-    safe_ratio,
-    usable_cores,
-    write_results,
-)
+import harness
+from common import REPO_ROOT, check, markdown_table, median, safe_ratio, start_study, usable_cores
 
 NAME = "probe_overhead"
-CASES = {"minilm": "probe-minilm-rotten-tomatoes", "effnet": "probe-effnet-lite0-fashion-mnist"}
+EXPERIMENT = harness.load_experiment(NAME)
+CASES = EXPERIMENT.recipes
 TARGET_WALL_RATIO = 1.10
 TARGET_MEMORY_RATIO = 1.05
 _RESULT_MARK = "@@PROBE_OVERHEAD_RESULT@@ "
@@ -361,15 +350,16 @@ def memory_tables(results: list[dict[str, Any]]) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python benchmarks/probe_overhead.py",
-        description=__doc__.split("\n\n")[0] + " Wall time (same process, alternating repeats) and peak memory "
-                    "(fresh subprocess per measurement) of the probe vs a plain forward over the same samples.",
-        epilog=__doc__[__doc__.index("Examples:"):],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", nargs="+", default=list(CASES), metavar="CASE",
-                   help=f"cases to run: {', '.join(f'{k} ({v})' for k, v in CASES.items())}; a recipe name or "
-                        f"path is accepted too (default: all)")
+    p = harness.study_parser(
+        EXPERIMENT, __doc__, flags=("settings", "set", "out", "smoke", "device", "threads"),
+        settings_alias="--cases", settings_choices=False, device="auto",
+        helps={"settings": f"cases to run: {', '.join(f'{k} ({v})' for k, v in CASES.items())}; a recipe name or "
+                           "path is accepted too (default: all)",
+               "set": "extra recipe override, repeatable (e.g. --set backbone.image_size=96)",
+               "device": "auto = CUDA when available, cpu, cuda (default auto)",
+               "threads": f"torch.set_num_threads for every process (default: all usable cores, {usable_cores()} "
+                          "here)",
+               "out": f"JSON file for the raw results (default {harness.default_out(NAME).relative_to(REPO_ROOT)})"})
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions of each of forward / probe (default 3)")
     p.add_argument("--samples-per-class", type=int, default=None, metavar="N",
                    help="samples per class for the timing (default: the recipe's probe.samples_per_class)")
@@ -382,14 +372,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--linear-probe", action="store_true",
                    help="include the per-layer logistic-regression probe (off by default, whatever the recipe says)")
     p.add_argument("--batch-size", type=int, default=None, help="forward batch size (default: the recipe's)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto = CUDA when available (default auto)")
-    p.add_argument("--threads", type=int, default=None,
-                   help=f"torch.set_num_threads for every process (default: all usable cores, {usable_cores()} here)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra recipe override, repeatable (e.g. --set backbone.image_size=96)")
-    p.add_argument("--out", type=Path, default=default_out(NAME),
-                   help=f"JSON file for the raw results (default {default_out(NAME).relative_to(REPO_ROOT)})")
     p.add_argument("--_memory-worker", dest="memory_worker", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -400,8 +382,7 @@ def case_recipe(case: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.cases = list(dict.fromkeys(args.cases))
+    args = harness.parse_args(build_parser(), EXPERIMENT, argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.memory_worker is not None:
         result = memory_worker(json.loads(args.memory_worker))
@@ -416,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--device cuda: CUDA is not available on this machine")
     threads = args.threads or usable_cores()
     torch.set_num_threads(threads)
-    extra = parse_overrides(args.overrides)
+    extra = args.overrides
     common_over = [f"probe.linear_probe={str(args.linear_probe).lower()}", f"probe.device={args.device}"]
     if args.batch_size:
         common_over.append(f"probe.batch_size={args.batch_size}")
@@ -429,9 +410,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:
                 raise SystemExit(f"{case}: {e}") from None
 
-    info = machine_info()
-    cmd = command_line()
-    print_header("Probe overhead vs a plain forward pass", info, cmd)
+    info, cmd = start_study("Probe overhead vs a plain forward pass")
 
     results = []
     for case in args.cases:
@@ -478,12 +457,9 @@ def main(argv: list[str] | None = None) -> int:
         print(t2)
         print()
 
-    payload = {"benchmark": NAME, "command": cmd, "machine": info, "args": vars(args) | {"out": str(args.out)},
-               "threads": threads, "targets": {"wall_ratio_max": TARGET_WALL_RATIO,
-                                               "memory_ratio_max": TARGET_MEMORY_RATIO},
-               "results": results}
-    path = write_results(args.out, payload)
-    print(f"raw results: {path}")
+    harness.report(NAME, args, cmd, info, threads=threads,
+                   targets={"wall_ratio_max": TARGET_WALL_RATIO, "memory_ratio_max": TARGET_MEMORY_RATIO},
+                   results=results)
     failed = any("error" in (r.get("timing") or {}) for r in results) or any(
         "error" in r.get("memory", {}).get(s, {}).get(m, {}) for r in results for s in ("small", "large")
         for m in ("forward", "probe"))

@@ -31,13 +31,12 @@ The PNG has one panel per dataset: NC1 (log scale) against relative depth l/(L-1
 
 Examples:
     # the real run (all 11 pairs; spam-assassin is skipped when its data is absent)
-    python benchmarks/progressive_collapse.py
+    python benchmarks/run.py progressive_collapse
     # two pairs, 100 samples per class, with the per-layer linear probe, 1 thread
-    python benchmarks/progressive_collapse.py --pairs efficientnet-lite0:digits minilm-l6:rotten-tomatoes \\
+    python benchmarks/run.py progressive_collapse --pairs efficientnet-lite0:digits minilm-l6:rotten-tomatoes \\
         --samples-per-class 100 --linear-probe --threads 1
-    # a smoke run (seconds)
-    python benchmarks/progressive_collapse.py --pairs efficientnet-lite0:digits --samples-per-class 10 \\
-        --workdir /tmp/pc-smoke --out /tmp/pc-smoke.json
+    # a smoke run (seconds): the experiment file's smoke preset
+    python benchmarks/run.py progressive_collapse --smoke
 """
 
 from __future__ import annotations
@@ -50,26 +49,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import (
-    DEFAULT_OUT_DIR,
-    REPO_ROOT,
-    command_line,
-    default_out,
-    machine_info,
-    markdown_table,
-    median,
-    parse_overrides,
-    print_header,
-    write_results,
-)
+import harness
+from common import DEFAULT_OUT_DIR, REPO_ROOT, finish_figure, markdown_table, median, start_study
 
 NAME = "progressive_collapse"
-VISION_BACKBONES = ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"]
-VISION_DATASETS = ["fashion-mnist", "mnist-5k", "digits"]
-TEXT_BACKBONES = ["minilm-l6"]
-TEXT_DATASETS = ["rotten-tomatoes", "spam-assassin"]
-DEFAULT_PAIRS = [f"{b}:{d}" for b in VISION_BACKBONES for d in VISION_DATASETS] + \
-                [f"{b}:{d}" for b in TEXT_BACKBONES for d in TEXT_DATASETS]
+EXPERIMENT = harness.load_experiment(NAME)
+_GRID = EXPERIMENT.params["grid"]
+VISION_BACKBONES = _GRID["vision"]["backbones"]
+VISION_DATASETS = _GRID["vision"]["datasets"]
+TEXT_BACKBONES = _GRID["text"]["backbones"]
+TEXT_DATASETS = _GRID["text"]["datasets"]
+DEFAULT_PAIRS = [f"{b}:{d}" for family in _GRID.values() for b in family["backbones"] for d in family["datasets"]]
 DEFAULT_WORKDIR = DEFAULT_OUT_DIR / NAME
 
 
@@ -267,12 +257,7 @@ def overall_lines(records: list[dict[str, Any]]) -> list[str]:
 
 def plot_grid(records: list[dict[str, Any]], path: Path) -> Path | None:
     """One panel per dataset: NC1 (log) against relative depth, one line per backbone."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from nc_finetune.utils.io import atomic_write
+    from matplotlib.figure import Figure
 
     done = [r for r in records if "summary" in r]
     datasets = list(dict.fromkeys(r["dataset"] for r in done))
@@ -280,7 +265,8 @@ def plot_grid(records: list[dict[str, Any]], path: Path) -> Path | None:
         return None
     cols = min(3, len(datasets))
     rows = math.ceil(len(datasets) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(max(6.5, 4.6 * cols), 3.6 * rows + 0.4), squeeze=False)
+    fig = Figure(figsize=(max(6.5, 4.6 * cols), 3.6 * rows + 0.4))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat[len(datasets):]:
         ax.set_visible(False)
     for ax, ds in zip(axes.flat, datasets, strict=False):
@@ -299,30 +285,25 @@ def plot_grid(records: list[dict[str, Any]], path: Path) -> Path | None:
         ax.set_xlim(-0.03, 1.03)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("NC1 across pretrained blocks (downstream training data)", fontsize=11)
-    fig.tight_layout()
-
-    def _save(tmp: str) -> None:
-        fig.savefig(tmp, dpi=110, format="png")
-
-    try:
-        return atomic_write(path, _save)
-    finally:
-        plt.close(fig)
+    return finish_figure(fig, "NC1 across pretrained blocks (downstream training data)", path)
 
 
 # --------------------------------------------------------------------------------------------------- main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python benchmarks/progressive_collapse.py",
-        description=__doc__[:__doc__.index("Examples:")].rstrip(),
-        epilog=__doc__[__doc__.index("Examples:"):],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pairs", nargs="+", default=DEFAULT_PAIRS, metavar="BACKBONE:DATASET",
-                   help="pairs to probe (default: the 11-pair grid above); any built-in backbone and dataset name "
-                        "works, e.g. efficientnet-lite0:digits minilm-l6:rotten-tomatoes")
+    p = harness.study_parser(
+        EXPERIMENT, __doc__, flags=("settings", "set", "workdir", "out", "smoke", "device", "threads"),
+        settings_alias="--pairs", settings_choices=False, settings_default=DEFAULT_PAIRS, workdir=DEFAULT_WORKDIR,
+        device="auto",
+        helps={"settings": "BACKBONE:DATASET pairs to probe (default: the 11-pair grid above); any built-in backbone "
+                           "and dataset name works, e.g. efficientnet-lite0:digits minilm-l6:rotten-tomatoes",
+               "set": "extra recipe override for every pair, applied last, repeatable (e.g. --set probe.seed=1)",
+               "device": "probe.device: auto, cpu, cuda (default auto)",
+               "threads": "torch threads (default: torch's, all cores)",
+               "workdir": "each pair's probe.json/probe.png/resolved.yaml go to WORKDIR/<backbone>__<dataset>/; one "
+                          "made with the identical recipe is reused "
+                          f"(default {DEFAULT_WORKDIR.relative_to(REPO_ROOT)})"})
     p.add_argument("--samples-per-class", type=int, default=200,
                    help="probe.samples_per_class: probed training samples per class (default 200)")
     p.add_argument("--image-size", type=int, default=64, help="backbone.image_size of vision pairs (default 64)")
@@ -330,23 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="probe.batch_size (default 64)")
     p.add_argument("--linear-probe", action="store_true",
                    help="also fit the per-block logistic-regression probe (lp_accuracy in the JSON; slower)")
-    p.add_argument("--device", default="auto", help="probe.device: auto, cpu, cuda (default auto)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra recipe override for every pair, applied last, repeatable (e.g. --set probe.seed=1)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
-    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
-                   help="each pair's probe.json/probe.png/resolved.yaml go to WORKDIR/<backbone>__<dataset>/; one "
-                        "made with the identical recipe is reused "
-                        f"(default {DEFAULT_WORKDIR.relative_to(REPO_ROOT)})")
-    p.add_argument("--out", type=Path, default=default_out(NAME),
-                   help=f"JSON of the raw results (default {default_out(NAME).relative_to(REPO_ROOT)}); the figure "
-                        "goes next to it with the suffix .png")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.overrides = parse_overrides(args.overrides)
+    args = harness.parse_args(build_parser(), EXPERIMENT, argv)
     pairs = [parse_pair(p) for p in dict.fromkeys(args.pairs)]
     order = list(dict.fromkeys(d for _, d in pairs))
     pairs.sort(key=lambda bd: order.index(bd[1]))  # grouped by dataset (stable): each dataset loads once
@@ -367,9 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{backbone}:{dataset}: {e}") from None
         plans.append((backbone, dataset, over))
 
-    info = machine_info()
-    cmd = command_line()
-    print_header("Progressive collapse: NC1 across the blocks of pretrained backbones", info, cmd)
+    info, cmd = start_study("Progressive collapse: NC1 across the blocks of pretrained backbones")
     records: list[dict[str, Any]] = []
     prepared_cache: dict[str, Any] = {}
     for i, (backbone, dataset, over) in enumerate(plans, 1):
@@ -405,11 +372,8 @@ def main(argv: list[str] | None = None) -> int:
           "nearest-class-centre accuracy on the probed training samples.\n")
     print("\n".join(overall_lines(records)))
     png = plot_grid(records, args.out.with_suffix(".png"))
-    payload = {"benchmark": NAME, "command": cmd, "machine": info,
-               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "pairs": records, "figure": str(png) if png else None}
-    path = write_results(args.out, payload)
-    print(f"\nraw results: {path}" + (f"; figure: {png}" if png else ""))
+    print()
+    harness.report(NAME, args, cmd, info, pairs=records, figure=png)
     return 1 if any(r["status"] == "failed" for r in records) else 0
 
 

@@ -19,9 +19,8 @@ Examples:
     # a subset of the settings, then pool whatever has finished
     python benchmarks/selection_regret.py --settings effnet-fm minilm-rt --workdir runs/bench-regret
     python benchmarks/selection_regret.py --pool-only --workdir runs/bench-regret
-    # a smoke run (a minute or two)
-    python benchmarks/selection_regret.py --settings effnet-fm --smoke --workdir /tmp/regret-smoke \\
-        --out /tmp/regret-smoke.json
+    # a smoke run (a minute or two; --out and --workdir default to benchmarks/out/smoke/)
+    python benchmarks/run.py selection_regret --smoke
 """
 
 from __future__ import annotations
@@ -35,61 +34,31 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import REPO_ROOT, command_line, machine_info, markdown_table, print_header, write_results
+import harness
+from common import REPO_ROOT, markdown_table, start_study, write_results
 
-sys.path.insert(0, str(REPO_ROOT))
-from nc_finetune.sweep import mean_ci95, verdict  # noqa: E402
+from nc_finetune.sweep import mean_ci95, verdict
 
 NAME = "selection_regret"
+EXPERIMENT = harness.load_experiment(NAME)
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "cpu" / f"{NAME}.json"
-BUDGETS = "[{max_blocks: 1}, {max_param_fraction: 0.1, max_blocks: null}]"
+_PARAMS = EXPERIMENT.params
+BUDGETS = _PARAMS["budgets"]
 #: Every rule and its variants (``name@selection.key=value``), the rivals and the baselines.
-STRATEGIES = ["knee", "knee@knee_residual=two_sided", "stall", "stall@stall_reference=min", "trial", "cka", "lisa",
-              "last_k", "first_k", "random_k", "auto_rgn"]
+STRATEGIES = _PARAMS["strategies"]
 #: What ``--skip-trained-rules`` leaves out: rules that train before choosing (a sweep can add them later: its
 #: strategies may grow on resume, every finished cell is kept).
-_TRAINED_RULES = ("trial",)
-#: The fraction budget is filled greedily past blocks that do not fit (``skip``), as in the earlier evidence; with
-#: ``stop`` a deep-first rule whose first block exceeds 10% (EfficientNet-Lite0's last blocks) would pick nothing.
-_COMMON = ["selection.fill=skip"]
-#: Per-cell size: small enough for 2 CPU cores, large enough that blocks differ (see README for the timing).
-_IMAGE = ["backbone.image_size=64", "data.max_train_samples=1000", "data.max_eval_samples=500",
-          "probe.samples_per_class=50", "train.epochs=2", "train.val_fraction=0.1", "train.log_every=50",
-          "train.checkpoint_every=1000"]
-_TEXT = ["data.max_train_samples=1000", "data.max_eval_samples=500", "probe.samples_per_class=50",
-         "train.epochs=2", "train.val_fraction=0.1", "train.log_every=50", "train.checkpoint_every=1000"]
-_SOURCE = ["adapt.method=full", "selection.strategy=all", "data.max_train_samples=5000", "train.epochs=2",
-           "probe.samples_per_class=20", "train.val_fraction=0.0"]
-_CORRUPTIONS = {"noise": ["data.corruption=gaussian_noise", "data.corruption_severity=5"],
-                "contrast": ["data.corruption=contrast", "data.corruption_severity=5"]}
-_IMAGE_DATA = {"fm": "fashion-mnist", "mnist": "mnist-5k", "digits": "digits"}
-
-
-def _settings() -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for short, data in _IMAGE_DATA.items():
-        out[f"effnet-{short}"] = {"recipe": "effnet-lite0-fashion-mnist", "overrides": [f"data.name={data}", *_IMAGE],
-                                  "about": f"EfficientNet-Lite0 (64 px) -> {data}, clean"}
-        for shift, keys in _CORRUPTIONS.items():
-            out[f"effnet-{short}-{shift}"] = {
-                "recipe": "effnet-lite0-fashion-mnist", "overrides": [f"data.name={data}", *_IMAGE, *keys],
-                "source": f"effnet-{short}", "strategies": ["shift"],
-                "about": f"EfficientNet-Lite0 fine-tuned on clean {data} -> {keys[0].split('=')[1]} (severity 5)"}
-    out["minilm-rt"] = {"recipe": "minilm-rotten-tomatoes", "overrides": _TEXT,
-                        "about": "MiniLM-L6 -> Rotten Tomatoes"}
-    out["minilm-spam"] = {"recipe": "minilm-rotten-tomatoes", "overrides": ["data.name=spam-assassin", *_TEXT],
-                          "about": "MiniLM-L6 -> SpamAssassin"}
-    return out
-
-
-SETTINGS = _settings()
+_TRAINED_RULES = tuple(_PARAMS["trained_rules"])
+#: Overrides of every sweep (the fraction budget is filled greedily past blocks that do not fit).
+_COMMON = _PARAMS["common"]
+#: The clean source model of a shifted setting.
+_SOURCE = _PARAMS["source"]
+#: Settings: ``{name: {recipe, overrides, about[, source, strategies]}}`` (experiments/selection_regret.yaml).
+SETTINGS = EXPERIMENT.settings
 #: The order the study runs in: one of each kind first (clean, shifted, text), so partial results cover them all.
-ORDER = ["effnet-fm", "minilm-rt", "effnet-fm-noise", "effnet-fm-contrast", "effnet-mnist", "effnet-digits",
-         "effnet-mnist-noise", "effnet-mnist-contrast", "minilm-spam", "effnet-digits-noise",
-         "effnet-digits-contrast"]
+ORDER = EXPERIMENT.default_settings
 #: Strategies that train nothing before choosing (their cost is a probe or a few gradient batches at most).
-_CHEAP = ("knee", "knee@knee_residual=two_sided", "stall", "stall@stall_reference=min", "shift", "last_k", "first_k",
-          "random_k", "auto_rgn", "cka", "lisa")
+_CHEAP = tuple(_PARAMS["training_free"])
 
 
 def _cli(*args: str) -> list[str]:
@@ -241,33 +210,31 @@ def tables(payload: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=ORDER, metavar="NAME",
-                    help=f"settings to run, in order (default: all): {', '.join(ORDER)}")
-    ap.add_argument("--workdir", type=Path, default=REPO_ROOT / "runs" / "bench-regret")
-    ap.add_argument("--out", type=Path, default=RESULTS, help=f"pooled JSON (default {RESULTS.relative_to(REPO_ROOT)})")
-    ap.add_argument("--seeds", default="[0, 1, 2]", help="sweep.seeds (YAML list)")
-    ap.add_argument("--budgets", default=BUDGETS, help=f"sweep.budgets (YAML list; default {BUDGETS})")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra recipe override for every setting (repeatable)")
-    ap.add_argument("--skip-trained-rules", action="store_true",
-                    help=f"leave out {', '.join(_TRAINED_RULES)} (they train every block briefly before choosing)")
-    ap.add_argument("--pool-only", action="store_true", help="pool the finished sweeps under --workdir, run nothing")
-    ap.add_argument("--pack-only", action="store_true",
-                    help=f"copy each setting's resume pack (finished cells included) to "
-                         f"{PACKS.relative_to(REPO_ROOT)}, run nothing")
-    ap.add_argument("--smoke", action="store_true", help="tiny cells (seconds each) to check the pipeline")
-    args = ap.parse_args()
+def build_parser() -> argparse.ArgumentParser:
+    p = harness.study_parser(
+        EXPERIMENT, __doc__, flags=("settings", "seeds", "set", "workdir", "out", "smoke"),
+        workdir=REPO_ROOT / "runs" / "bench-regret", out=RESULTS,
+        helps={"settings": f"settings to run, in order (default: all): {', '.join(ORDER)}",
+               "seeds": "sweep.seeds: integers or a YAML list (default: "
+                        f"{' '.join(map(str, EXPERIMENT.seeds))})",
+               "set": "extra recipe override for every setting (repeatable)",
+               "out": f"pooled JSON (default {RESULTS.relative_to(REPO_ROOT)})",
+               "workdir": "one sweep directory per setting (and sources/); rerunning continues cell by cell "
+                          "(default runs/bench-regret)"})
+    p.add_argument("--budgets", default=BUDGETS, help=f"sweep.budgets (YAML list; default {BUDGETS})")
+    p.add_argument("--skip-trained-rules", action="store_true",
+                   help=f"leave out {', '.join(_TRAINED_RULES)} (they train every block briefly before choosing)")
+    p.add_argument("--pool-only", action="store_true", help="pool the finished sweeps under --workdir, run nothing")
+    p.add_argument("--pack-only", action="store_true",
+                   help=f"copy each setting's resume pack (finished cells included) to "
+                        f"{PACKS.relative_to(REPO_ROOT)}, run nothing")
+    return p
 
-    extra = [f"sweep.seeds={args.seeds}", *args.set]
-    if args.smoke:
-        extra += ["data.max_train_samples=120", "data.max_eval_samples=60", "probe.samples_per_class=6",
-                  "train.max_steps=2", "train.epochs=1", "selection.trial_samples=2", "selection.trial_steps=2"]
-    info = machine_info()
-    cmd = command_line()
-    print_header("Selection regret: each strategy's pick against the best block set", info, cmd)
+
+def main(argv: list[str] | None = None) -> int:
+    args = harness.parse_args(build_parser(), EXPERIMENT, argv)
+    extra = [f"sweep.seeds=[{', '.join(map(str, args.seeds))}]", *args.overrides]
+    info, cmd = start_study("Selection regret: each strategy's pick against the best block set")
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.pack_only:
         for name in args.settings:

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from nc_finetune.probe.result import ProbeResult  # noqa: E402
 from nc_finetune.utils.io import atomic_write  # noqa: E402
@@ -29,14 +30,24 @@ def plot_probe(result: ProbeResult, path: str | Path, title: str | None = None) 
         The written path.
     """
     fig = probe_figure(result, title)
-
-    def _save(tmp: str) -> None:
-        fig.savefig(tmp, dpi=110, format="png")
-
     try:
-        return atomic_write(path, _save)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
+    """Write a figure as a PNG atomically: the one way the toolkit's reports and the benchmarks save a figure.
+
+    Args:
+        fig: The figure (a pyplot figure stays open: its creator closes it).
+        path: Destination PNG.
+        dpi: Resolution.
+
+    Returns:
+        The written path.
+    """
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
 
 
 def probe_figure(result: ProbeResult, title: str | None = None) -> plt.Figure:

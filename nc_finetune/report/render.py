@@ -466,11 +466,9 @@ def plot_training(records: Sequence[Mapping[str, Any]], path: str | Path) -> Pat
     ax2.grid(True, alpha=0.3)
     fig.suptitle("training curve")
     fig.tight_layout()
+    from nc_finetune.report.plots import save_figure  # pyplot only when a figure is written
 
-    def _save(tmp: str) -> None:
-        fig.savefig(tmp, dpi=110, format="png")
-
-    return atomic_write(path, _save)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------------- loading

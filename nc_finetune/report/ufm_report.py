@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from nc_finetune.errors import UserError
 from nc_finetune.ufm import train_ufm, ufm_optimum
 from nc_finetune.utils.env import library_versions
-from nc_finetune.utils.io import atomic_write, write_json_atomic
+from nc_finetune.utils.io import write_json_atomic
 
 
 def run_ufm(
@@ -159,11 +159,9 @@ def plot_ufm(summary: Mapping[str, Any], path: str | Path) -> Path:
         fontsize=10,
     )
     fig.tight_layout()
+    from nc_finetune.report.plots import save_figure  # pyplot only when a figure is written
 
-    def _save(tmp: str) -> None:
-        fig.savefig(tmp, dpi=110, format="png")
-
-    return atomic_write(path, _save)
+    return save_figure(fig, path)
 
 
 def format_ufm(summary: Mapping[str, Any]) -> str:

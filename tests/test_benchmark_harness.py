@@ -1,0 +1,219 @@
+"""The benchmark harness (``benchmarks/harness.py``, ``benchmarks/run.py``): every study's command line answers
+``--help`` and ``--list-settings``, every experiment file parses and every run it describes is a valid recipe, and the
+shared flags (``--seeds``, ``--set``, ``--smoke``) behave the same in every study. Nothing here trains or probes."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+_SHARED = ("common", "harness", "comparison", "run")
+
+
+@pytest.fixture()
+def bench(monkeypatch):
+    """The benchmarks folder on ``sys.path`` (as when a study runs as a script); its modules forgotten afterwards."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    harness = importlib.import_module("harness")
+    yield harness
+    for name in (*_SHARED, *harness.STUDIES):
+        sys.modules.pop(name, None)
+
+
+def _studies() -> list[str]:
+    sys.path.insert(0, str(BENCH))
+    try:
+        return list(importlib.import_module("harness").STUDIES)
+    finally:
+        sys.path.remove(str(BENCH))
+        sys.modules.pop("harness", None)
+        sys.modules.pop("common", None)
+
+
+STUDIES = _studies()
+
+
+def test_every_study_script_is_registered(bench) -> None:
+    scripts = {p.stem for p in BENCH.glob("*.py")} - set(_SHARED)
+    assert scripts == set(bench.STUDIES)
+    assert {p.stem for p in bench.EXPERIMENTS_DIR.glob("*.yaml")} == set(bench.STUDIES)
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_help_and_listing(bench, study, capsys) -> None:
+    run = importlib.import_module("run")
+    with pytest.raises(SystemExit) as e:
+        run.main([study, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert f"python benchmarks/run.py {study}" in out and "--settings" in out and "--smoke" in out
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(study).main(["--list-settings"])
+    assert e.value.code == 0
+    assert f"settings of {study}" in capsys.readouterr().out
+
+
+def test_runner_lists_studies_and_refuses_an_unknown_one(bench, capsys) -> None:
+    run = importlib.import_module("run")
+    assert run.main([]) == 0
+    out = capsys.readouterr().out
+    assert all(s in out for s in bench.STUDIES)
+    assert run.main(["nope"]) == 2
+    assert "unknown study 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_experiment_file_is_valid(bench, study) -> None:
+    """Every setting x mode of the file resolves to a valid recipe, and the smoke preset parses."""
+    exp = bench.load_experiment(study)
+    modes = list(exp.modes.values()) or [[]]
+    recipes = exp.recipes
+    if study == "input_shift":  # one recipe; the settings are corruptions given on the command line
+        recipes = {"target": exp.params["recipe"]}
+    for name, recipe in recipes.items():
+        setting = exp.settings.get(name, {"overrides": exp.params.get("target", [])})
+        for mode in modes:
+            bench.resolve_recipe(recipe, [*setting.get("overrides", []), *mode])
+    module = importlib.import_module(study)
+    args = bench.parse_args(module.build_parser(), exp, ["--smoke"])
+    assert args.smoke and Path(args.out).parent == bench.SMOKE_DIR
+
+
+def test_selection_regret_settings_and_sources_resolve(bench) -> None:
+    exp = bench.load_experiment("selection_regret")
+    assert exp.default_settings and set(exp.default_settings) == set(exp.settings)
+    for name, s in exp.settings.items():
+        bench.resolve_recipe(s["recipe"], [*s["overrides"], *exp.params["common"]])
+        if "source" in s:
+            source = exp.settings[s["source"]]
+            assert "source" not in source, f"{name}: a source is a clean setting"
+            bench.resolve_recipe(source["recipe"], [*source["overrides"], *exp.params["source"]])
+
+
+def test_progressive_collapse_default_grid_resolves(bench) -> None:
+    from nc_finetune.config import load_recipe
+
+    pc = importlib.import_module("progressive_collapse")
+    args = bench.parse_args(pc.build_parser(), pc.EXPERIMENT, [])
+    assert len(pc.DEFAULT_PAIRS) == 11 and args.pairs == pc.DEFAULT_PAIRS
+    for pair in pc.DEFAULT_PAIRS:
+        load_recipe(None, pc.pair_overrides(*pc.parse_pair(pair), args))
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("settings: {a: {about: x}}\nmodez: {}\n", "unknown key(s) ['modez']"),
+    ("settings: {a: {recipe: r}}\n", "settings.a.about"),
+    ("settings: {a: {about: x, overrides: [train.lr]}}\n", "expected KEY=VALUE; got 'train.lr'"),
+    ("modes: {m: adapt.method=full}\n", "modes.m: expected a list"),
+    ("settings: {a: {about: x}}\ndefault_settings: [b]\n", "default_settings must list defined settings"),
+    ("seeds: [0, one]\n", "seeds must be a list of integers"),
+])
+def test_bad_experiment_file_is_refused_in_one_line(bench, tmp_path, text, message) -> None:
+    with pytest.raises(bench.ExperimentError) as e:
+        bench.load_experiment("study", _write(tmp_path, text))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_nested_override_lists_flatten_in_order(bench, tmp_path) -> None:
+    exp = bench.load_experiment("study", _write(tmp_path, (
+        "anchors: {small: &small [data.max_train_samples=10, train.epochs=1]}\n"
+        "settings: {a: {about: x, overrides: [data.name=digits, *small, train.lr=0.1]}}\n"
+        "modes: {m: [[adapt.method=full], selection.seed=1]}\n")))
+    assert exp.settings["a"]["overrides"] == ["data.name=digits", "data.max_train_samples=10", "train.epochs=1",
+                                              "train.lr=0.1"]
+    assert exp.modes["m"] == ["adapt.method=full", "selection.seed=1"]
+    assert exp.default_settings == ["a"]
+
+
+def _parser(bench, tmp_path):
+    exp = bench.load_experiment("study", _write(tmp_path, (
+        "settings: {a: {about: x, recipe: r}, b: {about: y, recipe: r}}\n"
+        "modes: {m1: [adapt.method=full], m2: [adapt.method=linear_probe]}\n"
+        "seeds: [0, 1, 2]\n"
+        "smoke: {tasks: [b], seeds: [0], modes: [m2], overrides: [train.max_steps=2]}\n")))
+    return bench.study_parser(exp, "A study.\n\nExamples:\n    run it\n", settings_alias="--tasks"), exp
+
+
+def test_shared_flags_parse_the_same_everywhere(bench, tmp_path) -> None:
+    parser, exp = _parser(bench, tmp_path)
+    args = bench.parse_args(parser, exp, [])
+    assert args.tasks == ["a", "b"] and args.modes == ["m1", "m2"] and args.seeds == [0, 1, 2]
+    assert args.overrides == [] and args.workdir is None and args.out == bench.default_out("study")
+    # --seeds takes integers or a YAML list (selection_regret's form); repeats are dropped, order kept
+    assert bench.parse_args(parser, exp, ["--seeds", "[3, 1, 3]"]).seeds == [3, 1]
+    assert bench.parse_args(parser, exp, ["--seeds", "2", "0", "2"]).seeds == [2, 0]
+    assert bench.parse_args(parser, exp, ["--settings", "b", "a", "b"]).tasks == ["b", "a"]
+    for bad in (["--seeds", "x"], ["--seeds", "[1, x]"], ["--set", "train.lr"], ["--tasks", "c"]):
+        with pytest.raises(SystemExit) as e:
+            bench.parse_args(parser, exp, bad)
+        assert e.value.code == 2
+
+
+def test_smoke_preset_is_the_default_and_given_flags_win(bench, tmp_path) -> None:
+    parser, exp = _parser(bench, tmp_path)
+    args = bench.parse_args(parser, exp, ["--smoke"])
+    assert (args.tasks, args.seeds, args.modes) == (["b"], [0], ["m2"])
+    assert args.overrides == ["train.max_steps=2"]
+    assert args.out == bench.SMOKE_DIR / "study.json" and args.workdir == bench.SMOKE_DIR / "study"
+    args = bench.parse_args(parser, exp, ["--smoke", "--tasks", "a", "--set", "train.max_steps=5", "--out",
+                                          str(tmp_path / "x.json"), "--workdir", str(tmp_path / "w")])
+    assert args.tasks == ["a"] and args.seeds == [0]
+    assert args.overrides == ["train.max_steps=2", "train.max_steps=5"]  # the given one last: it wins
+    assert args.out == tmp_path / "x.json" and args.workdir == tmp_path / "w"
+
+
+def test_report_writes_the_common_fields_first(bench, tmp_path, capsys) -> None:
+    import json
+
+    parser, exp = _parser(bench, tmp_path)
+    args = bench.parse_args(parser, exp, ["--out", str(tmp_path / "r.json")])
+    png = tmp_path / "r.png"
+    path = bench.report("study", args, "cmd", {"cpu": "x"}, tables={"a": 1}, figure=png, runs=[])
+    payload = json.loads(path.read_text())
+    assert list(payload) == ["benchmark", "command", "machine", "args", "tables", "figure", "runs"]
+    assert payload["figure"] == str(png) and payload["args"]["out"] == str(tmp_path / "r.json")
+    assert f"raw results: {path}; figure: {png}" in capsys.readouterr().out
+
+
+def _quoted_commands() -> list[str]:
+    """Study command lines quoted in the READMEs and recorded in the committed results."""
+    import json
+    import re
+
+    root = BENCH.parent
+    text = " ".join((root / f).read_text(encoding="utf-8").replace("\n", " ")
+                    for f in ("README.md", "benchmarks/README.md"))
+    cmds = re.findall(r"`(python3? benchmarks/\w+\.py[^`]*)`", text)
+    for path in sorted((BENCH / "results").rglob("*.json")):
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(payload, dict) and "benchmarks/" in str(payload.get("command", "")):
+            cmds.append(payload["command"])
+    return cmds
+
+
+def test_quoted_and_recorded_command_lines_still_parse(bench) -> None:
+    import shlex
+
+    checked = 0
+    for cmd in _quoted_commands():
+        argv = shlex.split(cmd)
+        i = next(i for i, a in enumerate(argv) if a.startswith("benchmarks/"))
+        study = Path(argv[i]).stem
+        if study == "run":
+            study, i = argv[i + 1], i + 1
+        if study not in bench.STUDIES:  # a placeholder such as STUDY
+            continue
+        module = importlib.import_module(study)
+        bench.parse_args(module.build_parser(), module.EXPERIMENT, argv[i + 1:])
+        checked += 1
+    assert checked >= 20
