@@ -628,7 +628,7 @@ def plot_sweep(report: Mapping[str, Any], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from nc_finetune.utils.io import atomic_write
+    from nc_finetune.report.plots import save_figure
 
     cells = [c for c in report["cells"] if c["kind"] == "candidate" and c["mean_test"] is not None]
     x_of = {b["index"]: k for k, b in enumerate(report["blocks"])}
@@ -688,10 +688,7 @@ def plot_sweep(report: Mapping[str, Any], path: str | Path) -> Path:
                  f"({len(report['seeds'])} seeds)", fontsize=10)
     fig.tight_layout()
 
-    def _save(tmp: str) -> None:
-        fig.savefig(tmp, format="png", dpi=120)
-
     try:
-        return atomic_write(path, _save)
+        return save_figure(fig, path, dpi=120)
     finally:
         plt.close(fig)
