@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import harness
+import yaml
 from common import REPO_ROOT, markdown_table, start_study, write_results
 
 from nc_finetune.sweep import mean_ci95, verdict
@@ -59,6 +60,10 @@ SETTINGS = EXPERIMENT.settings
 ORDER = EXPERIMENT.default_settings
 #: Strategies that train nothing before choosing (their cost is a probe or a few gradient batches at most).
 _CHEAP = tuple(_PARAMS["training_free"])
+#: Adapt methods trained on every block beside the cells (``sweep.references``); each pick is compared with them.
+REFERENCES = list(_PARAMS.get("references", []))
+#: A zero-cost rule is called stable when its pick wins at least this share of the bootstrap resamples (issue goal).
+STABLE_SHARE = 0.8
 
 
 def _cli(*args: str) -> list[str]:
@@ -74,8 +79,12 @@ def _run(cmd: list[str], log) -> None:
         raise RuntimeError(f"command failed with status {proc.returncode}: {' '.join(cmd)} (see the log)")
 
 
+def _yaml_list(items: list[str]) -> str:
+    return "[" + ", ".join(f"'{x}'" for x in items) + "]"  # quoted: variants hold commas
+
+
 def run_setting(name: str, workdir: Path, extra: list[str], log, budgets: str = BUDGETS,
-                skip_trained: bool = False) -> Path:
+                skip_trained: bool = False, references: list[str] | None = None) -> Path:
     """Run (or resume) one setting's sweep; return its directory."""
     s = SETTINGS[name]
     overrides = list(s["overrides"])
@@ -90,12 +99,13 @@ def run_setting(name: str, workdir: Path, extra: list[str], log, budgets: str = 
         overrides.append(f"backbone.init_from={src_dir.resolve()}")
         overrides.append("selection.reference=source")  # for shift: the clean data the source model saw
     chosen = [x for x in [*STRATEGIES, *s.get("strategies", [])] if not (skip_trained and x in _TRAINED_RULES)]
-    strategies = "[" + ", ".join(chosen) + "]"
+    strategies = _yaml_list(chosen)
     out = workdir / name
     if restore_setting(PACKS / name, out):
         log.write(f"restored {out} from {PACKS / name}\n")
+    refs = _yaml_list(REFERENCES if references is None else references)
     _run(_cli("sweep", s["recipe"], *overrides, *_COMMON, f"sweep.budgets={budgets}", f"sweep.strategies={strategies}",
-              *extra, "--out", str(out), "--quiet"), log)
+              f"sweep.references={refs}", *extra, "--out", str(out), "--quiet"), log)
     return out
 
 
@@ -142,6 +152,8 @@ def pool(sweeps: dict[str, dict[str, Any]]) -> dict[str, Any]:
         table = {}
         for strategy in strategies:
             regrets, vs = [], {"random_k": [], "last_k": []}
+            vs_refs: dict[str, list[float]] = {}
+            shares: list[float] = []
             per_setting = {}
             for name, rep in sweeps.items():
                 r = rep["regret"].get(budget, {}).get(strategy)
@@ -149,6 +161,13 @@ def pool(sweeps: dict[str, dict[str, Any]]) -> dict[str, Any]:
                     continue
                 regrets += list(r["per_seed"].values())
                 per_setting[name] = r["mean"]
+                shares += (r.get("bootstrap_stability") or {}).get("per_seed", [])
+                refs = rep.get("references") or {}
+                for method, ref in refs.items():
+                    for seed, acc in r["test_accuracy"].items():
+                        other = ref["test_accuracy"].get(seed)
+                        if other is not None:
+                            vs_refs.setdefault(method, []).append(100.0 * (acc - other))
                 for rival in vs:
                     other = rep["regret"][budget].get(rival)
                     if other is None or rival == strategy:
@@ -162,6 +181,13 @@ def pool(sweeps: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 if rival != strategy and diffs:
                     stat = mean_ci95(diffs)
                     entry[f"vs_{rival}"] = {**stat, "verdict": verdict(stat)}
+            if vs_refs:
+                entry["vs_references"] = {m: {**(stat := mean_ci95(d)), "verdict": verdict(stat)}
+                                          for m, d in vs_refs.items()}
+            if shares:
+                entry["bootstrap_stability"] = {"mean": float(sum(shares) / len(shares)), "n": len(shares),
+                                                f"share_at_least_{STABLE_SHARE:g}":
+                                                    sum(x >= STABLE_SHARE for x in shares) / len(shares)}
             table[strategy] = entry
         out[budget] = table
     return out
@@ -186,20 +212,27 @@ def _fmt_ci(stat: dict[str, Any] | None, key: str = "mean") -> str:
     return f"{stat[key]:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
 
 
+def _fmt_verdict(stat: dict[str, Any] | None) -> str:
+    return _fmt_ci(stat) + (f" ({stat['verdict']})" if stat else "")
+
+
 def tables(payload: dict[str, Any]) -> str:
     """Markdown: the pooled regret table per budget, then the oracle and picks per setting."""
     parts = []
     for budget, table in payload["pooled"].items():
         rows = []
+        refs = sorted({m for r in table.values() for m in r.get("vs_references", {})})
         for strategy, r in sorted(table.items(), key=lambda kv: kv[1]["mean_regret"] or 0.0):
+            stab = r.get("bootstrap_stability")
             rows.append([strategy, _fmt_ci(r, "mean_regret"), r["n"],
-                         _fmt_ci(r.get("vs_random_k")) + (f" ({r['vs_random_k']['verdict']})"
-                                                          if r.get("vs_random_k") else ""),
-                         _fmt_ci(r.get("vs_last_k")) + (f" ({r['vs_last_k']['verdict']})"
-                                                        if r.get("vs_last_k") else "")])
+                         *(_fmt_verdict(r.get(f"vs_{rival}")) for rival in ("random_k", "last_k")),
+                         *(_fmt_verdict(r.get("vs_references", {}).get(m)) for m in refs),
+                         f"{100 * stab['mean']:.0f}% ({100 * stab[f'share_at_least_{STABLE_SHARE:g}']:.0f}% ≥ "
+                         f"{100 * STABLE_SHARE:.0f}%)" if stab else "—"])
         parts.append(f"**Budget {budget}** (pooled over {len(payload['settings'])} settings; unit: (setting, seed))\n\n"
-                     + markdown_table(["strategy", "regret, points [95% CI]", "n", "vs random_k", "vs last_k"],
-                                      rows, ["l", "r", "r", "r", "r"]))
+                     + markdown_table(["strategy", "regret, points [95% CI]", "n", "vs random_k", "vs last_k",
+                                       *(f"vs {m}" for m in refs), "bootstrap stability"],
+                                      rows, ["l", "r", "r", "r", "r", *("r" for _ in refs), "r"]))
     rows = []
     for name, s in payload["settings"].items():
         for budget, o in s["oracle"].items():
@@ -207,6 +240,11 @@ def tables(payload: dict[str, Any]) -> str:
                          " + ".join(o["by_val"]["blocks"]) if o.get("by_val") else "—", o["searched"]])
     parts.append(markdown_table(["setting", "budget", "oracle (test)", "acc %", "best by validation", "searched"],
                                 rows))
+    rows = [[name, m, f"{r['trainable_params']:,}", f"{100 * r['mean_test']:.2f}"]
+            for name, s in payload["settings"].items() for m, r in (s.get("references") or {}).items()
+            if r.get("mean_test") is not None]
+    if rows:
+        parts.append(markdown_table(["setting", "reference (every block)", "trainable", "acc %"], rows))
     return "\n\n".join(parts)
 
 
@@ -222,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
                "workdir": "one sweep directory per setting (and sources/); rerunning continues cell by cell "
                           "(default runs/bench-regret)"})
     p.add_argument("--budgets", default=BUDGETS, help=f"sweep.budgets (YAML list; default {BUDGETS})")
+    p.add_argument("--references", type=_references, default=None, metavar="YAML_LIST",
+                   help=f"sweep.references: adapt methods trained on every block beside the cells (default "
+                        f"{_yaml_list(REFERENCES)}; '[]' for none)")
     p.add_argument("--skip-trained-rules", action="store_true",
                    help=f"leave out {', '.join(_TRAINED_RULES)} (they train every block briefly before choosing)")
     p.add_argument("--pool-only", action="store_true", help="pool the finished sweeps under --workdir, run nothing")
@@ -229,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"copy each setting's resume pack (finished cells included) to "
                         f"{PACKS.relative_to(REPO_ROOT)}, run nothing")
     return p
+
+
+def _references(text: str) -> list[str]:
+    value = yaml.safe_load(text)
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise argparse.ArgumentTypeError(f"a YAML list of adapt methods, e.g. [full, auto_rgn]; got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                 start = time.perf_counter()
                 print(f"[{name}] {SETTINGS[name]['about']} ...", flush=True)
                 try:
-                    run_setting(name, args.workdir, extra, log, args.budgets, args.skip_trained_rules)
+                    run_setting(name, args.workdir, extra, log, args.budgets, args.skip_trained_rules,
+                                args.references)
                 except RuntimeError as e:
                     print(f"    failed: {e}", flush=True)
                     continue
@@ -279,6 +328,8 @@ def _write(args, sweeps: dict[str, dict[str, Any]], info: dict[str, Any], cmd: s
             "cells": [{k: c[k] for k in ("names", "kind", "block_params", "lr", "mean_test", "sd_test", "mean_val",
                                          "test_accuracy", "val_accuracy")} for c in rep["cells"]],
             "probe": rep.get("probe"), "unpicked": rep.get("unpicked"),
+            "references": {m: {k: r[k] for k in ("lr", "trainable_params", "mean_test", "sd_test", "test_accuracy")}
+                           for m, r in (rep.get("references") or {}).items()},
         }
     payload = {"benchmark": NAME, "command": cmd, "machine": info, "budgets": args.budgets,
                "unit_of_replication": "(setting, seed) pair: regret and paired differences per seed, pooled over "

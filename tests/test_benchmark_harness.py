@@ -217,3 +217,43 @@ def test_quoted_and_recorded_command_lines_still_parse(bench) -> None:
         bench.parse_args(module.build_parser(), module.EXPERIMENT, argv[i + 1:])
         checked += 1
     assert checked >= 20
+
+
+def test_selection_regret_strategies_and_references_parse_as_a_sweep_section(bench) -> None:
+    import yaml
+
+    from nc_finetune.config import SweepConfig, from_dict
+    from nc_finetune.sweep import parse_strategy
+
+    sr = importlib.import_module("selection_regret")
+    strategies = yaml.safe_load(sr._yaml_list(sr.STRATEGIES))
+    assert strategies == sr.STRATEGIES  # variants with commas survive the YAML list
+    for spec in strategies:
+        parse_strategy(spec)
+    from_dict(SweepConfig, {"strategies": strategies, "references": sr.REFERENCES}, "sweep")
+
+
+def test_selection_regret_pools_references_and_bootstrap_stability_per_setting_seed(bench) -> None:
+    sr = importlib.import_module("selection_regret")
+
+    def sweep(rule_acc, rand_acc, full_acc, shares):
+        seeds = [str(s) for s in range(len(rule_acc))]
+        return {"regret": {"1_block": {
+            "rule": {"per_seed": dict(zip(seeds, [1.0] * len(seeds))), "mean": 1.0,
+                     "test_accuracy": dict(zip(seeds, rule_acc)),
+                     "bootstrap_stability": {"per_seed": shares, "mean": sum(shares) / len(shares)}},
+            "random_k": {"per_seed": dict(zip(seeds, [2.0] * len(seeds))), "mean": 2.0,
+                         "test_accuracy": dict(zip(seeds, rand_acc))}}},
+            "references": {"full": {"test_accuracy": dict(zip(seeds, full_acc))}}}
+
+    pooled = sr.pool({"a": sweep([0.80, 0.70], [0.75, 0.70], [0.90, 0.60], [1.0, 0.5]),
+                      "b": sweep([0.60], [0.50], [0.65], [0.9])})["1_block"]["rule"]
+    diffs_full = [100 * (0.80 - 0.90), 100 * (0.70 - 0.60), 100 * (0.60 - 0.65)]
+    assert pooled["vs_references"]["full"]["mean"] == pytest.approx(sum(diffs_full) / 3)
+    assert pooled["vs_references"]["full"]["n"] == 3
+    assert pooled["vs_random_k"]["mean"] == pytest.approx(100 * (0.05 + 0.0 + 0.10) / 3)
+    stab = pooled["bootstrap_stability"]
+    assert stab["mean"] == pytest.approx((1.0 + 0.5 + 0.9) / 3) and stab["n"] == 3
+    assert stab["share_at_least_0.8"] == pytest.approx(2 / 3)
+    text = sr.tables({"pooled": sr.pool({"a": sweep([0.8], [0.7], [0.9], [1.0])}), "settings": {}})
+    assert "vs full" in text and "bootstrap stability" in text
