@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from nc_finetune import runs
 from nc_finetune.adapt import AdaptedModel, eval_mode, is_head_param
 from nc_finetune.config import TrainConfig
-from nc_finetune.data import Split
+from nc_finetune.data import Split, StreamSplit
 from nc_finetune.data.prefetch import prefetch, to_device
 from nc_finetune.errors import UserError
 from nc_finetune.train.cache import PrefixCache
@@ -202,9 +202,9 @@ class Trainer:
         # the head's weight is a parameter, or a buffer for the fixed ETF head
         self.num_classes = next(int(v.shape[0]) for n, v in adapted.model.state_dict().items()
                                 if "nc_head" in n.split(".") and n.endswith("weight"))
-        labels = np.asarray(data.train.labels)
         self.class_weights = None
         if cfg.class_weights == "balanced":
+            labels = np.asarray(data.train.labels)
             self.class_weights = torch.as_tensor(balanced_class_weights(labels, self.num_classes),
                                                  dtype=torch.float32, device=self.device)
         # Forwards of training (the prepared, possibly DDP-wrapped model) and of evaluation (the plain model: a DDP
@@ -239,6 +239,21 @@ class Trainer:
                 inputs = {k: _channels_last(v) for k, v in inputs.items()}
             yield inputs, y
 
+    def _stream_batches(self, split: StreamSplit, batch_size: int
+                        ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """``(inputs, labels)`` on the device for this rank's share of a streamed split, read and prepared a batch
+        ahead in a background thread."""
+        def prepare(batch: tuple[list, np.ndarray]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+            raw, labels = batch
+            return self.backbone.prepare(raw), torch.as_tensor(labels, dtype=torch.long, device="cpu")
+
+        for inputs, y in prefetch(split.batches(batch_size, self.rank, self.world), prepare,
+                                  pin=self.device.type == "cuda"):
+            inputs, y = to_device(inputs, self.device), to_device(y, self.device)
+            if self.cfg.channels_last:
+                inputs = {k: _channels_last(v) for k, v in inputs.items()}
+            yield inputs, y
+
     def _split_passes(self, epochs_run: int) -> dict[str, int]:
         """Forward passes the run makes over each split: one per epoch, plus the final test after reloading the best
         validation model (without validation the last epoch's test evaluation is the final one)."""
@@ -264,6 +279,7 @@ class Trainer:
         splits = {"train": self.data.train, "test": self.data.test}
         if self.data.val is not None:
             splits["val"] = self.data.val
+        splits = {k: v for k, v in splits.items() if not isinstance(v, StreamSplit)}  # a stream is never held
         passes = self._split_passes(epochs_run)
         if cfg.cache_prefix == "auto":  # building costs one forward per split: it pays on splits read twice or more
             splits = {k: v for k, v in splits.items() if passes[k] >= 2}
@@ -320,11 +336,15 @@ class Trainer:
         K = self.num_classes
         cm = torch.zeros(K, K, dtype=torch.int64, device=self.device)
         loss = torch.zeros(1, dtype=torch.float64, device=self.device)  # summed on the device: one read at the end
-        idx_all = np.arange(self.rank, len(split), self.world)
         bs = self.cfg.eval_batch_size
-        index_batches = [idx_all[start:start + bs] for start in range(0, len(idx_all), bs)]
+        if isinstance(split, StreamSplit):  # read batch by batch, never held in memory
+            batches = self._stream_batches(split, bs)
+        else:
+            idx_all = np.arange(self.rank, len(split), self.world)
+            batches = self._batches(split_name, split, [idx_all[s:s + bs] for s in range(0, len(idx_all), bs)],
+                                    train=False)
         with torch.no_grad(), eval_mode(model), self._replay(split_name):
-            for inputs, y in self._batches(split_name, split, index_batches, train=False):
+            for inputs, y in batches:
                 with self.accelerator.autocast():
                     logits = self._eval_forward(**inputs)
                 loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
