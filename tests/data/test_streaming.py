@@ -75,7 +75,8 @@ def test_row_keys_do_not_depend_on_how_rows_are_read(small_chunks):
 
 def test_probe_sample_is_bottom_k_per_class_and_reproducible(tmp_path, small_chunks):
     labels = _labels(300)
-    files = {"train": _write_csv(tmp_path / "train.csv", labels), "test": _write_csv(tmp_path / "test.csv", labels[:20])}
+    files = {"train": _write_csv(tmp_path / "train.csv", labels),
+             "test": _write_csv(tmp_path / "test.csv", labels[:20])}
     data = load_data("csv", data_files=files, streaming=True, labels=NAMES)
     assert isinstance(data.train, StreamSplit) and isinstance(data.test, StreamSplit)
     assert data.class_names == NAMES and data.info["label_encoding"] == "data.labels"
