@@ -15,7 +15,7 @@ import resource
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,8 +215,9 @@ class Trainer:
     # -- data ---------------------------------------------------------------------------------------------------
     def _batches(self, split_name: str, split: Split, index_batches: Sequence[np.ndarray],
                  train: bool) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        """``(inputs, labels)`` on the device for each index batch; prepared a batch ahead in a background thread
-        (pinned for an asynchronous copy to a GPU) unless augmentation draws random numbers while preparing."""
+        """``(inputs, labels)`` on the device for each index batch. Collated (uint8 images, token ids) a batch
+        ahead in a background thread and pinned for an asynchronous copy to a GPU; resized, normalised and augmented
+        on the device (``Backbone.finish``), in this thread, so the flips draw from torch's RNG in a fixed order."""
         labels = np.asarray(split.labels)
         cached = self.cache is not None and split_name in self.cache.samples
 
@@ -225,31 +226,29 @@ class Trainer:
             if cached:
                 inputs, hidden = self.cache.collate(split_name, idx.tolist())
                 return inputs, y, hidden
-            return self.backbone.prepare(split.subset(idx).inputs, train=train), y, None
+            return self.backbone.collate(split.subset(idx).inputs), y, None
 
-        if train:  # the flips draw from torch's global RNG: prepare in order, in this thread
-            stream: Iterable = map(prepare, index_batches)
-        else:
-            stream = prefetch(index_batches, prepare, pin=self.device.type == "cuda")
-        for inputs, y, hidden in stream:
+        for inputs, y, hidden in prefetch(index_batches, prepare, pin=self.device.type == "cuda"):
             inputs, y = to_device(inputs, self.device), to_device(y, self.device)
             if hidden is not None:
                 self.cache.current = to_device(hidden, self.device)
+            inputs = self.backbone.finish(inputs, train=train)
             if self.cfg.channels_last:
                 inputs = {k: _channels_last(v) for k, v in inputs.items()}
             yield inputs, y
 
     def _stream_batches(self, split: StreamSplit, batch_size: int
                         ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        """``(inputs, labels)`` on the device for this rank's share of a streamed split, read and prepared a batch
-        ahead in a background thread."""
+        """``(inputs, labels)`` on the device for this rank's share of a streamed split, read and collated a batch
+        ahead in a background thread, finished on the device."""
         def prepare(batch: tuple[list, np.ndarray]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
             raw, labels = batch
-            return self.backbone.prepare(raw), torch.as_tensor(labels, dtype=torch.long, device="cpu")
+            return self.backbone.collate(raw), torch.as_tensor(labels, dtype=torch.long, device="cpu")
 
         for inputs, y in prefetch(split.batches(batch_size, self.rank, self.world), prepare,
                                   pin=self.device.type == "cuda"):
             inputs, y = to_device(inputs, self.device), to_device(y, self.device)
+            inputs = self.backbone.finish(inputs)
             if self.cfg.channels_last:
                 inputs = {k: _channels_last(v) for k, v in inputs.items()}
             yield inputs, y
@@ -307,8 +306,9 @@ class Trainer:
             with eval_mode(self.adapted.model), self.accelerator.autocast():
                 for name, split in splits.items():
                     batches = prefetch(range(0, len(split), bs),
-                                       lambda i, s=split: self.backbone.prepare(s.inputs[i:i + bs]))
-                    cache.build(name, batches, self.device)
+                                       lambda i, s=split: self.backbone.collate(s.inputs[i:i + bs]),
+                                       pin=self.device.type == "cuda")
+                    cache.build(name, batches, self.device, finish=self.backbone.finish)
         if not cache.prefix:
             return {"enabled": False, "reason": "no module before the first trainable block can be skipped"}
         first = next(iter(splits))
