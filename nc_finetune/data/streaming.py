@@ -25,6 +25,7 @@ and evaluation read the full stream.
 from __future__ import annotations
 
 import io
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -373,27 +374,32 @@ def _coder(name: str, label_column: str, feature: Any, labels: Sequence[str] | N
     return None
 
 
-def _coder_from_pass(name: str, label_column: str, sources: list[StreamSource]) -> LabelCoder:
-    """One label-only pass over ``sources``: the sorted distinct strings, or the integer ids 0..K-1 (as in memory)."""
-    values: set[Any] = set()
+def _coder_from_pass(name: str, label_column: str, sources: list[StreamSource]) -> tuple[LabelCoder, list[Counter]]:
+    """One label-only pass over ``sources``: the sorted distinct strings, or the integer ids 0..K-1 (as in memory),
+    and the count of every raw value per source."""
+    counters: list[Counter] = []
     for src in sources:
+        counter: Counter = Counter()
         for _, chunk in src.rows([label_column]):
-            values.update(chunk[label_column])
-            if len(values) > MAX_LABEL_PASS_CLASSES:
+            counter.update(chunk[label_column])
+            if len(counter) > MAX_LABEL_PASS_CLASSES:
                 raise DataError(f"data {name!r}: label column {label_column!r} has more than "
                                 f"{MAX_LABEL_PASS_CLASSES} distinct values; is it the label?")
+        counters.append(counter)
+    values = set().union(*counters)
     if None in values:
         raise DataError(f"data {name!r}: label column {label_column!r} has missing values")
     if all(isinstance(v, str) for v in values):
         names = sorted(values)
-        return LabelCoder(names, {s: i for i, s in enumerate(names)}, "strings mapped to sorted ids (label pass)")
+        return LabelCoder(names, {s: i for i, s in enumerate(names)}, "strings mapped to sorted ids (label pass)"), \
+            counters
     if all(isinstance(v, (bool, int, np.integer)) for v in values):
         ids = {int(v) for v in values}
         if ids != set(range(len(ids))):
             raise DataError(f"data {name!r}: integer labels in column {label_column!r} must be the class ids 0..K-1, "
                             f"each used; found {len(ids)} distinct ids up to {max(ids)}; recode them, or set "
                             "data.labels")
-        return LabelCoder([str(i) for i in range(len(ids))], None, "integers kept (label pass)")
+        return LabelCoder([str(i) for i in range(len(ids))], None, "integers kept (label pass)"), counters
     kinds = sorted({type(v).__name__ for v in values})
     raise DataError(f"data {name!r}: label column {label_column!r} must hold integers or strings, got "
                     f"{', '.join(kinds)}")
@@ -480,19 +486,26 @@ def load_streaming(
         raise DataError(f"data {name!r}: split {test_split!r} not found; available splits: {available}")
 
     coder = _coder(name, label_column, label_feature, labels)
+    counters = None
     if coder is None:
         if name not in LOCAL_BUILDERS:
             raise ConfigError(f"data {name!r} with data.streaming=true: label column {label_column!r} has no "
                               "ClassLabel feature, so the label set needs a pass over the whole dataset; set "
                               "data.labels to the class names")
-        coder = _coder_from_pass(name, label_column, [train_src, test_src])
+        coder, counters = _coder_from_pass(name, label_column, [train_src, test_src])
     if len(coder.names) < 2:
         raise DataError(f"data {name!r}: {len(coder.names)} class in the label set; need at least 2")
     train: Split | StreamSplit = StreamSplit(train_src, coder)
     test: Split | StreamSplit = StreamSplit(test_src, coder)
-    if coder.encoding.endswith("(label pass)") or max_train_samples is not None or max_eval_samples is not None:
-        train.count()  # bounded: K counters; the sizes and stratified quotas need them
-        test.count()
+    for split, counter, needed in ((train, 0, max_train_samples), (test, 1, max_eval_samples)):
+        if counters is not None:  # the label pass counted every value
+            values = list(counters[counter])
+            ids = coder.encode(values, split.source.what)
+            split.class_counts = np.bincount(ids, weights=[counters[counter][v] for v in values],
+                                             minlength=len(coder.names)).astype(np.int64)
+            split.num_rows = int(split.class_counts.sum())
+        elif needed is not None:
+            split.count()  # one label-only pass (K counters): the stratified quotas need the class sizes
     full_sizes = {"train": train.num_rows, "test": test.num_rows}
     if max_train_samples is not None:
         train = train.sample(stratified_counts(train.class_counts, max_train_samples), seed, KEY_TRAIN_SAMPLE)

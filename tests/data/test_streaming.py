@@ -202,3 +202,27 @@ def test_config_validates_streaming_fields():
                            (["data.name=csv", "data.streaming=true", "data.corruption=contrast"], "data.corruption")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_recipe(None, overrides)
+
+
+def test_imagefolder_stream_decodes_only_what_it_keeps(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pixels = {}
+    for split, n in (("train", 6), ("test", 2)):
+        for c in ("ant", "bee"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 256, (5, 4, 3), dtype=np.uint8)
+                Image.fromarray(img).save(tmp_path / split / c / f"{i}.png")
+                pixels[img.tobytes()] = c
+    files = {"train": str(tmp_path / "train"), "test": str(tmp_path / "test")}
+    data = load_data("imagefolder", data_files=files, streaming=True)
+    assert data.modality == "image" and data.class_names == ["ant", "bee"]  # ClassLabel from the folder names
+    sample = per_class_sample(data.train, 4, seed=1)
+    assert np.bincount(sample.labels).tolist() == [4, 4]
+    for img, y in zip(sample.inputs, sample.labels, strict=True):
+        assert img.dtype == np.uint8 and img.shape == (5, 4, 3)
+        assert pixels[img.tobytes()] == data.class_names[y]  # the decoded pixels of a file of that class
+    seen = [(x, y) for x, y in data.test.batches(3)]
+    assert [len(y) for _, y in seen] == [3, 1]
