@@ -3,6 +3,7 @@ evaluation that reads the test stream batch by batch and agrees with the in-memo
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -33,8 +34,10 @@ def test_streaming_probe_and_run(bert_dir, tmp_path) -> None:
     csv = {"train": write_text_csv(tmp_path / "train.csv", texts[:48], labels[:48]),
            "test": write_text_csv(tmp_path / "test.csv", texts[48:], labels[48:])}
     recipe = make_recipe(bert_dir, csv, **{"data.streaming": "true", "probe.samples_per_class": 5})
-    probe = run_probe_stage(recipe, None, progress=False)
+    probe = run_probe_stage(recipe, tmp_path / "probe", progress=False)
     assert probe.meta["class_counts"] == [5, 5]
+    saved = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    assert saved["data_info"]["streaming"] is True and saved["data_info"]["sizes"]["train"] == 48  # from the label pass
     assert all(math.isfinite(r["nc1"]) for r in probe.blocks())
 
     with pytest.raises(ConfigError, match="set data.max_train_samples"):
