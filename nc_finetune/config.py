@@ -183,7 +183,8 @@ class DataConfig:
     """HF sources only (``hf:<id>`` or local ``csv``/``json``/``parquet``/``imagefolder``): read the data as a stream
     and never hold a whole split in memory. The probe and evaluation read the full stream; per-class samples
     (``probe.samples_per_class``, ``max_train_samples``, ``max_eval_samples``) are drawn on the stream (seeded
-    bottom-k per class, one pass); training needs ``max_train_samples`` (a bounded sample with random access)."""
+    bottom-k per class, one pass); training runs on the ``max_train_samples`` sample or, without it, on the whole
+    stream (one shuffled pass per epoch through a seeded buffer)."""
     labels: list[str] | None = None
     """With ``streaming``: the class names in id order (string labels are matched to them, integer labels are ids
     into them), so that the label set needs no pass over the data; without it the label set comes from a

@@ -193,7 +193,8 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
     Returns:
         The summary written to ``summary.json``.
     """
-    from nc_finetune.data import stratified_split
+    from nc_finetune.data import StreamSplit, stratified_split
+    from nc_finetune.data.streaming import check_stream_training
     from nc_finetune.train.checkpoint import has_checkpoint
     from nc_finetune.train.loop import TrainData, Trainer
     from nc_finetune.train.tracking import check_trackers
@@ -207,9 +208,7 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
     else:
         run.check_new_run()
     check_trackers(recipe.train.report_to)
-    if recipe.data.streaming and recipe.data.max_train_samples is None:
-        raise ConfigError("data.streaming=true trains on a bounded per-class sample of the stream: set "
-                          "data.max_train_samples (training needs random access over epochs)")
+    check_stream_training(recipe)
     prepared = prepared or prepare_data(recipe)  # validates the data before any model is built
     data = prepared.data
     K = data.num_classes
@@ -249,7 +248,9 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
         raise
     t = recipe.train
     train_split, val_split = data.train, None
-    if t.val_fraction > 0:
+    if t.val_fraction > 0 and isinstance(data.train, StreamSplit):  # carved per row, as the test split
+        train_split, val_split = data.train.split_off(t.val_fraction, t.seed)
+    elif t.val_fraction > 0:
         tr_idx, val_idx = stratified_split(np.asarray(data.train.labels), t.val_fraction, t.seed)
         train_split, val_split = data.train.subset(tr_idx), data.train.subset(val_idx)
     trainer = Trainer(adapted, backbone, TrainData(train=train_split, test=data.test, val=val_split), t, run.path,

@@ -18,8 +18,9 @@ A streamed split is never held in memory. What the pipeline needs from it is dra
   would download the whole dataset). ``data.max_train_samples`` / ``max_eval_samples`` need per-class counts for
   their stratified quotas: they also trigger the label-only pass.
 
-Training needs random access over epochs, so it trains on a bounded sample (``data.max_train_samples``); the probe
-and evaluation read the full stream.
+Training reads a sample (``data.max_train_samples``, in memory) or the whole stream, one shuffled pass per epoch
+through a seeded buffer of :data:`SHUFFLE_BUFFER` rows (:meth:`StreamSplit.shuffled_batches`); a validation part is
+carved per row like the test split.
 """
 
 from __future__ import annotations
@@ -50,8 +51,11 @@ KEY_CHUNK = 1 << 16
 MAX_LABEL_PASS_CLASSES = 100_000
 """A label-only pass that finds more distinct values than this is reading something that is not a label."""
 
+SHUFFLE_BUFFER = 10_000
+"""Rows held by the shuffle buffer of a training epoch read from a stream."""
+
 # purposes of the per-row keys: the same seed draws independent keys for each
-KEY_TEST_CARVE, KEY_TRAIN_SAMPLE, KEY_EVAL_SAMPLE, KEY_PROBE_SAMPLE = 0, 1, 2, 3
+KEY_TEST_CARVE, KEY_TRAIN_SAMPLE, KEY_EVAL_SAMPLE, KEY_PROBE_SAMPLE, KEY_VAL_CARVE = 0, 1, 2, 3, 4
 
 
 class RowKeys:
@@ -134,8 +138,9 @@ class StreamSource:
         label_column: Name of the label column.
         modality: ``"text"`` or ``"image"``.
         what: Prefix of error messages (``"data 'csv' split 'train'"``).
-        carve: ``(seed, test_size, held_out)``: keep the rows whose carve key is below ``test_size`` (held out) or
-            the others; ``None`` keeps every row.
+        carves: Row filters ``(seed, purpose, fraction, held)``, all applied: keep the rows whose key (of that seed
+            and purpose) is below ``fraction`` (``held=True``: the held-out part) or the others; none keeps every
+            row.
     """
 
     dataset: Any
@@ -143,21 +148,23 @@ class StreamSource:
     label_column: str
     modality: str
     what: str
-    carve: tuple[int, float, bool] | None = None
+    carves: tuple[tuple[int, int, float, bool], ...] = ()
 
     def rows(self, columns: Sequence[str] | None = None) -> Iterator[tuple[np.ndarray, dict[str, list]]]:
         """``(row indices (n,), {column: values})`` chunks in file order; row indices count the source file's rows
-        (before carving), so keys drawn from them do not depend on the carve."""
+        (before carving), so keys drawn from them do not depend on the carves."""
         ds = self.dataset if columns is None else self.dataset.select_columns(list(columns))
-        carve_keys = RowKeys(self.carve[0], KEY_TEST_CARVE) if self.carve else None
+        filters = [(RowKeys(seed, purpose), fraction, held) for seed, purpose, fraction, held in self.carves]
         start = 0
         for chunk in ds.iter(batch_size=READ_BATCH):
             n = len(next(iter(chunk.values())))
             index = np.arange(start, start + n, dtype=np.int64)
             start += n
-            if carve_keys is not None:
-                held = carve_keys(int(index[0]), int(index[-1]) + 1) < self.carve[1]
-                keep = held if self.carve[2] else ~held
+            if filters:
+                keep = np.ones(n, dtype=bool)
+                for keys, fraction, held in filters:
+                    below = keys(int(index[0]), int(index[-1]) + 1) < fraction
+                    keep &= below if held else ~below
                 index = index[keep]
                 chunk = {c: [v for v, k in zip(vals, keep, strict=True) if k] for c, vals in chunk.items()}
             if len(index):
@@ -295,6 +302,78 @@ class StreamSplit:
         order = np.argsort(all_keys, kind="stable")
         return Split(inputs=src.inputs([all_values[i] for i in order]), labels=all_labels[order])
 
+    def split_off(self, fraction: float, seed: int) -> tuple[StreamSplit, StreamSplit]:
+        """``(rest, held)``: each row goes to ``held`` with probability ``fraction`` (its own seeded key), e.g. the
+        validation part of a streamed training split. Both are counted (one label-only pass each)."""
+        src = self.source
+        parts = []
+        for held in (False, True):
+            carves = (*src.carves, (seed, KEY_VAL_CARVE, fraction, held))
+            what = src.what + (f" (held-out {fraction:.0%})" if held else "")
+            part = StreamSplit(StreamSource(src.dataset, src.input_column, src.label_column, src.modality, what,
+                                            carves), self.coder, relabel=self.relabel)
+            part.count()
+            parts.append(part)
+        return parts[0], parts[1]
+
+    def shuffled_batches(self, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
+                         skip: int = 0) -> Iterator[tuple[list[Any], np.ndarray]]:
+        """One training epoch: ``(raw inputs, labels)`` micro-batches of this rank, in a seeded shuffled order.
+
+        Rows pass through a shuffle buffer of :data:`SHUFFLE_BUFFER` rows (a row leaves it for a uniformly drawn
+        slot's place), so the order is random within about that many rows of the file, not over the whole file.
+        The emitted rows are cut into global batches of ``batch_size * world``, each split evenly over the ranks (a
+        tail smaller than ``world`` is dropped), as :func:`nc_finetune.train.loop.epoch_batches` cuts a permutation:
+        every rank gets :func:`micro_batch_count` batches.
+
+        Args:
+            batch_size: Per-rank micro-batch size.
+            seed: Shuffle seed (with ``epoch``: a new order every epoch, the same for every rank).
+            epoch: The epoch.
+            rank: This process.
+            world: Number of processes.
+            skip: Micro-batches to read past without preparing them (a resumed epoch).
+        """
+        src = self.source
+        rng = np.random.default_rng([seed, epoch, KEY_VAL_CARVE + 1])
+        buffer: list[tuple[Any, int]] = []
+        pending: list[tuple[Any, int]] = []
+        global_size = batch_size * world
+        done = 0
+
+        def emit(rows: list[tuple[Any, int]]) -> tuple[list[Any], np.ndarray] | None:
+            nonlocal done
+            done += 1
+            if done <= skip:
+                return None
+            mine = [rows[i] for i in np.array_split(np.arange(len(rows)), world)[rank]]
+            return src.inputs([v for v, _ in mine]), np.asarray([y for _, y in mine], dtype=np.int64)
+
+        def shuffled_rows() -> Iterator[tuple[Any, int]]:
+            for _, chunk in src.rows([src.input_column, src.label_column]):
+                labels = self._encode(chunk[src.label_column])
+                slots = rng.integers(0, SHUFFLE_BUFFER, size=len(labels))
+                for value, y, j in zip(chunk[src.input_column], labels.tolist(), slots.tolist(), strict=True):
+                    if len(buffer) < SHUFFLE_BUFFER:
+                        buffer.append((value, y))
+                    else:
+                        yield buffer[j]
+                        buffer[j] = (value, y)
+            for i in rng.permutation(len(buffer)):
+                yield buffer[int(i)]
+
+        for row in shuffled_rows():
+            pending.append(row)
+            if len(pending) == global_size:
+                out = emit(pending)
+                pending = []
+                if out is not None:
+                    yield out
+        if len(pending) >= world:
+            out = emit(pending)
+            if out is not None:
+                yield out
+
     def count(self) -> np.ndarray:
         """Rows per class in one label-only pass, shape (K,); also sets ``num_rows`` and ``class_counts``."""
         src = self.source
@@ -303,6 +382,35 @@ class StreamSplit:
             counts += np.bincount(self._encode(chunk[src.label_column]), minlength=len(counts))
         self.num_rows, self.class_counts = int(counts.sum()), counts
         return counts
+
+
+#: Selection strategies and adapt modes that draw batches of the training split by index (not from the probe sample).
+RANDOM_ACCESS_STRATEGIES = ("auto_rgn", "trial")
+RANDOM_ACCESS_METHODS = ("auto_rgn",)
+
+
+def check_stream_training(recipe: Any) -> None:
+    """Refuse, before any work, a run that would need random access to a streamed training split (no
+    ``data.max_train_samples``): Auto-RGN (selection or adapt mode) and trial selection draw batches by index.
+
+    Raises:
+        ConfigError: One line naming the option and the way out.
+    """
+    d = recipe.data
+    if not d.streaming or d.max_train_samples is not None:
+        return
+    s, a = recipe.selection.strategy, recipe.adapt.method
+    if s in RANDOM_ACCESS_STRATEGIES or a in RANDOM_ACCESS_METHODS:
+        which = f"selection.strategy={s}" if s in RANDOM_ACCESS_STRATEGIES else f"adapt.method={a}"
+        raise ConfigError(f"{which} draws training batches by index; with data.streaming=true set "
+                          "data.max_train_samples (a bounded sample in memory)")
+
+
+def micro_batch_count(n: int, batch_size: int, world: int) -> int:
+    """Micro-batches per rank and epoch over ``n`` rows (global batches of ``batch_size * world``; a tail smaller
+    than ``world`` rows is dropped)."""
+    full, tail = divmod(n, batch_size * world)
+    return full + (1 if tail >= world else 0)
 
 
 def per_class_sample(split: Split | StreamSplit, per_class: int | None, seed: int) -> Split:
@@ -465,9 +573,9 @@ def load_streaming(
             train_ds = loaded[train_split]
     label_feature = (train_ds.features or {}).get(label_column)
 
-    def source(ds: Any, split: str, carve: tuple[int, float, bool] | None = None) -> StreamSource:
+    def source(ds: Any, split: str, carves: tuple = ()) -> StreamSource:
         return StreamSource(ds.select_columns([input_column, label_column]), input_column, label_column, modality,
-                            f"data {name!r} split {split!r}", carve)
+                            f"data {name!r} split {split!r}", carves)
 
     if test_split in loaded:
         test_ds = loaded[test_split]
@@ -479,8 +587,9 @@ def load_streaming(
         train_src, test_src = source(train_ds, train_split), source(test_ds, test_split)
         split_rule = f"given splits {train_split!r}/{test_split!r}"
     elif list(loaded.keys()) == [train_split]:
-        train_src = source(train_ds, train_split, (seed, test_size, False))
-        test_src = source(train_ds, f"{test_split} (held out of {train_split})", (seed, test_size, True))
+        train_src = source(train_ds, train_split, ((seed, KEY_TEST_CARVE, test_size, False),))
+        test_src = source(train_ds, f"{test_split} (held out of {train_split})",
+                          ((seed, KEY_TEST_CARVE, test_size, True),))
         split_rule = f"per-row seeded hold-out of {test_size:.0%} of {train_split!r} (streaming), seed {seed}"
     else:
         raise DataError(f"data {name!r}: split {test_split!r} not found; available splits: {available}")

@@ -15,7 +15,7 @@ import resource
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,8 @@ from nc_finetune.adapt import AdaptedModel, eval_mode, is_head_param
 from nc_finetune.config import TrainConfig
 from nc_finetune.data import Split, StreamSplit
 from nc_finetune.data.prefetch import prefetch, to_device
-from nc_finetune.errors import UserError
+from nc_finetune.data.streaming import micro_batch_count
+from nc_finetune.errors import ConfigError, UserError
 from nc_finetune.train.cache import PrefixCache
 from nc_finetune.train.checkpoint import load_checkpoint, save_checkpoint, save_weights, set_rng_state
 from nc_finetune.train.hooks import HookContext, make_train_hook
@@ -202,10 +203,17 @@ class Trainer:
         # the head's weight is a parameter, or a buffer for the fixed ETF head
         self.num_classes = next(int(v.shape[0]) for n, v in adapted.model.state_dict().items()
                                 if "nc_head" in n.split(".") and n.endswith("weight"))
+        self.streamed = isinstance(data.train, StreamSplit)  # trains on the whole stream, one shuffled pass an epoch
+        if self.streamed:
+            if adapted.method == "auto_rgn":  # its hook measures gradients on index batches of each epoch
+                raise ConfigError("adapt.method=auto_rgn needs random access to the training data; with "
+                                  "data.streaming=true set data.max_train_samples")
+            if data.train.num_rows is None:
+                data.train.count()  # one label-only pass: the schedule needs the epoch length
         self.class_weights = None
         if cfg.class_weights == "balanced":
-            labels = np.asarray(data.train.labels)
-            self.class_weights = torch.as_tensor(balanced_class_weights(labels, self.num_classes),
+            self.class_weights = torch.as_tensor(balanced_class_weights(None, self.num_classes,
+                                                                        self._train_counts()),
                                                  dtype=torch.float32, device=self.device)
         # Forwards of training (the prepared, possibly DDP-wrapped model) and of evaluation (the plain model: a DDP
         # forward would sync buffers across ranks that run different numbers of evaluation batches).
@@ -213,6 +221,18 @@ class Trainer:
         self._eval_forward: nn.Module = torch.compile(adapted.model) if cfg.compile else adapted.model
 
     # -- data ---------------------------------------------------------------------------------------------------
+    def _train_counts(self) -> np.ndarray:
+        """Training examples per class, shape (K,)."""
+        if self.streamed:
+            return self.data.train.class_counts
+        return np.bincount(np.asarray(self.data.train.labels, dtype=np.int64), minlength=self.num_classes)
+
+    def _micro_batches(self, epoch: int) -> list[np.ndarray] | None:
+        """This rank's index batches of ``epoch`` (``None`` for a streamed training split)."""
+        if self.streamed:
+            return None
+        return epoch_batches(len(self.data.train), self.cfg.batch_size, self.world, self.rank, self.cfg.seed, epoch)
+
     def _batches(self, split_name: str, split: Split, index_batches: Sequence[np.ndarray],
                  train: bool) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         """``(inputs, labels)`` on the device for each index batch. Collated (uint8 images, token ids) a batch
@@ -237,18 +257,18 @@ class Trainer:
                 inputs = {k: _channels_last(v) for k, v in inputs.items()}
             yield inputs, y
 
-    def _stream_batches(self, split: StreamSplit, batch_size: int
+    def _stream_batches(self, raw_batches: Iterable[tuple[list, np.ndarray]], train: bool = False
                         ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        """``(inputs, labels)`` on the device for this rank's share of a streamed split, read and collated a batch
-        ahead in a background thread, finished on the device."""
+        """``(inputs, labels)`` on the device for batches read from a stream (``StreamSplit.batches`` or
+        ``shuffled_batches``): read and collated a batch ahead in a background thread, finished (and with ``train``
+        augmented) on the device."""
         def prepare(batch: tuple[list, np.ndarray]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
             raw, labels = batch
             return self.backbone.collate(raw), torch.as_tensor(labels, dtype=torch.long, device="cpu")
 
-        for inputs, y in prefetch(split.batches(batch_size, self.rank, self.world), prepare,
-                                  pin=self.device.type == "cuda"):
+        for inputs, y in prefetch(raw_batches, prepare, pin=self.device.type == "cuda"):
             inputs, y = to_device(inputs, self.device), to_device(y, self.device)
-            inputs = self.backbone.finish(inputs)
+            inputs = self.backbone.finish(inputs, train=train)
             if self.cfg.channels_last:
                 inputs = {k: _channels_last(v) for k, v in inputs.items()}
             yield inputs, y
@@ -264,7 +284,7 @@ class Trainer:
     def _schedule(self) -> tuple[int, int]:
         """``(steps_per_epoch, total_steps)`` of this run (``max_steps`` included)."""
         cfg = self.cfg
-        micro_per_epoch = len(epoch_batches(len(self.data.train), cfg.batch_size, self.world, self.rank, cfg.seed, 0))
+        micro_per_epoch = micro_batch_count(len(self.data.train), cfg.batch_size, self.world)
         steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.grad_accum_steps))
         # As in HF Trainer, max_steps wins over epochs: training runs as many epochs as the steps need.
         total_steps = cfg.max_steps if cfg.max_steps is not None else steps_per_epoch * cfg.epochs
@@ -278,6 +298,7 @@ class Trainer:
         splits = {"train": self.data.train, "test": self.data.test}
         if self.data.val is not None:
             splits["val"] = self.data.val
+        streamed = any(isinstance(v, StreamSplit) for v in splits.values())
         splits = {k: v for k, v in splits.items() if not isinstance(v, StreamSplit)}  # a stream is never held
         passes = self._split_passes(epochs_run)
         if cfg.cache_prefix == "auto":  # building costs one forward per split: it pays on splits read twice or more
@@ -289,6 +310,8 @@ class Trainer:
             reason = "augmentation makes the prefix non-deterministic"
         elif a.method == "full" or target is None:
             reason = "no frozen prefix"
+        elif not splits and streamed:
+            reason = "the splits are streamed (data.streaming): they are read from the stream, not cached"
         elif not splits:
             reason = (f"every split is read once ({epochs_run} epoch): building the cache costs the forward it would "
                       "save")
@@ -338,7 +361,7 @@ class Trainer:
         loss = torch.zeros(1, dtype=torch.float64, device=self.device)  # summed on the device: one read at the end
         bs = self.cfg.eval_batch_size
         if isinstance(split, StreamSplit):  # read batch by batch, never held in memory
-            batches = self._stream_batches(split, bs)
+            batches = self._stream_batches(split.batches(bs, self.rank, self.world))
         else:
             idx_all = np.arange(self.rank, len(split), self.world)
             batches = self._batches(split_name, split, [idx_all[s:s + bs] for s in range(0, len(idx_all), bs)],
@@ -395,7 +418,7 @@ class Trainer:
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train; return the summary (test accuracy, parameter counts, time, peak memory, cache info)."""
         cfg, acc = self.cfg, self.accelerator
-        warning = imbalance_message(np.asarray(self.data.train.labels), self.num_classes, cfg.class_weights)
+        warning = imbalance_message(None, self.num_classes, cfg.class_weights, self._train_counts())
         if warning and self.rank == 0:
             warnings.warn(warning, UserWarning, stacklevel=2)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -467,18 +490,23 @@ class Trainer:
         try:
             while pos["epoch"] < num_epochs and pos["step"] < total_steps and not stopped_early:
                 epoch = pos["epoch"]
-                batches = epoch_batches(n_train, cfg.batch_size, self.world, self.rank, cfg.seed, epoch)
+                batches = self._micro_batches(epoch)
+                n_micro = micro_batch_count(n_train, cfg.batch_size, self.world)
                 if self.hook is not None and pos["micro"] == 0:
                     with self._replay("train"):
                         self.hook.on_epoch_start(hook_ctx, epoch, batches, pos)
                 self.adapted.train_mode()
                 t0 = time.perf_counter()
-                stream = self._batches("train", self.data.train, batches[pos["micro"]:], train=cfg.augment)
+                if batches is None:
+                    stream = self._stream_batches(self.data.train.shuffled_batches(
+                        cfg.batch_size, cfg.seed, epoch, self.rank, self.world, skip=pos["micro"]), train=cfg.augment)
+                else:
+                    stream = self._batches("train", self.data.train, batches[pos["micro"]:], train=cfg.augment)
                 with self._replay("train"):
                     for inputs, y in stream:
                         if pos["step"] >= total_steps:
                             break
-                        sync = (pos["micro"] + 1) % cfg.grad_accum_steps == 0 or pos["micro"] + 1 == len(batches)
+                        sync = (pos["micro"] + 1) % cfg.grad_accum_steps == 0 or pos["micro"] + 1 == n_micro
                         ctx = acc.no_sync(model) if not sync and self.world > 1 else contextlib.nullcontext()
                         with ctx, acc.autocast():
                             if self.penalty is None:
@@ -515,7 +543,7 @@ class Trainer:
                                        "lr": scheduler.get_last_lr()[-1]})
                             bar.set_postfix(loss=f"{mean_loss:.4f}")
                             pos["running"] = [0.0, 0]
-                        if pos["step"] % cfg.checkpoint_every == 0 and pos["micro"] < len(batches):
+                        if pos["step"] % cfg.checkpoint_every == 0 and pos["micro"] < n_micro:
                             pos["train_seconds"] += time.perf_counter() - t0
                             t0 = time.perf_counter()
                             checkpoint()

@@ -226,3 +226,52 @@ def test_imagefolder_stream_decodes_only_what_it_keeps(tmp_path):
         assert pixels[img.tobytes()] == data.class_names[y]  # the decoded pixels of a file of that class
     seen = [(x, y) for x, y in data.test.batches(3)]
     assert [len(y) for _, y in seen] == [3, 1]
+
+
+def test_micro_batch_count_matches_epoch_batches():
+    from nc_finetune.train.loop import epoch_batches
+
+    for n in (0, 1, 5, 16, 17, 23, 64):
+        for bs in (1, 4, 7):
+            for world in (1, 2, 3):
+                assert st.micro_batch_count(n, bs, world) == len(epoch_batches(n, bs, world, 0, 0, 0)), (n, bs, world)
+
+
+def _epoch_rows(split, epoch, world=1, skip=0, batch_size=4):
+    return [[[int(t.split()[1]) for t in x] for x, _ in split.shuffled_batches(batch_size, 11, epoch, r, world,
+                                                                                skip=skip)]
+            for r in range(world)]
+
+
+def test_shuffled_epochs_cover_every_row_once_and_resume_exactly(tmp_path, monkeypatch, small_chunks):
+    monkeypatch.setattr(st, "SHUFFLE_BUFFER", 16)
+    labels = _labels(101, seed=5)
+    files = {"train": _write_csv(tmp_path / "train.csv", labels), "test": _write_csv(tmp_path / "test.csv", labels)}
+    split = load_data("csv", data_files=files, streaming=True, labels=NAMES).train
+    (one,) = _epoch_rows(split, epoch=0)
+    rows = [r for b in one for r in b]
+    assert sorted(rows) == list(range(101)) and rows != list(range(101))  # every row once, shuffled
+    assert len(one) == st.micro_batch_count(101, 4, 1)
+    assert _epoch_rows(split, epoch=0) == [one]  # seeded
+    assert _epoch_rows(split, epoch=1) != [one]  # a new order each epoch
+    assert _epoch_rows(split, epoch=0, skip=5) == [one[5:]]  # a resumed epoch continues the same order
+    for x, y in split.shuffled_batches(4, 11, 0):
+        assert [f"c{int(v)}" for v in y] == [t.split()[-1] for t in x]  # labels travel with their rows
+    # two ranks: as many batches each, disjoint halves of every global batch, a tail below 2 rows dropped
+    r0, r1 = _epoch_rows(split, epoch=0, world=2)
+    assert len(r0) == len(r1) == st.micro_batch_count(101, 4, 2)
+    both = [r for b in r0 + r1 for r in b]
+    assert len(both) == len(set(both)) == 101 - 101 % 8 + (101 % 8 if 101 % 8 >= 2 else 0)
+
+
+def test_split_off_is_a_disjoint_per_row_carve(tmp_path, small_chunks):
+    labels = _labels(90, seed=6)
+    files = {"train": _write_csv(tmp_path / "train.csv", labels), "test": _write_csv(tmp_path / "test.csv", labels)}
+    split = load_data("csv", data_files=files, streaming=True, labels=NAMES).train
+    rest, held = split.split_off(0.3, seed=2)
+    rest_rows = [int(t.split()[1]) for x, _ in rest.batches(16) for t in x]
+    held_rows = [int(t.split()[1]) for x, _ in held.batches(16) for t in x]
+    assert sorted(rest_rows + held_rows) == list(range(90)) and not set(rest_rows) & set(held_rows)
+    assert held_rows == np.flatnonzero(st.RowKeys(2, st.KEY_VAL_CARVE)(0, 90) < 0.3).tolist()
+    assert len(rest) == len(rest_rows) and len(held) == len(held_rows)
+    assert rest.class_counts.tolist() == np.bincount(labels[rest_rows], minlength=3).tolist()
