@@ -275,3 +275,30 @@ def test_split_off_is_a_disjoint_per_row_carve(tmp_path, small_chunks):
     assert held_rows == np.flatnonzero(st.RowKeys(2, st.KEY_VAL_CARVE)(0, 90) < 0.3).tolist()
     assert len(rest) == len(rest_rows) and len(held) == len(held_rows)
     assert rest.class_counts.tolist() == np.bincount(labels[rest_rows], minlength=3).tolist()
+
+
+def test_hub_stream_label_set_from_classlabel_or_refused(monkeypatch):
+    """A hub stream (stood in for by an in-process generator): a ClassLabel gives the label set without a pass; plain
+    labels without data.labels are refused (the pass would download everything); data.labels makes it work."""
+    import datasets
+
+    rows = [{"text": f"row {i}", "label": i % 2} for i in range(20)]
+
+    def hub(features):
+        ds = datasets.IterableDataset.from_generator(lambda: iter(rows), features=features)
+        return datasets.IterableDatasetDict({"train": ds, "test": ds})
+
+    with_names = datasets.Features({"text": datasets.Value("string"),
+                                    "label": datasets.ClassLabel(names=["neg", "pos"])})
+    monkeypatch.setattr(st, "_load_stream_dict", lambda name, files: hub(with_names))
+    data = load_data("hf:someone/reviews", streaming=True)
+    assert data.class_names == ["neg", "pos"] and data.info["label_encoding"] == "ClassLabel"
+    assert data.train.num_rows is None  # no pass was made
+    assert np.bincount(per_class_sample(data.train, 3, seed=0).labels).tolist() == [3, 3]
+
+    plain = datasets.Features({"text": datasets.Value("string"), "label": datasets.Value("int64")})
+    monkeypatch.setattr(st, "_load_stream_dict", lambda name, files: hub(plain))
+    with pytest.raises(ConfigError, match="has no ClassLabel feature.*set data.labels"):
+        load_data("hf:someone/reviews", streaming=True)
+    named = load_data("hf:someone/reviews", streaming=True, labels=["neg", "pos"])
+    assert [int(y) for _, ys in named.test.batches(8) for y in ys] == [i % 2 for i in range(20)]
