@@ -51,7 +51,7 @@ def metrics_from_confusion(cm: np.ndarray | torch.Tensor) -> dict[str, Any]:
     }
 
 
-def balanced_class_weights(labels: np.ndarray, num_classes: int, counts: np.ndarray | None = None) -> np.ndarray:
+def balanced_class_weights(labels: np.ndarray | None, num_classes: int, counts: np.ndarray | None = None) -> np.ndarray:
     """``N / (K * n_k)`` per class (sklearn's ``compute_class_weight("balanced")``); 0 for an absent class.
     ``counts`` (examples per class) replaces ``labels`` when given (a streamed split)."""
     if counts is None:
@@ -63,7 +63,7 @@ def balanced_class_weights(labels: np.ndarray, num_classes: int, counts: np.ndar
     return weights
 
 
-def imbalance_message(labels: np.ndarray, num_classes: int, class_weights: str | None,
+def imbalance_message(labels: np.ndarray | None, num_classes: int, class_weights: str | None,
                       counts: np.ndarray | None = None) -> str | None:
     """A one-line warning when the majority class exceeds :data:`IMBALANCE_WARNING` of the training data
     (``counts``, examples per class, replaces ``labels`` when given)."""
