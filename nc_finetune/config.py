@@ -179,6 +179,16 @@ class DataConfig:
     test_size: Annotated[float, Range(gt=0, lt=1)] = 0.2
     """Held-out fraction when the source has no test split."""
     seed: Annotated[int, SEED] = 0
+    streaming: bool = False
+    """HF sources only (``hf:<id>`` or local ``csv``/``json``/``parquet``/``imagefolder``): read the data as a stream
+    and never hold a whole split in memory. The probe and evaluation read the full stream; per-class samples
+    (``probe.samples_per_class``, ``max_train_samples``, ``max_eval_samples``) are drawn on the stream (seeded
+    bottom-k per class, one pass); training runs on the ``max_train_samples`` sample or, without it, on the whole
+    stream (one shuffled pass per epoch through a seeded buffer)."""
+    labels: list[str] | None = None
+    """With ``streaming``: the class names in id order (string labels are matched to them, integer labels are ids
+    into them), so that the label set needs no pass over the data; without it the label set comes from a
+    ClassLabel feature or, for local files, a label-only pass."""
     corruption: Literal["gaussian_noise", "shot_noise", "impulse_noise", "gaussian_blur", "contrast", "brightness",
                         "pixelate", "invert"] | None = None
     """Image data only: an input-level shift (CIFAR-10-C style corruption) applied to both splits, seeded by
@@ -192,6 +202,14 @@ class DataConfig:
                 "must differ from train_split (evaluation needs held-out data)", self.test_split)
         require(self.text_column is None or self.image_column is None, "image_column",
                 "cannot be set together with text_column (one input column)", self.image_column)
+        require(not self.streaming or self.name.startswith("hf:")
+                or self.name in ("csv", "json", "parquet", "imagefolder"), "streaming",
+                "applies to HF sources (hf:<id>, csv, json, parquet, imagefolder), not to built-in data", self.name)
+        require(not self.streaming or self.corruption is None, "corruption",
+                "cannot be combined with data.streaming (corruptions apply to in-memory splits)", self.corruption)
+        require(self.labels is None or self.streaming, "labels", "applies with data.streaming=true", self.labels)
+        require(self.labels is None or (len(self.labels) >= 2 and len(set(self.labels)) == len(self.labels)),
+                "labels", "must list at least 2 distinct class names", self.labels)
 
 
 @dataclass

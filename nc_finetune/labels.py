@@ -62,8 +62,9 @@ def align_class_names(trained: Sequence[str] | None, data, where: str):
         raise DataError(f"{where} was trained on classes {_fmt(trained)}; data '{data.name}' has classes "
                         f"{_fmt(names)}" + (f" ({detail})" if detail else ""))
     new_id = np.asarray([trained.index(n) for n in names], dtype=np.int64)  # data id -> run id
-    train = dataclasses.replace(data.train, labels=new_id[np.asarray(data.train.labels)])
-    test = dataclasses.replace(data.test, labels=new_id[np.asarray(data.test.labels)])
+    train, test = (split.relabelled(new_id) if hasattr(split, "relabelled")  # a stream: relabelled as it is read
+                   else dataclasses.replace(split, labels=new_id[np.asarray(split.labels)])
+                   for split in (data.train, data.test))
     info = {**data.info, "label_map": {n: int(i) for n, i in zip(names, new_id, strict=True)}}
     return dataclasses.replace(data, train=train, test=test, class_names=list(trained), info=info)
 

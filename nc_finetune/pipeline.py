@@ -30,19 +30,20 @@ def prepare_data(recipe: Recipe) -> PreparedData:
         DataError: unusable data (see :func:`nc_finetune.data.validate_split`) or a class count that disagrees
             with ``data.num_classes``.
     """
-    from nc_finetune.data import load_data, subsample_per_class, validate_split
+    from nc_finetune.data import StreamSplit, load_data, per_class_sample, validate_split
 
     d = recipe.data
     data = load_data(d.name, train_split=d.train_split, test_split=d.test_split, text_column=d.text_column,
                      image_column=d.image_column, label_column=d.label_column, data_files=d.data_files,
                      max_train_samples=d.max_train_samples, max_eval_samples=d.max_eval_samples, seed=d.seed,
-                     test_size=d.test_size, corruption=d.corruption, corruption_severity=d.corruption_severity)
+                     test_size=d.test_size, corruption=d.corruption, corruption_severity=d.corruption_severity,
+                     streaming=d.streaming, labels=d.labels)
     if d.num_classes is not None and d.num_classes != data.num_classes:
         raise DataError(f"data.num_classes is {d.num_classes} but '{d.name}' has {data.num_classes} classes "
                         f"({', '.join(map(str, data.class_names[:10]))}{' ...' if data.num_classes > 10 else ''})")
-    validate_split(data.train, data.num_classes, f"data '{d.name}' split '{d.train_split}'")
-    idx = subsample_per_class(np.asarray(data.train.labels), recipe.probe.samples_per_class, recipe.probe.seed)
-    probe_split = data.train.subset(idx)
+    if not isinstance(data.train, StreamSplit):  # a stream is checked as it is read
+        validate_split(data.train, data.num_classes, f"data '{d.name}' split '{d.train_split}'")
+    probe_split = per_class_sample(data.train, recipe.probe.samples_per_class, recipe.probe.seed)
     validate_split(probe_split, data.num_classes, f"probe subset of '{d.name}' (probe.samples_per_class)")
     return PreparedData(data=data, probe_split=probe_split)
 
@@ -192,7 +193,8 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
     Returns:
         The summary written to ``summary.json``.
     """
-    from nc_finetune.data import stratified_split
+    from nc_finetune.data import StreamSplit, stratified_split
+    from nc_finetune.data.streaming import check_stream_training
     from nc_finetune.train.checkpoint import has_checkpoint
     from nc_finetune.train.loop import TrainData, Trainer
     from nc_finetune.train.tracking import check_trackers
@@ -206,6 +208,7 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
     else:
         run.check_new_run()
     check_trackers(recipe.train.report_to)
+    check_stream_training(recipe)
     prepared = prepared or prepare_data(recipe)  # validates the data before any model is built
     data = prepared.data
     K = data.num_classes
@@ -245,7 +248,9 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
         raise
     t = recipe.train
     train_split, val_split = data.train, None
-    if t.val_fraction > 0:
+    if t.val_fraction > 0 and isinstance(data.train, StreamSplit):  # carved per row, as the test split
+        train_split, val_split = data.train.split_off(t.val_fraction, t.seed)
+    elif t.val_fraction > 0:
         tr_idx, val_idx = stratified_split(np.asarray(data.train.labels), t.val_fraction, t.seed)
         train_split, val_split = data.train.subset(tr_idx), data.train.subset(val_idx)
     trainer = Trainer(adapted, backbone, TrainData(train=train_split, test=data.test, val=val_split), t, run.path,

@@ -181,7 +181,7 @@ def predict_stage(run_dir: Path, data: Path, out: Path, *, column: str | None = 
         for start in range(0, len(table["inputs"]), bs):
             raw = table["inputs"][start:start + bs]
             raw = _load_images(raw) if modality == "image" else raw
-            inputs = {k: v.to(device) for k, v in backbone.prepare(raw).items()}
+            inputs = backbone.finish({k: v.to(device) for k, v in backbone.collate(raw).items()})  # on the device
             probs.append(torch.softmax(model(**inputs).float(), dim=1).cpu().numpy())  # (B, K)
     p = np.concatenate(probs)  # (N, K)
     pred = p.argmax(1)

@@ -96,3 +96,27 @@ def test_the_guard_catches_a_tensor_made_without_a_device() -> None:
         FeatureReservoir(2, device="cpu").add(torch.ones(5, 3), torch.zeros(5, dtype=torch.long))  # draws on the CPU
         torch.zeros(3)  # test code is not watched
     assert guard.offenders == {"fake.py:2 zeros"}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("augment", "cache"), [(True, "off"), (False, "on")])
+def test_image_pipeline_runs_on_the_device(device, augment, cache, tmp_path) -> None:
+    """uint8 images collated on the CPU, resized / normalised / flipped on the device, for the probe, training (with
+    the flip augmentation, or with the prefix cache storing the uint8 inputs) and evaluation."""
+    from nc_finetune.config import load_recipe
+
+    recipe = load_recipe(None, [
+        "backbone.name=timm:test_efficientnet", "backbone.pretrained=false", "backbone.image_size=16",
+        "data.name=digits", "data.max_train_samples=40", "data.max_eval_samples=20", "probe.samples_per_class=3",
+        "probe.batch_size=16", f"probe.device={device}", "selection.strategy=manual", "selection.blocks=[3]",
+        "adapt.method=finetune", "train.epochs=2", "train.batch_size=8", "train.eval_batch_size=16",
+        f"train.augment={str(augment).lower()}", f"train.cache_prefix={cache}", f"train.device={device}",
+        "train.checkpoint_every=100"])
+    guard = DeviceGuard()
+    with guard:
+        summary = run_stage(recipe, tmp_path / "run", progress=False)
+        scored = eval_stage(tmp_path / "run")
+    assert not guard.offenders, sorted(guard.offenders)
+    assert summary["device"].startswith(device)
+    assert summary["prefix_cache"]["enabled"] == (cache == "on"), summary["prefix_cache"]
+    assert scored["loss"] == pytest.approx(summary["test_loss"], abs=1e-4 if device == "cpu" else 2e-2)

@@ -112,6 +112,23 @@ class Backbone:
         """
         return self.preprocess(raw, train=train)
 
+    def collate(self, raw: Sequence[Any]) -> dict[str, Tensor]:
+        """The CPU half of :meth:`prepare`, for the loader / prefetch thread: images become one ``(B, C, H, W)``
+        uint8 tensor, texts are tokenised. Deterministic (no random draws), so it may run in a background thread.
+
+        ``finish(collate(raw), train)`` equals ``prepare(raw, train)``; a preprocessor without the two halves does
+        all its work here.
+        """
+        collate = getattr(self.preprocess, "collate", None)
+        return collate(raw) if collate is not None else self.preprocess(raw)
+
+    def finish(self, batch: dict[str, Tensor], train: bool = False) -> dict[str, Tensor]:
+        """The device half of :meth:`prepare`, run where ``batch`` is (the model's device): resize, normalise and
+        the random flip of ``train`` for images (its draws come from torch's global CPU RNG, in this thread);
+        nothing for text."""
+        finish = getattr(self.preprocess, "finish", None)
+        return finish(batch, train=train) if finish is not None else batch
+
     def pool(self, output: Any, inputs: Mapping[str, Tensor]) -> Tensor:
         """Pool any block's raw forward output to one float32 vector per sample.
 

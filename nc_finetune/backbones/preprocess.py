@@ -43,7 +43,12 @@ class ImageConfig:
 
 @dataclass
 class ImagePreprocessor:
-    """Batched image preprocessing: uint8 -> float, gray -> RGB, bilinear resize, normalise, optional flip.
+    """Batched image preprocessing in two stages, so that the float work runs on the model's device.
+
+    :meth:`collate` (CPU, in the loader / prefetch thread; deterministic): raw images -> one ``(B, C, H, W)`` uint8
+    tensor (a quarter of the bytes of float32 to pin and copy). :meth:`finish` (on whatever device the batch is):
+    uint8 -> float, bilinear resize, gray -> RGB, normalise, optional flip. ``__call__`` is ``finish(collate(raw))``
+    on the CPU, the path used before the split, number for number.
 
     Attributes:
         config: Target size and normalisation.
@@ -54,7 +59,7 @@ class ImagePreprocessor:
     key: str = "x"
 
     def __call__(self, raw: Sequence[Any], train: bool = False) -> dict[str, Tensor]:
-        """Preprocess a batch of images.
+        """Preprocess a batch of images on the CPU (:meth:`collate` then :meth:`finish`).
 
         Args:
             raw: A stacked uint8 array/tensor ``(B, H, W)`` or ``(B, H, W, C)``, or a sequence of images, each a uint8
@@ -64,25 +69,57 @@ class ImagePreprocessor:
         Returns:
             ``{key: (B, 3, H', W') float32}``.
         """
+        return self.finish(self.collate(raw), train=train)
+
+    def collate(self, raw: Sequence[Any]) -> dict[str, Tensor]:
+        """Raw images -> ``{key: (B, C, H, W) uint8}`` with C in (1, 3) (alpha dropped), on the CPU.
+
+        Images of different sizes cannot share one uint8 tensor: each is converted and resized here instead, and the
+        batch travels as ``(B, C, H', W')`` float32 in [0, 1] (the rare case: most datasets have one size).
+        """
         groups = _uint8_batches(raw)
-        x = torch.cat([self._convert(g) for g in groups]) if len(groups) > 1 else self._convert(groups[0])
+        if len(groups) == 1:
+            x = groups[0].permute(0, 3, 1, 2)  # (B, C, H, W) uint8
+            return {self.key: (x[:, :3] if x.shape[1] == 4 else x).contiguous()}
+        scaled = [self._scaled(g.permute(0, 3, 1, 2)) for g in groups]
+        return {self.key: torch.cat([x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x for x in scaled])}
+
+    def finish(self, batch: dict[str, Tensor], train: bool = False) -> dict[str, Tensor]:
+        """``{key: (B, C, H, W)}`` from :meth:`collate`, on any device -> ``{key: (B, 3, H', W') float32}`` there.
+
+        Args:
+            batch: Output of :meth:`collate`, possibly moved to the model's device.
+            train: Randomly flip each image horizontally (p = 0.5). The draws come from torch's global CPU RNG, as
+                before the split, so a seed gives the same flips on every device.
+        """
+        x = self._scaled(batch[self.key])
+        if x.shape[1] == 1:  # resize the single channel first, then repeat: 3x less interpolation work
+            x = x.expand(-1, 3, -1, -1)
+        mean, std = self._stats(x)
+        x = ((x - mean) / std).contiguous()
         if train:
-            flip = torch.rand(x.shape[0]) < 0.5  # (B,)
-            x[flip] = x[flip].flip(-1)
+            flip = (torch.rand(x.shape[0], device="cpu") < 0.5).to(x.device).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+            x = torch.where(flip, x.flip(-1), x)  # no boolean indexing: no host sync on a GPU
         return {self.key: x}
 
-    def _convert(self, batch: Tensor) -> Tensor:
-        """``(B, H, W, C)`` uint8 -> ``(B, 3, H', W')`` normalised float32."""
-        x = batch.permute(0, 3, 1, 2).float().div_(255.0)  # (B, C, H, W) in [0, 1]
+    def _scaled(self, x: Tensor) -> Tensor:
+        """``(B, C, H, W)`` uint8 -> float32 in [0, 1] at the target size, alpha dropped (float input: resized only)."""
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
         if x.shape[1] == 4:
             x = x[:, :3]
         if tuple(x.shape[-2:]) != self.config.size:
             x = F.interpolate(x, size=self.config.size, mode="bilinear", align_corners=False, antialias=False)
-        if x.shape[1] == 1:  # resize the single channel first, then repeat: 3x less interpolation work
-            x = x.expand(-1, 3, -1, -1)
-        mean = torch.tensor(self.config.mean, dtype=x.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.config.std, dtype=x.dtype).view(1, 3, 1, 1)
-        return ((x - mean) / std).contiguous()
+        return x
+
+    def _stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and std as ``(1, 3, 1, 1)`` tensors on ``x``'s device and dtype (built once per device)."""
+        cache = self.__dict__.setdefault("_stats_cache", {})
+        key = (x.device, x.dtype)
+        if key not in cache:
+            cache[key] = (torch.tensor(self.config.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1),
+                          torch.tensor(self.config.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1))
+        return cache[key]
 
 
 @dataclass
@@ -96,6 +133,14 @@ class TextPreprocessor:
 
     tokenizer: Any
     max_length: int
+
+    def collate(self, raw: Sequence[Any]) -> dict[str, Tensor]:
+        """Tokenize on the CPU (in the loader / prefetch thread): the whole preparation of text."""
+        return self(raw)
+
+    def finish(self, batch: dict[str, Tensor], train: bool = False) -> dict[str, Tensor]:
+        """Nothing left to do on the device (text gets no augmentation)."""
+        return batch
 
     def __call__(self, raw: Sequence[Any], train: bool = False) -> dict[str, Tensor]:
         """Tokenize a batch (``train`` is accepted for interface symmetry; text gets no augmentation)."""

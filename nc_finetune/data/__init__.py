@@ -19,6 +19,7 @@ from nc_finetune.data.base import (
 from nc_finetune.data.builtin import BUILTIN_DATASETS, load_builtin
 from nc_finetune.data.corrupt import CORRUPTIONS, check_corruption, corrupt_split_inputs
 from nc_finetune.data.hf import LOCAL_BUILDERS, LazyImageColumn, is_hf_name, load_hf
+from nc_finetune.data.streaming import StreamSplit, load_streaming, per_class_sample
 from nc_finetune.errors import ConfigError, DataError, UserError
 
 __all__ = [
@@ -27,7 +28,9 @@ __all__ = [
     "ClassificationData",
     "LazyImageColumn",
     "Split",
+    "StreamSplit",
     "load_data",
+    "per_class_sample",
     "stratified_split",
     "stratified_subsample",
     "subsample_per_class",
@@ -51,6 +54,8 @@ def load_data(
     test_size: float = 0.2,
     corruption: str | None = None,
     corruption_severity: int = 3,
+    streaming: bool = False,
+    labels: list[str] | None = None,
 ) -> ClassificationData:
     """Load, sub-sample and validate a classification dataset.
 
@@ -71,6 +76,9 @@ def load_data(
         corruption: Image datasets only: an input-level shift applied to both splits after sub-sampling, one of
             :data:`~nc_finetune.data.corrupt.CORRUPTIONS` (CIFAR-10-C style); ``None`` leaves the images alone.
         corruption_severity: 1..5.
+        streaming: HF sources only: read as streams (:mod:`nc_finetune.data.streaming`); an unsampled split is then
+            a :class:`StreamSplit`.
+        labels: With ``streaming``: the class names, so that the label set needs no pass over the data.
 
     Returns:
         The validated dataset; ``info`` records the source, sizes, seed and split rule.
@@ -88,8 +96,20 @@ def load_data(
     if train_split == test_split:
         raise ConfigError(f"train_split and test_split are both {train_split!r}; evaluation needs held-out data")
     check_corruption(corruption, corruption_severity)
+    if streaming and not is_hf_name(name):
+        raise ConfigError(f"data.streaming applies to HF sources (hf:<id>, {', '.join(LOCAL_BUILDERS)}); "
+                          f"{name!r} is not one")
+    if streaming and corruption is not None:
+        raise ConfigError("data.corruption cannot be combined with data.streaming")
+    if labels is not None and not streaming:
+        raise ConfigError("data.labels applies with data.streaming=true")
 
-    if name in BUILTIN_DATASETS:
+    if streaming:
+        data = load_streaming(name, train_split=train_split, test_split=test_split, text_column=text_column,
+                              image_column=image_column, label_column=label_column, data_files=data_files,
+                              labels=labels, max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
+                              seed=seed, test_size=test_size)
+    elif name in BUILTIN_DATASETS:
         given = {"text_column": text_column, "image_column": image_column, "data_files": data_files}
         extra = [k for k, v in given.items() if v is not None]
         if extra:
@@ -132,7 +152,9 @@ def load_data(
             "name": name,
             "modality": data.modality,
             "num_classes": data.num_classes,
-            "sizes": {"train": len(data.train), "test": len(data.test)},
+            "sizes": {k: s.num_rows if isinstance(s, StreamSplit) else len(s)
+                      for k, s in (("train", data.train), ("test", data.test))},
+            "streaming": streaming,
             "seed": seed,
             "max_train_samples": max_train_samples,
             "max_eval_samples": max_eval_samples,
@@ -152,8 +174,11 @@ def validate_data(data: ClassificationData, train_split: str = "train", test_spl
     """
     if len(data.class_names) != data.num_classes:
         raise DataError(f"data {data.name!r}: {len(data.class_names)} class names for num_classes={data.num_classes}")
-    validate_split(data.train, data.num_classes, f"data {data.name!r} split {train_split!r}", min_per_class=2)
-    validate_split(data.test, data.num_classes, f"data {data.name!r} split {test_split!r}", min_per_class=0)
+    # a streamed split is checked row by row as it is read (labels outside the label set raise DataError)
+    if not isinstance(data.train, StreamSplit):
+        validate_split(data.train, data.num_classes, f"data {data.name!r} split {train_split!r}", min_per_class=2)
+    if not isinstance(data.test, StreamSplit):
+        validate_split(data.test, data.num_classes, f"data {data.name!r} split {test_split!r}", min_per_class=0)
 
 
 def _builtin_splits(name: str, train_split: str, test_split: str) -> ClassificationData:

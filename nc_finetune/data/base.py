@@ -181,21 +181,41 @@ def stratified_subsample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     groups = _class_indices(labels)
-    sizes = np.array([len(pos) for _, pos in groups], dtype=np.int64)
-    total = int(sizes.sum())
-    n = min(n, total)
-    quota = n * sizes / total
-    counts = np.floor(quota).astype(np.int64)
-    order = np.argsort(-(quota - counts), kind="stable")
-    counts[order[: n - int(counts.sum())]] += 1
-    if n >= len(groups):  # a class rounded down to zero takes one example from the largest allocation
-        for k in np.flatnonzero(counts == 0):
-            counts[int(np.argmax(counts))] -= 1
-            counts[k] = 1
+    counts = stratified_counts(np.array([len(pos) for _, pos in groups], dtype=np.int64), n)
     rng = np.random.default_rng(seed)
     picked = [rng.permutation(pos)[:c] for (_, pos), c in zip(groups, counts, strict=True)]
     out = np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
     return rng.permutation(out).astype(np.int64)
+
+
+def stratified_counts(sizes: np.ndarray, n: int) -> np.ndarray:
+    """Per-class counts of a stratified sample of ``n`` from classes of ``sizes`` (the rule of
+    :func:`stratified_subsample`; classes of size 0 get 0).
+
+    Args:
+        sizes: Examples per class, shape (K,).
+        n: Sample size (``n`` >= the total keeps everything), >= 1.
+
+    Returns:
+        Counts per class, shape (K,), int64, each at most its size.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    present = np.flatnonzero(sizes)
+    out = np.zeros(len(sizes), dtype=np.int64)
+    total = int(sizes.sum())
+    if total == 0:
+        return out
+    n = min(n, total)
+    quota = n * sizes[present] / total
+    counts = np.floor(quota).astype(np.int64)
+    order = np.argsort(-(quota - counts), kind="stable")
+    counts[order[: n - int(counts.sum())]] += 1
+    if n >= len(present):  # a class rounded down to zero takes one example from the largest allocation
+        for k in np.flatnonzero(counts == 0):
+            counts[int(np.argmax(counts))] -= 1
+            counts[k] = 1
+    out[present] = counts
+    return out
 
 
 def validate_split(split: Split, num_classes: int, what: str, min_per_class: int = 2) -> None:

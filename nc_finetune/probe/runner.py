@@ -184,11 +184,12 @@ def probe(
         with tapped(backbone, taps, store, inputs_ref), torch.no_grad():
             def prepare(batch: tuple[Sequence, np.ndarray]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
                 raw, labels = batch
-                return backbone.prepare(raw), torch.as_tensor(np.asarray(labels), dtype=torch.long, device="cpu")
+                return backbone.collate(raw), torch.as_tensor(np.asarray(labels), dtype=torch.long, device="cpu")
 
-            # the next batches are prepared (and on CUDA pinned) in a background thread while this one runs
+            # the next batches are collated (uint8 images, token ids; on CUDA pinned) in a background thread while
+            # this one runs; resize and normalisation run on the device
             for inputs, y in prefetch(iter_batches(shard, batch_size), prepare, pin=dev.type == "cuda"):
-                inputs, y = to_device(inputs, dev), to_device(y, dev)
+                inputs, y = backbone.finish(to_device(inputs, dev)), to_device(y, dev)
                 inputs_ref["inputs"] = inputs
                 store.clear()
                 with torch.autocast(dev.type, dtype=amp_dtype, enabled=autocast), contextlib.suppress(_StopForward):

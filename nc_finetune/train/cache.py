@@ -175,6 +175,8 @@ class PrefixCache:
         self.samples: dict[str, list[tuple[dict[str, torch.Tensor], torch.Tensor]]] = {}
         self.current: torch.Tensor | None = None
         self.nbytes = 0
+        # the device half of the input preparation, when the stored inputs are collated (uint8 images) batches
+        self.finish: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
     @property
     def prefix(self) -> list[str]:
@@ -203,16 +205,29 @@ class PrefixCache:
             h.remove()
         return out["x"].detach()
 
-    def build(self, name: str, inputs_list: Iterator[dict[str, torch.Tensor]], device: torch.device) -> None:
-        """Cache split ``name`` from an iterator of prepared input batches (in sample order)."""
+    def build(self, name: str, inputs_list: Iterator[dict[str, torch.Tensor]], device: torch.device,
+              finish: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> None:
+        """Cache split ``name`` from an iterator of input batches (in sample order).
+
+        Args:
+            name: The split.
+            inputs_list: Model inputs, or with ``finish`` collated batches (``Backbone.collate``: uint8 images).
+            device: Where the prefix runs.
+            finish: Turns a collated batch on ``device`` into model inputs (``Backbone.finish``); the cache then
+                stores the compact collated inputs and :meth:`batch` finishes them.
+        """
         store: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = []
+        if finish is not None:
+            self.finish = finish
         with torch.no_grad():
-            for inputs in inputs_list:
-                inputs = {k: v.to(device) for k, v in inputs.items()}
+            for raw in inputs_list:
+                cpu_inputs = {k: v.cpu() for k, v in raw.items()}
+                inputs = {k: v.to(device) for k, v in raw.items()}
+                if finish is not None:
+                    inputs = finish(inputs)
                 if self.plan is None:
                     self.plan = trace_prefix(self.model, self.target, lambda b=inputs: self.model(**b))
                 x = self._capture(inputs).cpu()
-                cpu_inputs = {k: v.cpu() for k, v in inputs.items()}
                 lengths = cpu_inputs["attention_mask"].sum(1).tolist() if "attention_mask" in cpu_inputs else None
                 for i in range(x.shape[0]):
                     if lengths is not None:  # text: keep real tokens only; batches are re-padded on the fly
@@ -238,9 +253,11 @@ class PrefixCache:
         self.plan = other.plan
         self.samples = other.samples
         self.nbytes = other.nbytes
+        self.finish = other.finish
 
     def collate(self, name: str, indices: Sequence[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """``(model inputs, cached hidden state)`` of ``indices`` of split ``name``, on the CPU, re-padded."""
+        """``(stored inputs, cached hidden state)`` of ``indices`` of split ``name``, on the CPU, re-padded (the
+        inputs are collated batches when the cache was built with ``finish``)."""
         items = [self.samples[name][i] for i in indices]
         keys = items[0][0].keys()
         return {k: _pad_stack([it[0][k] for it in items]) for k in keys}, _pad_stack([it[1] for it in items])
@@ -249,7 +266,8 @@ class PrefixCache:
         """Model inputs for ``indices`` of split ``name``; sets the tensor the patched prefix will return."""
         inputs, hidden = self.collate(name, indices)
         self.current = hidden.to(device)
-        return {k: v.to(device) for k, v in inputs.items()}
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        return self.finish(inputs) if self.finish is not None else inputs
 
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:

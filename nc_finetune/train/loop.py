@@ -29,9 +29,10 @@ from tqdm.auto import tqdm
 from nc_finetune import runs
 from nc_finetune.adapt import AdaptedModel, eval_mode, is_head_param
 from nc_finetune.config import TrainConfig
-from nc_finetune.data import Split
+from nc_finetune.data import Split, StreamSplit
 from nc_finetune.data.prefetch import prefetch, to_device
-from nc_finetune.errors import UserError
+from nc_finetune.data.streaming import micro_batch_count
+from nc_finetune.errors import ConfigError, UserError
 from nc_finetune.train.cache import PrefixCache
 from nc_finetune.train.checkpoint import load_checkpoint, save_checkpoint, save_weights, set_rng_state
 from nc_finetune.train.hooks import HookContext, make_train_hook
@@ -202,10 +203,17 @@ class Trainer:
         # the head's weight is a parameter, or a buffer for the fixed ETF head
         self.num_classes = next(int(v.shape[0]) for n, v in adapted.model.state_dict().items()
                                 if "nc_head" in n.split(".") and n.endswith("weight"))
-        labels = np.asarray(data.train.labels)
+        self.streamed = isinstance(data.train, StreamSplit)  # trains on the whole stream, one shuffled pass an epoch
+        if self.streamed:
+            if adapted.method == "auto_rgn":  # its hook measures gradients on index batches of each epoch
+                raise ConfigError("adapt.method=auto_rgn needs random access to the training data; with "
+                                  "data.streaming=true set data.max_train_samples")
+            if data.train.num_rows is None:
+                data.train.count()  # one label-only pass: the schedule needs the epoch length
         self.class_weights = None
         if cfg.class_weights == "balanced":
-            self.class_weights = torch.as_tensor(balanced_class_weights(labels, self.num_classes),
+            self.class_weights = torch.as_tensor(balanced_class_weights(None, self.num_classes,
+                                                                        self._train_counts()),
                                                  dtype=torch.float32, device=self.device)
         # Forwards of training (the prepared, possibly DDP-wrapped model) and of evaluation (the plain model: a DDP
         # forward would sync buffers across ranks that run different numbers of evaluation batches).
@@ -213,10 +221,23 @@ class Trainer:
         self._eval_forward: nn.Module = torch.compile(adapted.model) if cfg.compile else adapted.model
 
     # -- data ---------------------------------------------------------------------------------------------------
+    def _train_counts(self) -> np.ndarray:
+        """Training examples per class, shape (K,)."""
+        if self.streamed:
+            return self.data.train.class_counts
+        return np.bincount(np.asarray(self.data.train.labels, dtype=np.int64), minlength=self.num_classes)
+
+    def _micro_batches(self, epoch: int) -> list[np.ndarray] | None:
+        """This rank's index batches of ``epoch`` (``None`` for a streamed training split)."""
+        if self.streamed:
+            return None
+        return epoch_batches(len(self.data.train), self.cfg.batch_size, self.world, self.rank, self.cfg.seed, epoch)
+
     def _batches(self, split_name: str, split: Split, index_batches: Sequence[np.ndarray],
                  train: bool) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        """``(inputs, labels)`` on the device for each index batch; prepared a batch ahead in a background thread
-        (pinned for an asynchronous copy to a GPU) unless augmentation draws random numbers while preparing."""
+        """``(inputs, labels)`` on the device for each index batch. Collated (uint8 images, token ids) a batch
+        ahead in a background thread and pinned for an asynchronous copy to a GPU; resized, normalised and augmented
+        on the device (``Backbone.finish``), in this thread, so the flips draw from torch's RNG in a fixed order."""
         labels = np.asarray(split.labels)
         cached = self.cache is not None and split_name in self.cache.samples
 
@@ -225,16 +246,29 @@ class Trainer:
             if cached:
                 inputs, hidden = self.cache.collate(split_name, idx.tolist())
                 return inputs, y, hidden
-            return self.backbone.prepare(split.subset(idx).inputs, train=train), y, None
+            return self.backbone.collate(split.subset(idx).inputs), y, None
 
-        if train:  # the flips draw from torch's global RNG: prepare in order, in this thread
-            stream: Iterable = map(prepare, index_batches)
-        else:
-            stream = prefetch(index_batches, prepare, pin=self.device.type == "cuda")
-        for inputs, y, hidden in stream:
+        for inputs, y, hidden in prefetch(index_batches, prepare, pin=self.device.type == "cuda"):
             inputs, y = to_device(inputs, self.device), to_device(y, self.device)
             if hidden is not None:
                 self.cache.current = to_device(hidden, self.device)
+            inputs = self.backbone.finish(inputs, train=train)
+            if self.cfg.channels_last:
+                inputs = {k: _channels_last(v) for k, v in inputs.items()}
+            yield inputs, y
+
+    def _stream_batches(self, raw_batches: Iterable[tuple[list, np.ndarray]], train: bool = False
+                        ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """``(inputs, labels)`` on the device for batches read from a stream (``StreamSplit.batches`` or
+        ``shuffled_batches``): read and collated a batch ahead in a background thread, finished (and with ``train``
+        augmented) on the device."""
+        def prepare(batch: tuple[list, np.ndarray]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+            raw, labels = batch
+            return self.backbone.collate(raw), torch.as_tensor(labels, dtype=torch.long, device="cpu")
+
+        for inputs, y in prefetch(raw_batches, prepare, pin=self.device.type == "cuda"):
+            inputs, y = to_device(inputs, self.device), to_device(y, self.device)
+            inputs = self.backbone.finish(inputs, train=train)
             if self.cfg.channels_last:
                 inputs = {k: _channels_last(v) for k, v in inputs.items()}
             yield inputs, y
@@ -250,7 +284,7 @@ class Trainer:
     def _schedule(self) -> tuple[int, int]:
         """``(steps_per_epoch, total_steps)`` of this run (``max_steps`` included)."""
         cfg = self.cfg
-        micro_per_epoch = len(epoch_batches(len(self.data.train), cfg.batch_size, self.world, self.rank, cfg.seed, 0))
+        micro_per_epoch = micro_batch_count(len(self.data.train), cfg.batch_size, self.world)
         steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.grad_accum_steps))
         # As in HF Trainer, max_steps wins over epochs: training runs as many epochs as the steps need.
         total_steps = cfg.max_steps if cfg.max_steps is not None else steps_per_epoch * cfg.epochs
@@ -264,6 +298,8 @@ class Trainer:
         splits = {"train": self.data.train, "test": self.data.test}
         if self.data.val is not None:
             splits["val"] = self.data.val
+        streamed = any(isinstance(v, StreamSplit) for v in splits.values())
+        splits = {k: v for k, v in splits.items() if not isinstance(v, StreamSplit)}  # a stream is never held
         passes = self._split_passes(epochs_run)
         if cfg.cache_prefix == "auto":  # building costs one forward per split: it pays on splits read twice or more
             splits = {k: v for k, v in splits.items() if passes[k] >= 2}
@@ -274,6 +310,8 @@ class Trainer:
             reason = "augmentation makes the prefix non-deterministic"
         elif a.method == "full" or target is None:
             reason = "no frozen prefix"
+        elif not splits and streamed:
+            reason = "the splits are streamed (data.streaming): they are read from the stream, not cached"
         elif not splits:
             reason = (f"every split is read once ({epochs_run} epoch): building the cache costs the forward it would "
                       "save")
@@ -291,8 +329,9 @@ class Trainer:
             with eval_mode(self.adapted.model), self.accelerator.autocast():
                 for name, split in splits.items():
                     batches = prefetch(range(0, len(split), bs),
-                                       lambda i, s=split: self.backbone.prepare(s.inputs[i:i + bs]))
-                    cache.build(name, batches, self.device)
+                                       lambda i, s=split: self.backbone.collate(s.inputs[i:i + bs]),
+                                       pin=self.device.type == "cuda")
+                    cache.build(name, batches, self.device, finish=self.backbone.finish)
         if not cache.prefix:
             return {"enabled": False, "reason": "no module before the first trainable block can be skipped"}
         first = next(iter(splits))
@@ -320,11 +359,15 @@ class Trainer:
         K = self.num_classes
         cm = torch.zeros(K, K, dtype=torch.int64, device=self.device)
         loss = torch.zeros(1, dtype=torch.float64, device=self.device)  # summed on the device: one read at the end
-        idx_all = np.arange(self.rank, len(split), self.world)
         bs = self.cfg.eval_batch_size
-        index_batches = [idx_all[start:start + bs] for start in range(0, len(idx_all), bs)]
+        if isinstance(split, StreamSplit):  # read batch by batch, never held in memory
+            batches = self._stream_batches(split.batches(bs, self.rank, self.world))
+        else:
+            idx_all = np.arange(self.rank, len(split), self.world)
+            batches = self._batches(split_name, split, [idx_all[s:s + bs] for s in range(0, len(idx_all), bs)],
+                                    train=False)
         with torch.no_grad(), eval_mode(model), self._replay(split_name):
-            for inputs, y in self._batches(split_name, split, index_batches, train=False):
+            for inputs, y in batches:
                 with self.accelerator.autocast():
                     logits = self._eval_forward(**inputs)
                 loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
@@ -375,7 +418,7 @@ class Trainer:
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train; return the summary (test accuracy, parameter counts, time, peak memory, cache info)."""
         cfg, acc = self.cfg, self.accelerator
-        warning = imbalance_message(np.asarray(self.data.train.labels), self.num_classes, cfg.class_weights)
+        warning = imbalance_message(None, self.num_classes, cfg.class_weights, self._train_counts())
         if warning and self.rank == 0:
             warnings.warn(warning, UserWarning, stacklevel=2)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -447,18 +490,23 @@ class Trainer:
         try:
             while pos["epoch"] < num_epochs and pos["step"] < total_steps and not stopped_early:
                 epoch = pos["epoch"]
-                batches = epoch_batches(n_train, cfg.batch_size, self.world, self.rank, cfg.seed, epoch)
+                batches = self._micro_batches(epoch)
+                n_micro = micro_batch_count(n_train, cfg.batch_size, self.world)
                 if self.hook is not None and pos["micro"] == 0:
                     with self._replay("train"):
                         self.hook.on_epoch_start(hook_ctx, epoch, batches, pos)
                 self.adapted.train_mode()
                 t0 = time.perf_counter()
-                stream = self._batches("train", self.data.train, batches[pos["micro"]:], train=cfg.augment)
+                if batches is None:
+                    stream = self._stream_batches(self.data.train.shuffled_batches(
+                        cfg.batch_size, cfg.seed, epoch, self.rank, self.world, skip=pos["micro"]), train=cfg.augment)
+                else:
+                    stream = self._batches("train", self.data.train, batches[pos["micro"]:], train=cfg.augment)
                 with self._replay("train"):
                     for inputs, y in stream:
                         if pos["step"] >= total_steps:
                             break
-                        sync = (pos["micro"] + 1) % cfg.grad_accum_steps == 0 or pos["micro"] + 1 == len(batches)
+                        sync = (pos["micro"] + 1) % cfg.grad_accum_steps == 0 or pos["micro"] + 1 == n_micro
                         ctx = acc.no_sync(model) if not sync and self.world > 1 else contextlib.nullcontext()
                         with ctx, acc.autocast():
                             if self.penalty is None:
@@ -495,7 +543,7 @@ class Trainer:
                                        "lr": scheduler.get_last_lr()[-1]})
                             bar.set_postfix(loss=f"{mean_loss:.4f}")
                             pos["running"] = [0.0, 0]
-                        if pos["step"] % cfg.checkpoint_every == 0 and pos["micro"] < len(batches):
+                        if pos["step"] % cfg.checkpoint_every == 0 and pos["micro"] < n_micro:
                             pos["train_seconds"] += time.perf_counter() - t0
                             t0 = time.perf_counter()
                             checkpoint()

@@ -51,18 +51,24 @@ def metrics_from_confusion(cm: np.ndarray | torch.Tensor) -> dict[str, Any]:
     }
 
 
-def balanced_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """``N / (K * n_k)`` per class (sklearn's ``compute_class_weight("balanced")``); 0 for an absent class."""
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
+def balanced_class_weights(labels: np.ndarray | None, num_classes: int, counts: np.ndarray | None = None) -> np.ndarray:
+    """``N / (K * n_k)`` per class (sklearn's ``compute_class_weight("balanced")``); 0 for an absent class.
+    ``counts`` (examples per class) replaces ``labels`` when given (a streamed split)."""
+    if counts is None:
+        counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
+    counts = np.asarray(counts).astype(np.float64)
     weights = np.zeros(num_classes)
     present = counts > 0
     weights[present] = counts.sum() / (num_classes * counts[present])
     return weights
 
 
-def imbalance_message(labels: np.ndarray, num_classes: int, class_weights: str | None) -> str | None:
-    """A one-line warning when the majority class exceeds :data:`IMBALANCE_WARNING` of the training data."""
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
+def imbalance_message(labels: np.ndarray | None, num_classes: int, class_weights: str | None,
+                      counts: np.ndarray | None = None) -> str | None:
+    """A one-line warning when the majority class exceeds :data:`IMBALANCE_WARNING` of the training data
+    (``counts``, examples per class, replaces ``labels`` when given)."""
+    if counts is None:
+        counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
     if counts.sum() == 0:
         return None
     k = int(counts.argmax())
