@@ -347,6 +347,14 @@ def summarize(
     return {"cells": rows, "oracle": oracle, "regret": regret, "references": refs}
 
 
+def _rows(split: Any) -> int | None:
+    """Rows of a split; ``None`` for a stream never counted (``data.streaming`` without a sample size)."""
+    try:
+        return len(split)
+    except DataError:
+        return None
+
+
 def _nanmean(values: Sequence[float]) -> float | None:
     v = [x for x in values if x is not None and math.isfinite(x)]
     return float(np.mean(v)) if v else None
@@ -579,8 +587,8 @@ def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print)
         "unpicked": skipped,
         "probe": {str(s): [{k: r.get(k) for k in ("index", "name", *PLOT_METRICS, "ncc_accuracy")}
                            for r in state[s]["probe"].blocks()] for s in seeds},
-        "train_samples": len(first["prepared"].data.train),
-        "test_samples": len(first["prepared"].data.test),
+        "train_samples": _rows(first["prepared"].data.train),
+        "test_samples": _rows(first["prepared"].data.test),
         "recipe": recipe_to_dict(recipe),
         "versions": library_versions(),
     })
