@@ -239,12 +239,12 @@ def test_selection_regret_pools_references_and_bootstrap_stability_per_setting_s
     def sweep(rule_acc, rand_acc, full_acc, shares):
         seeds = [str(s) for s in range(len(rule_acc))]
         return {"regret": {"1_block": {
-            "rule": {"per_seed": dict(zip(seeds, [1.0] * len(seeds))), "mean": 1.0,
-                     "test_accuracy": dict(zip(seeds, rule_acc)),
+            "rule": {"per_seed": dict(zip(seeds, [1.0] * len(seeds, strict=True))), "mean": 1.0,
+                     "test_accuracy": dict(zip(seeds, rule_acc, strict=True)),
                      "bootstrap_stability": {"per_seed": shares, "mean": sum(shares) / len(shares)}},
-            "random_k": {"per_seed": dict(zip(seeds, [2.0] * len(seeds))), "mean": 2.0,
-                         "test_accuracy": dict(zip(seeds, rand_acc))}}},
-            "references": {"full": {"test_accuracy": dict(zip(seeds, full_acc))}}}
+            "random_k": {"per_seed": dict(zip(seeds, [2.0] * len(seeds, strict=True))), "mean": 2.0,
+                         "test_accuracy": dict(zip(seeds, rand_acc, strict=True))}}},
+            "references": {"full": {"test_accuracy": dict(zip(seeds, full_acc, strict=True))}}}
 
     pooled = sr.pool({"a": sweep([0.80, 0.70], [0.75, 0.70], [0.90, 0.60], [1.0, 0.5]),
                       "b": sweep([0.60], [0.50], [0.65], [0.9])})["1_block"]["rule"]
