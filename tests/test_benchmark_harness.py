@@ -239,10 +239,10 @@ def test_selection_regret_pools_references_and_bootstrap_stability_per_setting_s
     def sweep(rule_acc, rand_acc, full_acc, shares):
         seeds = [str(s) for s in range(len(rule_acc))]
         return {"regret": {"1_block": {
-            "rule": {"per_seed": dict(zip(seeds, [1.0] * len(seeds, strict=True))), "mean": 1.0,
+            "rule": {"per_seed": dict(zip(seeds, [1.0] * len(seeds), strict=True)), "mean": 1.0,
                      "test_accuracy": dict(zip(seeds, rule_acc, strict=True)),
                      "bootstrap_stability": {"per_seed": shares, "mean": sum(shares) / len(shares)}},
-            "random_k": {"per_seed": dict(zip(seeds, [2.0] * len(seeds, strict=True))), "mean": 2.0,
+            "random_k": {"per_seed": dict(zip(seeds, [2.0] * len(seeds), strict=True)), "mean": 2.0,
                          "test_accuracy": dict(zip(seeds, rand_acc, strict=True))}}},
             "references": {"full": {"test_accuracy": dict(zip(seeds, full_acc, strict=True))}}}
 
