@@ -96,6 +96,7 @@ def run_setting(name: str, workdir: Path, extra: list[str], log, budgets: str = 
                                                                               "train.val_fraction"))]
             _run(_cli("run", src["recipe"], *src_overrides, *_SOURCE, *extra, "--out", str(src_dir), "--quiet",
                       *(["--resume"] if (src_dir / "resolved.yaml").exists() else [])), log)
+        check_source(src_dir, PACKS / "sources" / f"{s['source']}.json")
         overrides.append(f"backbone.init_from={src_dir.resolve()}")
         overrides.append("selection.reference=source")  # for shift: the clean data the source model saw
     chosen = [x for x in [*STRATEGIES, *s.get("strategies", [])] if not (skip_trained and x in _TRAINED_RULES)]
@@ -114,6 +115,28 @@ def run_setting(name: str, workdir: Path, extra: list[str], log, budgets: str = 
 #: a pack into an empty workdir lets a later session continue or grow the study without retraining those cells.
 PACKS = REPO_ROOT / "benchmarks" / "results" / "cpu" / NAME
 _PACKED = ("resolved.yaml", "probe.json", "picks.json", "summary.json", "sweep.json")
+
+
+def check_source(src_dir: Path, record: Path) -> None:
+    """Record the source model's weights digest on first use; refuse a retrained source that differs.
+
+    The weights of a source stay in the workdir (not committed); a later session retrains it from the same recipe and
+    seed. Cells packed from the first source are comparable only if the retrained weights are identical.
+    """
+    import hashlib
+
+    digest = hashlib.sha256((src_dir / "trainable.safetensors").read_bytes()).hexdigest()
+    if record.is_file():
+        saved = json.loads(record.read_text(encoding="utf-8"))
+        if saved["sha256"] != digest:
+            raise RuntimeError(f"the source model in {src_dir} (sha256 {digest[:12]}) differs from the one the packed "
+                               f"cells were trained from ({saved['sha256'][:12]}, {record}); its cells are not "
+                               "comparable: train the source on the machine that made them or remove the packs")
+        return
+    summary = json.loads((src_dir / "summary.json").read_text(encoding="utf-8"))
+    record.parent.mkdir(parents=True, exist_ok=True)
+    write_results(record, {"sha256": digest, "test_accuracy": summary.get("test_accuracy"),
+                           "recipe": summary.get("recipe")})
 
 
 def pack_setting(sweep_dir: Path, dest: Path) -> int:
