@@ -265,6 +265,9 @@ class SelectionConfig:
     largest jump, in (0, 1]."""
     rgn_batches: Annotated[int, POSITIVE] = 5
     """For ``auto_rgn`` (strategy and adapt mode): mini-batches used to measure relative gradient norms."""
+    rgn_batch_size: Annotated[int, POSITIVE] = 64
+    """For strategy ``auto_rgn``: samples per mini-batch, drawn at random from the training split (64 as in the
+    surgical fine-tuning code; the adapt mode measures on training batches of ``train.batch_size``)."""
     cka_samples: Annotated[int, POSITIVE] = 2048
     """For ``cka``: probe samples (a seeded subset of the probe subset) whose block inputs and outputs are compared."""
     lisa_interval: Annotated[int, POSITIVE] = 20

@@ -183,7 +183,34 @@ class RunDir:
                     with contextlib.suppress(OSError):
                         self.path.rmdir()  # only succeeds when empty
 
+    @contextlib.contextmanager
+    def removed_on_error(self, artefacts: tuple[str, ...] | list[str]) -> Iterator[None]:
+        """If the block raises, remove those of ``artefacts`` that did not exist when it started.
+
+        A run that fails before it trains (a config error found after the probe, a broken adapter) then leaves the
+        directory as it was, so a corrected rerun is accepted.
+        """
+        new = [n for n in artefacts if not self.has(n)]
+        try:
+            yield
+        except BaseException:
+            for name in new:
+                (self.path / name).unlink(missing_ok=True)
+            raise
+
     # -------------------------------------------------------------------------------------------------- reading
+
+    def read_finished_recipe(self, what: str):
+        """The resolved recipe of a finished run (one that :mod:`nc_finetune.restore` can start from).
+
+        Args:
+            what: How the caller refers to the directory in messages (e.g. ``backbone.init_from``).
+
+        Raises:
+            UserError: not a finished run (names the missing files).
+        """
+        self.require_finished_run(what)
+        return self.read_recipe()
 
     def read_recipe(self, overrides: list[str] | None = None):
         """The run's resolved recipe, with ``overrides``.

@@ -109,7 +109,7 @@ def test_a_failed_run_leaves_nothing_that_blocks_a_rerun(tmp_path: Path, finishe
     out = tmp_path / "run"
     monkeypatch.setattr(pipeline, "build_recipe_classifier", broken)
     with pytest.raises(RuntimeError, match="adapter construction failed"):
-        pipeline.run_stage(make_recipe(bert_dir, text_csv, **FINISHED_RUN), out, progress=False)
+        pipeline.run_pipeline(make_recipe(bert_dir, text_csv, **FINISHED_RUN), out, progress=False)
     RunDir(out).check_new_run()  # nothing trained: a corrected rerun is accepted
     assert not [p for p in out.iterdir() if p.name in runs.RUN_ARTEFACTS]
 

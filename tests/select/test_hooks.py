@@ -9,7 +9,7 @@ import pytest
 
 from nc_finetune.cli import main
 from nc_finetune.errors import ConfigError
-from nc_finetune.pipeline import select_stage
+from nc_finetune.pipeline import probe_and_select
 from tests.conftest import make_recipe, recipe_overrides
 
 pytest.importorskip("transformers")
@@ -48,7 +48,7 @@ def test_select_with_trial_shift_and_bootstrap(tmp_path, bert_dir, text_csv):
     base = {"selection.blocks": "null", "selection.max_blocks": 1}
     recipe = make_recipe(bert_dir, text_csv, **base, **{"selection.strategy": "trial", "selection.trial_steps": 3,
                                                         "selection.trial_samples": 3})
-    sel = select_stage(recipe, tmp_path / "trial", progress=False)
+    sel = probe_and_select(recipe, tmp_path / "trial", progress=False)
     trial = json.loads((tmp_path / "trial" / "selection.json").read_text())["details"]["trial"]
     assert [t["name"] for t in trial["trials"]] == ["hf.encoder.layer.0", "hf.encoder.layer.1", "hf.encoder.layer.2"]
     assert trial["steps"] == 3 and trial["held_out_samples"] == 6 and trial["cost"]["backward_passes"] == 9
@@ -56,13 +56,13 @@ def test_select_with_trial_shift_and_bootstrap(tmp_path, bert_dir, text_csv):
 
     recipe = make_recipe(bert_dir, text_csv, **base, **{"selection.strategy": "shift",
                                                         "selection.reference": "{max_train_samples: 16, seed: 3}"})
-    sel = select_stage(recipe, tmp_path / "shift", progress=False)
+    sel = probe_and_select(recipe, tmp_path / "shift", progress=False)
     shift = sel.details["shift"]
     assert len(shift["blocks"]) == 3 and "max_train_samples=16" in shift["reference"]
 
     recipe = make_recipe(bert_dir, text_csv, **base, **{"selection.strategy": "stall", "selection.bootstrap": 6,
                                                         "selection.stall_reference": "min"})
-    sel = select_stage(recipe, tmp_path / "boot", progress=False)
+    sel = probe_and_select(recipe, tmp_path / "boot", progress=False)
     boot = sel.details["bootstrap"]
     assert boot["replicates"] == 6 and boot["stable_selection"] == [b["name"] for b in sel.blocks]
     assert "reference: min block" in sel.rationale
