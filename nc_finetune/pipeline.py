@@ -336,10 +336,6 @@ def eval_stage(run_dir: Path, split: str = "test", batch_size: int | None = None
     return {"split": split, **trainer.evaluate(split, splits[split])}
 
 
-_SCORE_KEYS = ("nc1", "nc1_trace", "cdnv", "ncc_accuracy", "lp_accuracy", "logme", "hscore", "ncti_seli_raw",
-               "ncti_ncc_raw", "ncti_vc_raw")
-
-
 def rank_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress: bool = True) -> dict:
     """Rank ``recipe.rank.candidates`` (and each one's layers) by collapse and transferability scores.
 
@@ -353,12 +349,10 @@ def rank_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress: 
         The content of ``rank.json``.
     """
     import dataclasses
-    import re
 
-    from nc_finetune.config import BackboneConfig, from_dict
     from nc_finetune.probe.runner import probe
     from nc_finetune.report.plots import plot_probe
-    from nc_finetune.transfer.ranking import plot_rank, rank_table
+    from nc_finetune.transfer.ranking import candidate_row, layer_rows, plot_rank, rank_table
     from nc_finetune.transfer.scores import scores_from_stats
     from nc_finetune.utils.env import library_versions, seed_everything
     from nc_finetune.utils.io import write_json_atomic
@@ -366,25 +360,9 @@ def rank_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress: 
     out = Path(out)
     check_recipe_devices(recipe)
     RunDir(out).check_writable([runs.RANK, runs.RANK_PLOT], overwrite)
-    cands: list[tuple[str, BackboneConfig]] = []
-    for i, raw in enumerate(recipe.rank.candidates):
-        raw = dict(raw)
-        label = raw.pop("label", None)
-        cfg = from_dict(BackboneConfig, raw, f"rank.candidates[{i}]")
-        default = cfg.name + (f"@{cfg.truncate_at}" if cfg.truncate_at is not None else "") + \
-            ("" if cfg.pretrained else " (random init)")
-        cands.append((str(label) if label else default, cfg))
-    if len(cands) < 2:
+    if not recipe.rank.candidates:  # the section validates each candidate, their labels and folders
         raise ConfigError("rank.candidates needs at least 2 backbone sections, e.g. "
                           "[{name: efficientnet-lite0}, {name: efficientnet-lite0, pretrained: false}]")
-    labels = [c[0] for c in cands]
-    if len(set(labels)) != len(labels):
-        raise ConfigError(f"rank.candidates: labels must be unique (got {labels}); add a 'label' to each")
-    slugs = [re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or "candidate" for label in labels]
-    clash = next((s for s in slugs if slugs.count(s) > 1), None)
-    if clash is not None:
-        twins = [label for label, s in zip(labels, slugs, strict=True) if s == clash]
-        raise ConfigError(f"rank.candidates: labels {twins} share the folder name candidates/{clash}; rename one")
     if not recipe.rank.finetune and not recipe.probe.linear_probe:
         raise ConfigError("rank needs a ground truth: set rank.finetune=true or probe.linear_probe=true")
 
@@ -392,32 +370,26 @@ def rank_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress: 
     data = prepared.data
     p = recipe.probe
     rows, layers = [], {}
-    for (label, cfg), slug in zip(cands, slugs, strict=True):
-        cand_recipe = dataclasses.replace(recipe, backbone=cfg)
+    for cand in recipe.rank.candidates:
+        cand_recipe = dataclasses.replace(recipe, backbone=cand.backbone())
         seed_everything(p.seed)
         backbone = load_recipe_backbone(cand_recipe)
         result = probe(backbone, prepared.probe_split, data.num_classes, batch_size=p.batch_size,
                        ncc_samples=p.ncc_samples, linear_probe=p.linear_probe, autocast=p.autocast, device=p.device,
                        seed=p.seed, progress=progress, scorers=(scores_from_stats,),
-                       meta={"dataset": data.name, "candidate": label})
-        cand_dir = out / "candidates" / slug
+                       meta={"dataset": data.name, "candidate": cand.title})
+        cand_dir = out / "candidates" / cand.folder
         cand_dir.mkdir(parents=True, exist_ok=True)
         if is_main_process():
             result.save(cand_dir / runs.PROBE)
             plot_probe(result, cand_dir / runs.PROBE_PLOT)
-        last = result.layers[-1]
-        row = {"name": label, "backbone": cfg.name, "pretrained": cfg.pretrained, "params": backbone.num_params(),
-               "probe_seconds": result.meta["seconds"], **{k: last[k] for k in _SCORE_KEYS if k in last}}
+        row = candidate_row(cand, backbone.num_params(), result)
         if recipe.rank.finetune:
-            summary = run_pipeline(cand_recipe, cand_dir / "run", progress=progress)
-            row["finetune_accuracy"] = summary["test_accuracy"]
+            row["finetune_accuracy"] = run_pipeline(cand_recipe, cand_dir / "run", progress=progress)["test_accuracy"]
         rows.append(row)
-        layer_rows, size = [], 0
-        for rec in result.blocks():
-            size += rec["num_params"]  # a model truncated after this block
-            layer_rows.append({"name": rec["name"], "num_params": size,
-                               **{k: rec[k] for k in _SCORE_KEYS if k in rec}})
-        layers[label] = {"rows": layer_rows, **rank_table(layer_rows, "lp_accuracy" if p.linear_probe else None)}
+        cand_layers = layer_rows(result)
+        layers[cand.title] = {"rows": cand_layers,
+                              **rank_table(cand_layers, "lp_accuracy" if p.linear_probe else None)}
     truth = "finetune_accuracy" if recipe.rank.finetune else "lp_accuracy"
     table = rank_table(rows, truth)
     report = {"dataset": data.name, "num_classes": data.num_classes, "probe_samples": len(prepared.probe_split),

@@ -86,3 +86,30 @@ def test_the_fill_policy_is_checked_as_it_will_run_before_the_probe(bert_dir, te
     # A probe-based rule cannot be checked for the stop policy before the probe: only that some block fits.
     recipe.selection.strategy, recipe.selection.fill = "knee", "stop"
     check_selection_feasible(recipe, bb, 2)
+
+
+def test_auto_rgn_batches_follow_the_selection_section() -> None:
+    """``selection.rgn_batches`` draws of ``selection.rgn_batch_size`` distinct samples, reproducible by seed, the
+    labels those of the drawn inputs (each input here is its own label)."""
+    import numpy as np
+    import torch
+
+    from nc_finetune.config import SelectionConfig
+    from nc_finetune.data import Split
+    from nc_finetune.select.hooks import auto_rgn_batches
+
+    class Prepares:
+        def prepare(self, raw):
+            return {"x": torch.as_tensor(np.asarray(raw))}
+
+    split = Split(inputs=np.arange(100), labels=np.arange(100))
+    cfg = SelectionConfig(strategy="auto_rgn", rgn_batches=3, rgn_batch_size=16, seed=7)
+    batches = auto_rgn_batches(Prepares(), split, cfg)
+    assert len(batches) == 3
+    for inputs, labels in batches:
+        assert inputs["x"].shape == (16,) and labels.dtype == torch.long
+        assert torch.equal(inputs["x"], labels) and len(set(labels.tolist())) == 16
+    again = auto_rgn_batches(Prepares(), split, cfg)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(batches, again, strict=True))
+    small = auto_rgn_batches(Prepares(), Split(inputs=np.arange(5), labels=np.arange(5)), cfg)
+    assert [len(b[1]) for b in small] == [5, 5, 5]  # never more than the split holds
