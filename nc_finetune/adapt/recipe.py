@@ -38,6 +38,8 @@ def scl_skip_dim(recipe, backbone, selection, probe_result, split) -> int | None
     that block out, from one no-grad forward of a training sample. ``None`` for the other methods."""
     import torch
 
+    from nc_finetune.backbones.hooks import output_of
+
     names = [b["name"] for b in selection.blocks]
     if recipe.adapt.method != "scl" or not names:
         return None
@@ -46,15 +48,7 @@ def scl_skip_dim(recipe, backbone, selection, probe_result, split) -> int | None
         return int(dims[names[-1]])
     device = next(backbone.model.parameters()).device
     inputs = {k: v.to(device) for k, v in backbone.prepare(split.subset([0]).inputs).items()}
-    pooled: dict[str, int] = {}
-
-    def capture(_module, _args, out) -> None:  # must return None: a returned value would replace the output
-        pooled.setdefault("dim", int(backbone.pool(out, inputs).shape[1]))
-
-    hook = backbone.model.get_submodule(names[-1]).register_forward_hook(capture)
-    try:
-        with torch.no_grad():
-            backbone.model(**inputs)
-    finally:
-        hook.remove()
-    return pooled["dim"]
+    with torch.no_grad():
+        out = output_of(backbone.model.get_submodule(names[-1]), lambda: backbone.model(**inputs),
+                        name=f"block {names[-1]}")
+    return int(backbone.pool(out, inputs).shape[1])

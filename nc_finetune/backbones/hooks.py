@@ -161,7 +161,7 @@ def output_of(module: nn.Module, run: Callable[[], Any], *, name: str = "") -> A
         hooks.on_output(module, grab)
         run()
     if not captured:
-        raise RuntimeError(f"module {name or type(module).__name__} did not run in the forward")
+        raise RuntimeError(f"{name or type(module).__name__} did not run in the forward")
     return captured[0]
 
 
@@ -189,5 +189,5 @@ def input_of(module: nn.Module, run: Callable[[], Any], *, name: str = "") -> tu
         hooks.on_input(module, grab, prepend=True, with_kwargs=True)
         run()
     if not captured:
-        raise RuntimeError(f"module {name or type(module).__name__} was not called in the forward")
+        raise RuntimeError(f"{name or type(module).__name__} was not called in the forward")
     return captured[0]
