@@ -90,7 +90,7 @@ class RunDir:
             raise UserError(f"{self.path} already holds {', '.join(existing)}; choose another --out or pass "
                             "--overwrite")
         if existing and recipe is not None and self.is_finished_run():
-            diff = first_difference(self._read_yaml(RESOLVED), recipe_to_dict(recipe))
+            diff = first_difference(self._recorded_recipe(), recipe_to_dict(recipe))
             if diff is not None:
                 raise UserError(f"{self.path} holds a finished run trained with another recipe ({diff}); "
                                 "--overwrite would no longer describe its weights; choose another --out")
@@ -121,8 +121,7 @@ class RunDir:
 
         if not (self.path / RESOLVED).is_file():
             raise UserError(f"--resume: {self.path} holds no run (no {RESOLVED})")
-        before = self._read_yaml(RESOLVED)
-        diff = first_difference(before, recipe_to_dict(recipe))
+        diff = first_difference(self._recorded_recipe(), recipe_to_dict(recipe))
         if diff is not None:
             raise UserError(f"--resume: {self.path} was started with a different recipe ({diff}); "
                             f"resume with the same recipe and overrides, or use another --out")
@@ -253,6 +252,21 @@ class RunDir:
 
     def read_summary(self) -> dict[str, Any]:
         return self.read_json(SUMMARY)
+
+    def _recorded_recipe(self) -> Any:
+        """The run's ``resolved.yaml`` as the schema reads it now, for comparison with a recipe.
+
+        A key added to the schema after the file was written reads as its default (a new field's default keeps the
+        old behaviour), so it does not make the same recipe look different; a file the schema no longer accepts is
+        compared as written.
+        """
+        from nc_finetune.config import recipe_to_dict
+        from nc_finetune.errors import ConfigError
+
+        try:
+            return recipe_to_dict(self.read_recipe())
+        except ConfigError:
+            return self._read_yaml(RESOLVED)
 
     def _read_yaml(self, name: str) -> Any:
         from nc_finetune.config import read_yaml
