@@ -210,12 +210,12 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _cmd_select(args: argparse.Namespace) -> int:
-    from nc_finetune.pipeline import select_stage
+    from nc_finetune.pipeline import probe_and_select
 
     recipe = _load_recipe(args)
     if args.emit_peft is not None and args.emit_peft.is_dir():
         raise UserError(f"--emit-peft {args.emit_peft} is a directory; give a file name (e.g. adapter_config.json)")
-    selection = select_stage(recipe, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    selection = probe_and_select(recipe, args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(selection.explain())
     print(f"wrote {args.out / 'selection.json'}")
     if args.emit_peft is not None:
@@ -226,10 +226,10 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from nc_finetune.pipeline import run_stage
+    from nc_finetune.pipeline import run_pipeline
 
     recipe = _load_recipe(args)
-    s = run_stage(recipe, args.out, resume=args.resume, progress=not args.quiet)
+    s = run_pipeline(recipe, args.out, resume=args.resume, progress=not args.quiet)
     print(f"{s['method']} on {s['dataset']}: test accuracy {s['test_accuracy']:.4f}; "
           f"{s['trainable_params']:,} of {s['total_params']:,} parameters trained "
           f"({100 * s['trainable_fraction']:.2f}%, head {s['head_params']:,}); "

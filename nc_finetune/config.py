@@ -283,6 +283,9 @@ class SelectionConfig:
     largest jump, in (0, 1]."""
     rgn_batches: Annotated[int, POSITIVE] = 5
     """For ``auto_rgn`` (strategy and adapt mode): mini-batches used to measure relative gradient norms."""
+    rgn_batch_size: Annotated[int, POSITIVE] = 64
+    """For strategy ``auto_rgn``: samples per mini-batch, drawn at random from the training split (64 as in the
+    surgical fine-tuning code; the adapt mode measures on training batches of ``train.batch_size``)."""
     cka_samples: Annotated[int, POSITIVE] = 2048
     """For ``cka``: probe samples (a seeded subset of the probe subset) whose block inputs and outputs are compared."""
     lisa_interval: Annotated[int, POSITIVE] = 20
@@ -397,14 +400,72 @@ class TrainConfig:
 
 
 @dataclass
+class RankCandidate(BackboneConfig):
+    """One backbone that ``nc-finetune rank`` compares: a backbone section (``name`` required) and a label.
+
+    Written in a recipe as ``{name: efficientnet-lite0, pretrained: false, label: random}``; every other key is the
+    backbone section's (``truncate_at``, ``init_from``, ``image_size``...).
+    """
+
+    name: Annotated[str, NON_EMPTY] | None = None
+    """As ``backbone.name``; required: which backbone this candidate is."""
+    label: Annotated[str, NON_EMPTY] | None = None
+    """Its name in ``rank.json`` and ``rank.png``, and its folder ``candidates/<label>/`` (default: the backbone name,
+    then ``@<truncate_at>`` when cut and `` (random init)`` when not pretrained)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.name is not None, "name", "must name the candidate's backbone (a built-in name, timm:<model> or "
+                "hf:<hub id or path>)", self.name)
+
+    @property
+    def title(self) -> str:
+        """The label, or the default one built from the backbone fields."""
+        if self.label is not None:
+            return self.label
+        return (f"{self.name}{f'@{self.truncate_at}' if self.truncate_at is not None else ''}"
+                f"{'' if self.pretrained else ' (random init)'}")
+
+    @property
+    def folder(self) -> str:
+        """Folder name under ``candidates/``: the title with every run of other characters than letters, digits,
+        ``_ . -`` replaced by one ``-``, without leading or trailing ``-`` and ``.`` (so neither ``x/y`` nor ``..``
+        reaches outside ``candidates/``)."""
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", self.title).strip("-.") or "candidate"
+
+    def backbone(self) -> BackboneConfig:
+        """The candidate as a recipe's ``backbone`` section."""
+        return BackboneConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(BackboneConfig)})
+
+
+@dataclass
 class RankConfig:
     """``nc-finetune rank``: rank candidate backbones (and each one's layers) by downstream collapse."""
 
-    candidates: list[dict[str, Any]] = field(default_factory=list)
-    """Backbone sections (``{name: efficientnet-lite0, pretrained: false}``), each with an optional ``label``."""
+    candidates: list[RankCandidate] = field(default_factory=list)
+    """The backbones to compare, at least two (``[{name: efficientnet-lite0}, {name: efficientnet-lite0, pretrained:
+    false}]``); titles and folders must be unique."""
     finetune: bool = False
     """Ground truth: train every candidate with this recipe's selection/adapt/train sections and use its test
     accuracy; otherwise the held-out linear-probe accuracy of the probe (``probe.linear_probe``) is the truth."""
+
+    def __post_init__(self) -> None:
+        # Python callers may pass plain mappings, as a recipe file does.
+        self.candidates = [from_dict(RankCandidate, c, f"rank.candidates[{i}]") if isinstance(c, dict) else c
+                           for i, c in enumerate(self.candidates)]
+        if len(self.candidates) == 1:
+            raise ConfigError("recipe key 'rank.candidates' needs at least 2 backbone sections to rank, e.g. "
+                              "[{name: efficientnet-lite0}, {name: efficientnet-lite0, pretrained: false}]")
+        titles = [c.title for c in self.candidates]
+        if len(set(titles)) != len(titles):
+            raise ConfigError(f"recipe key 'rank.candidates': labels must be unique (got {titles}); add a 'label' to "
+                              "each")
+        folders = [c.folder for c in self.candidates]
+        clash = next((f for f in folders if folders.count(f) > 1), None)
+        if clash is not None:
+            twins = [t for t, f in zip(titles, folders, strict=True) if f == clash]
+            raise ConfigError(f"recipe key 'rank.candidates': labels {twins} share the folder name "
+                              f"candidates/{clash}; rename one")
 
 
 @dataclass

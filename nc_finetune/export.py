@@ -136,7 +136,7 @@ def _rebuild(recipe, run_dir: Path, weights: dict, num_classes: int):
     from nc_finetune.select import Selection
     from nc_finetune.utils.env import seed_everything
 
-    seed_everything(recipe.train.seed)  # as run_stage: a randomly initialised backbone is drawn right after seeding
+    seed_everything(recipe.train.seed)  # as run_pipeline: a randomly initialised backbone is drawn right after seeding
     backbone = load_recipe_backbone(recipe)
     a = recipe.adapt
     proj = weights.get("skip_proj.weight")

@@ -1,4 +1,9 @@
-"""Recipe-level stages: each reads a validated recipe, does one stage and writes its artefact to the run directory."""
+"""Recipe-level stages: each reads a validated recipe, composes the stage modules and writes into a run directory.
+
+``run_probe_stage`` (``nc-finetune probe``), ``probe_and_select`` (``select``), ``run_pipeline`` (``run``: probe ->
+choose blocks -> adapt -> train), ``eval_stage`` (``eval``) and ``rank_stage`` (``rank``). The work itself lives in
+the stage packages; the rules of a run directory in :mod:`nc_finetune.runs`.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from nc_finetune import runs
+from nc_finetune.adapt.recipe import build_recipe_classifier
 from nc_finetune.config import Recipe, recipe_to_dict
 from nc_finetune.errors import ConfigError, DataError, UserError
 from nc_finetune.runs import RunDir
@@ -51,8 +57,8 @@ def prepare_data(recipe: Recipe) -> PreparedData:
 def load_recipe_backbone(recipe: Recipe):
     """Build the backbone named by ``recipe.backbone`` (with the weights of ``backbone.init_from`` when set, cut
     after ``backbone.truncate_at`` when set)."""
-    from nc_finetune.adapt.restore import restore_backbone_weights
     from nc_finetune.backbones import load_backbone
+    from nc_finetune.restore import restore_backbone_weights
 
     b = recipe.backbone
     backbone = load_backbone(b.name, pooling=b.pooling, image_size=b.image_size, max_length=b.max_length,
@@ -116,6 +122,7 @@ def check_selection_feasible(recipe: Recipe, backbone, num_classes: int) -> None
     Raises:
         ConfigError: as :func:`~nc_finetune.select.select_blocks`.
     """
+    from nc_finetune.adapt.recipe import head_param_count
     from nc_finetune.rivals import check_rival_options
     from nc_finetune.select import select_blocks
     from nc_finetune.select.hooks import check_selection_inputs
@@ -125,7 +132,7 @@ def check_selection_feasible(recipe: Recipe, backbone, num_classes: int) -> None
     check_selection_inputs(recipe)
     if s.strategy == "all":  # budgets do not apply
         return
-    head = backbone.feature_dim * num_classes + num_classes
+    head = head_param_count(backbone.feature_dim, num_classes)
     # Rank-free strategies are checked as they will run; for the others only that some block fits can be known.
     free = s.strategy in ("manual", "last_k", "first_k", "random_k")
     select_blocks(None, backbone.blocks, strategy=s.strategy if free else "last_k",
@@ -133,49 +140,28 @@ def check_selection_feasible(recipe: Recipe, backbone, num_classes: int) -> None
                   head_params=head, total_params=backbone.num_params() + head, fill=s.fill if free else "skip")
 
 
-def run_select_stage(recipe: Recipe, backbone, probe_result, prepared: PreparedData, num_classes: int):
-    """Choose blocks per ``recipe.selection``; Auto-RGN measures gradients on a temporary full classifier."""
-    from nc_finetune.adapt import build_classifier
-    from nc_finetune.rivals import selection_inputs as rival_inputs
-    from nc_finetune.select import auto_rgn_scores, select_blocks
-    from nc_finetune.utils.env import resolve_device, seed_everything
+def choose_blocks(recipe: Recipe, backbone, probe_result, prepared: PreparedData, num_classes: int):
+    """The blocks ``recipe.selection`` picks on a probed backbone (computing the strategy's own inputs first).
 
-    s = recipe.selection
-    head = 0 if recipe.adapt.head == "etf" else backbone.feature_dim * num_classes + num_classes  # ETF: fixed
-    rgn = None
-    if s.strategy == "auto_rgn":
-        seed_everything(recipe.train.seed)
-        tmp = build_classifier(backbone, num_classes, method="full", copy_backbone=False)  # restored below
-        tmp.model.to(resolve_device(recipe.train.device))  # the new head is built on the CPU
-        split = prepared.data.train
-        rng = np.random.default_rng(recipe.selection.seed)
-        bs = 64  # as in the surgical fine-tuning code
-        batches = []
-        for _ in range(s.rgn_batches):
-            idx = rng.choice(len(split), size=min(bs, len(split)), replace=False)
-            batches.append((backbone.prepare(split.subset(idx).inputs),
-                            _labels_tensor(np.asarray(split.labels)[idx])))
-        rgn = auto_rgn_scores(tmp.model, backbone.blocks, batches, num_batches=s.rgn_batches)
-        tmp.model.requires_grad_(True).to("cpu")  # loaders hand out CPU models; the trainer moves it
-        del tmp
+    Returns:
+        The :class:`~nc_finetune.select.Selection`.
+    """
+    from nc_finetune.adapt.recipe import head_param_count
+    from nc_finetune.rivals import selection_inputs as rival_inputs
+    from nc_finetune.select import select_blocks
     from nc_finetune.select.hooks import selection_inputs
 
+    s = recipe.selection
+    head = head_param_count(backbone.feature_dim, num_classes, recipe.adapt.head)
     extra = {**selection_inputs(recipe, backbone, prepared, num_classes), **rival_inputs(recipe, backbone, prepared)}
     return select_blocks(probe_result, backbone.blocks, strategy=s.strategy, max_blocks=s.max_blocks,
                          max_param_fraction=s.max_param_fraction, manual=s.blocks, seed=s.seed, head_params=head,
-                         total_params=backbone.num_params() + head, rgn_scores=rgn, stall_fraction=s.stall_fraction,
-                         **extra)
+                         total_params=backbone.num_params() + head, stall_fraction=s.stall_fraction, **extra)
 
 
-def _labels_tensor(labels: np.ndarray):
-    import torch
-
-    return torch.as_tensor(labels, dtype=torch.long, device="cpu")  # batches stay on the CPU until scored
-
-
-def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool = True,
-              stop_after_steps: int | None = None, prepared: PreparedData | None = None,
-              probe_result=None, selection=None, cache_store: dict | None = None) -> dict:
+def run_pipeline(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool = True,
+                 stop_after_steps: int | None = None, prepared: PreparedData | None = None,
+                 probe_result=None, selection=None, cache_store: dict | None = None) -> dict:
     """The whole pipeline: probe -> select -> adapt -> train -> report, artefacts in ``out``.
 
     Args:
@@ -193,13 +179,9 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
     Returns:
         The summary written to ``summary.json``.
     """
-    from nc_finetune.data import StreamSplit, stratified_split
     from nc_finetune.data.streaming import check_stream_training
-    from nc_finetune.train.checkpoint import has_checkpoint
-    from nc_finetune.train.loop import TrainData, Trainer
     from nc_finetune.train.tracking import check_trackers
-    from nc_finetune.utils.env import library_versions, seed_everything
-    from nc_finetune.utils.io import write_json_atomic
+    from nc_finetune.utils.env import seed_everything
 
     run = RunDir(out)
     check_recipe_devices(recipe)
@@ -210,8 +192,7 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
     check_trackers(recipe.train.report_to)
     check_stream_training(recipe)
     prepared = prepared or prepare_data(recipe)  # validates the data before any model is built
-    data = prepared.data
-    K = data.num_classes
+    K = prepared.data.num_classes
     seed_everything(recipe.train.seed)
     backbone = load_recipe_backbone(recipe)
     resumed_selection = resume and run.has(runs.SELECTION)
@@ -220,9 +201,9 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
     main = is_main_process()  # several processes: rank 0 writes
     if main:
         run.path.mkdir(parents=True, exist_ok=True)
-    written = [] if resume or not main else [n for n in (runs.RESOLVED, runs.PROBE, runs.PROBE_PLOT, runs.SELECTION)
-                                             if not run.has(n)]
-    try:
+    # Nothing trained yet: a failure leaves the directory as it was, so a corrected rerun is accepted.
+    with run.removed_on_error([] if resume or not main else
+                              [runs.RESOLVED, runs.PROBE, runs.PROBE_PLOT, runs.SELECTION]):
         if main:
             run.write_recipe(recipe)
         if resume and run.has(runs.PROBE):
@@ -237,15 +218,23 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
             selection = run.read_selection()
         else:
             if selection is None:
-                selection = run_select_stage(recipe, backbone, probe_result, prepared, K)
+                selection = choose_blocks(recipe, backbone, probe_result, prepared, K)
             if main:
                 selection.save(run / runs.SELECTION)
-        adapted = build_recipe_classifier(recipe, backbone, K, selection, probe_result, data.train)
-    except BaseException:
-        # Nothing trained yet: leave the directory as it was, so a corrected rerun is accepted.
-        for name in written:
-            (run / name).unlink(missing_ok=True)
-        raise
+        adapted = build_recipe_classifier(recipe, backbone, K, selection, probe_result, prepared.data.train)
+    return _train(recipe, run, prepared.data, backbone, adapted, selection, resume=resume, progress=progress,
+                  stop_after_steps=stop_after_steps, cache_store=cache_store)
+
+
+def _train(recipe: Recipe, run: RunDir, data, backbone, adapted, selection, *, resume: bool, progress: bool,
+           stop_after_steps: int | None, cache_store: dict | None) -> dict:
+    """Train ``adapted``, save its final weights and write ``summary.json`` (the last part of :func:`run_pipeline`)."""
+    from nc_finetune.data import StreamSplit, stratified_split
+    from nc_finetune.train.checkpoint import has_checkpoint
+    from nc_finetune.train.loop import TrainData, Trainer
+    from nc_finetune.utils.env import library_versions
+    from nc_finetune.utils.io import write_json_atomic
+
     t = recipe.train
     train_split, val_split = data.train, None
     if t.val_fraction > 0 and isinstance(data.train, StreamSplit):  # carved per row, as the test split
@@ -275,50 +264,9 @@ def run_stage(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
     return summary
 
 
-def build_recipe_classifier(recipe: Recipe, backbone, num_classes: int, selection, probe_result, split):
-    """The classifier of ``recipe.adapt`` on ``selection``, seeded with ``train.seed`` (shared by run and eval)."""
-    from nc_finetune.adapt import build_classifier
-    from nc_finetune.rivals import classifier_options
-    from nc_finetune.utils.env import seed_everything
-
-    a = recipe.adapt
-    skip_dim = scl_skip_dim(recipe, backbone, selection, probe_result, split)
-    seed_everything(recipe.train.seed)  # the head / LoRA init must not depend on what ran before
-    return build_classifier(backbone, num_classes, method=a.method, selection=selection, skip_dim=skip_dim,
-                            wiring=a.scl_wiring, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
-                            lora_dropout=a.lora_dropout, freeze_bn=a.freeze_bn, copy_backbone=False,
-                            **classifier_options(recipe))
-
-
-def scl_skip_dim(recipe: Recipe, backbone, selection, probe_result, split) -> int | None:
-    """Pooled width of the SCL skip block (the deepest selected one): from the probe, or, when ``probe.layers`` left
-    that block out, from one no-grad forward of a training sample. ``None`` for the other methods."""
-    import torch
-
-    names = [b["name"] for b in selection.blocks]
-    if recipe.adapt.method != "scl" or not names:
-        return None
-    dims = {r["name"]: r["dim"] for r in probe_result.layers}
-    if names[-1] in dims:
-        return int(dims[names[-1]])
-    device = next(backbone.model.parameters()).device
-    inputs = {k: v.to(device) for k, v in backbone.prepare(split.subset([0]).inputs).items()}
-    pooled: dict[str, int] = {}
-
-    def capture(_module, _args, out) -> None:  # must return None: a returned value would replace the output
-        pooled.setdefault("dim", int(backbone.pool(out, inputs).shape[1]))
-
-    hook = backbone.model.get_submodule(names[-1]).register_forward_hook(capture)
-    try:
-        with torch.no_grad():
-            backbone.model(**inputs)
-    finally:
-        hook.remove()
-    return pooled["dim"]
-
-
-def select_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress: bool = True):
-    """Probe (or reuse ``out/probe.json`` made with the same recipe) and select; write ``selection.json``."""
+def probe_and_select(recipe: Recipe, out: Path, *, overwrite: bool = False, progress: bool = True):
+    """``nc-finetune select``: probe (or reuse ``out/probe.json`` made with the same recipe) and choose blocks; write
+    ``selection.json``."""
     run = RunDir(out)
     check_recipe_devices(recipe)
     run.check_writable([runs.SELECTION], overwrite, recipe)
@@ -329,7 +277,7 @@ def select_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress
     if probe_result is None or probe_result.meta.get("recipe", {}).get("probe") != recipe_to_dict(recipe)["probe"]:
         probe_result = run_probe_stage(recipe, run.path, overwrite=True, progress=progress, prepared=prepared,
                                        backbone=backbone)
-    selection = run_select_stage(recipe, backbone, probe_result, prepared, prepared.data.num_classes)
+    selection = choose_blocks(recipe, backbone, probe_result, prepared, prepared.data.num_classes)
     if is_main_process():
         selection.save(run / runs.SELECTION)
     return selection
@@ -377,7 +325,7 @@ def eval_stage(run_dir: Path, split: str = "test", batch_size: int | None = None
         raise DataError(f"{run_dir} was trained on {len(trained_classes)} classes; data '{data.name}' has "
                         f"{data.num_classes}")
     data = align_class_names(run_class_names(run_dir), data, str(run_dir))  # head outputs are the run's classes
-    seed_everything(recipe.train.seed)  # as run_stage: a randomly initialised backbone is drawn right after seeding
+    seed_everything(recipe.train.seed)  # as run_pipeline: a randomly initialised backbone is drawn right after seeding
     backbone = load_recipe_backbone(recipe)
     adapted = build_recipe_classifier(recipe, backbone, data.num_classes, selection, probe_result, data.train)
     unexpected = set(weights) - set(adapted.model.state_dict())
@@ -393,10 +341,6 @@ def eval_stage(run_dir: Path, split: str = "test", batch_size: int | None = None
     return {"split": split, **trainer.evaluate(split, splits[split])}
 
 
-_SCORE_KEYS = ("nc1", "nc1_trace", "cdnv", "ncc_accuracy", "lp_accuracy", "logme", "hscore", "ncti_seli_raw",
-               "ncti_ncc_raw", "ncti_vc_raw")
-
-
 def rank_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress: bool = True) -> dict:
     """Rank ``recipe.rank.candidates`` (and each one's layers) by collapse and transferability scores.
 
@@ -410,12 +354,10 @@ def rank_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress: 
         The content of ``rank.json``.
     """
     import dataclasses
-    import re
 
-    from nc_finetune.config import BackboneConfig, from_dict
     from nc_finetune.probe.runner import probe
     from nc_finetune.report.plots import plot_probe
-    from nc_finetune.transfer.ranking import plot_rank, rank_table
+    from nc_finetune.transfer.ranking import candidate_row, layer_rows, plot_rank, rank_table
     from nc_finetune.transfer.scores import scores_from_stats
     from nc_finetune.utils.env import library_versions, seed_everything
     from nc_finetune.utils.io import write_json_atomic
@@ -423,25 +365,9 @@ def rank_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress: 
     out = Path(out)
     check_recipe_devices(recipe)
     RunDir(out).check_writable([runs.RANK, runs.RANK_PLOT], overwrite)
-    cands: list[tuple[str, BackboneConfig]] = []
-    for i, raw in enumerate(recipe.rank.candidates):
-        raw = dict(raw)
-        label = raw.pop("label", None)
-        cfg = from_dict(BackboneConfig, raw, f"rank.candidates[{i}]")
-        default = cfg.name + (f"@{cfg.truncate_at}" if cfg.truncate_at is not None else "") + \
-            ("" if cfg.pretrained else " (random init)")
-        cands.append((str(label) if label else default, cfg))
-    if len(cands) < 2:
+    if not recipe.rank.candidates:  # the section validates each candidate, their labels and folders
         raise ConfigError("rank.candidates needs at least 2 backbone sections, e.g. "
                           "[{name: efficientnet-lite0}, {name: efficientnet-lite0, pretrained: false}]")
-    labels = [c[0] for c in cands]
-    if len(set(labels)) != len(labels):
-        raise ConfigError(f"rank.candidates: labels must be unique (got {labels}); add a 'label' to each")
-    slugs = [re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or "candidate" for label in labels]
-    clash = next((s for s in slugs if slugs.count(s) > 1), None)
-    if clash is not None:
-        twins = [label for label, s in zip(labels, slugs, strict=True) if s == clash]
-        raise ConfigError(f"rank.candidates: labels {twins} share the folder name candidates/{clash}; rename one")
     if not recipe.rank.finetune and not recipe.probe.linear_probe:
         raise ConfigError("rank needs a ground truth: set rank.finetune=true or probe.linear_probe=true")
 
@@ -449,32 +375,26 @@ def rank_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress: 
     data = prepared.data
     p = recipe.probe
     rows, layers = [], {}
-    for (label, cfg), slug in zip(cands, slugs, strict=True):
-        cand_recipe = dataclasses.replace(recipe, backbone=cfg)
+    for cand in recipe.rank.candidates:
+        cand_recipe = dataclasses.replace(recipe, backbone=cand.backbone())
         seed_everything(p.seed)
         backbone = load_recipe_backbone(cand_recipe)
         result = probe(backbone, prepared.probe_split, data.num_classes, batch_size=p.batch_size,
                        ncc_samples=p.ncc_samples, linear_probe=p.linear_probe, autocast=p.autocast, device=p.device,
                        seed=p.seed, progress=progress, scorers=(scores_from_stats,),
-                       meta={"dataset": data.name, "candidate": label})
-        cand_dir = out / "candidates" / slug
+                       meta={"dataset": data.name, "candidate": cand.title})
+        cand_dir = out / "candidates" / cand.folder
         cand_dir.mkdir(parents=True, exist_ok=True)
         if is_main_process():
             result.save(cand_dir / runs.PROBE)
             plot_probe(result, cand_dir / runs.PROBE_PLOT)
-        last = result.layers[-1]
-        row = {"name": label, "backbone": cfg.name, "pretrained": cfg.pretrained, "params": backbone.num_params(),
-               "probe_seconds": result.meta["seconds"], **{k: last[k] for k in _SCORE_KEYS if k in last}}
+        row = candidate_row(cand, backbone.num_params(), result)
         if recipe.rank.finetune:
-            summary = run_stage(cand_recipe, cand_dir / "run", progress=progress)
-            row["finetune_accuracy"] = summary["test_accuracy"]
+            row["finetune_accuracy"] = run_pipeline(cand_recipe, cand_dir / "run", progress=progress)["test_accuracy"]
         rows.append(row)
-        layer_rows, size = [], 0
-        for rec in result.blocks():
-            size += rec["num_params"]  # a model truncated after this block
-            layer_rows.append({"name": rec["name"], "num_params": size,
-                               **{k: rec[k] for k in _SCORE_KEYS if k in rec}})
-        layers[label] = {"rows": layer_rows, **rank_table(layer_rows, "lp_accuracy" if p.linear_probe else None)}
+        cand_layers = layer_rows(result)
+        layers[cand.title] = {"rows": cand_layers,
+                              **rank_table(cand_layers, "lp_accuracy" if p.linear_probe else None)}
     truth = "finetune_accuracy" if recipe.rank.finetune else "lp_accuracy"
     table = rank_table(rows, truth)
     report = {"dataset": data.name, "num_classes": data.num_classes, "probe_samples": len(prepared.probe_split),

@@ -117,9 +117,10 @@ def load_run_classifier(run_dir: Path, example_inputs: list):
     """
     from safetensors.torch import load_file
 
+    from nc_finetune.adapt.recipe import build_recipe_classifier
     from nc_finetune.config import load_recipe
     from nc_finetune.data import Split
-    from nc_finetune.pipeline import build_recipe_classifier, load_recipe_backbone
+    from nc_finetune.pipeline import load_recipe_backbone
     from nc_finetune.probe.result import ProbeResult
     from nc_finetune.select import Selection
 

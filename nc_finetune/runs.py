@@ -90,7 +90,7 @@ class RunDir:
             raise UserError(f"{self.path} already holds {', '.join(existing)}; choose another --out or pass "
                             "--overwrite")
         if existing and recipe is not None and self.is_finished_run():
-            diff = first_difference(self._read_yaml(RESOLVED), recipe_to_dict(recipe))
+            diff = first_difference(self._recorded_recipe(), recipe_to_dict(recipe))
             if diff is not None:
                 raise UserError(f"{self.path} holds a finished run trained with another recipe ({diff}); "
                                 "--overwrite would no longer describe its weights; choose another --out")
@@ -121,8 +121,7 @@ class RunDir:
 
         if not (self.path / RESOLVED).is_file():
             raise UserError(f"--resume: {self.path} holds no run (no {RESOLVED})")
-        before = self._read_yaml(RESOLVED)
-        diff = first_difference(before, recipe_to_dict(recipe))
+        diff = first_difference(self._recorded_recipe(), recipe_to_dict(recipe))
         if diff is not None:
             raise UserError(f"--resume: {self.path} was started with a different recipe ({diff}); "
                             f"resume with the same recipe and overrides, or use another --out")
@@ -183,7 +182,34 @@ class RunDir:
                     with contextlib.suppress(OSError):
                         self.path.rmdir()  # only succeeds when empty
 
+    @contextlib.contextmanager
+    def removed_on_error(self, artefacts: tuple[str, ...] | list[str]) -> Iterator[None]:
+        """If the block raises, remove those of ``artefacts`` that did not exist when it started.
+
+        A run that fails before it trains (a config error found after the probe, a broken adapter) then leaves the
+        directory as it was, so a corrected rerun is accepted.
+        """
+        new = [n for n in artefacts if not self.has(n)]
+        try:
+            yield
+        except BaseException:
+            for name in new:
+                (self.path / name).unlink(missing_ok=True)
+            raise
+
     # -------------------------------------------------------------------------------------------------- reading
+
+    def read_finished_recipe(self, what: str):
+        """The resolved recipe of a finished run (one that :mod:`nc_finetune.restore` can start from).
+
+        Args:
+            what: How the caller refers to the directory in messages (e.g. ``backbone.init_from``).
+
+        Raises:
+            UserError: not a finished run (names the missing files).
+        """
+        self.require_finished_run(what)
+        return self.read_recipe()
 
     def read_recipe(self, overrides: list[str] | None = None):
         """The run's resolved recipe, with ``overrides``.
@@ -226,6 +252,21 @@ class RunDir:
 
     def read_summary(self) -> dict[str, Any]:
         return self.read_json(SUMMARY)
+
+    def _recorded_recipe(self) -> Any:
+        """The run's ``resolved.yaml`` as the schema reads it now, for comparison with a recipe.
+
+        A key added to the schema after the file was written reads as its default (a new field's default keeps the
+        old behaviour), so it does not make the same recipe look different; a file the schema no longer accepts is
+        compared as written.
+        """
+        from nc_finetune.config import recipe_to_dict
+        from nc_finetune.errors import ConfigError
+
+        try:
+            return recipe_to_dict(self.read_recipe())
+        except ConfigError:
+            return self._read_yaml(RESOLVED)
 
     def _read_yaml(self, name: str) -> Any:
         from nc_finetune.config import read_yaml

@@ -388,7 +388,7 @@ def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print)
         ConfigError: unknown strategy or candidate, a block that does not exist (before any weights load where the
             architecture can be built without them), a directory holding a sweep of another recipe.
     """
-    from nc_finetune.pipeline import load_recipe_backbone, prepare_data, run_probe_stage, run_select_stage, run_stage
+    from nc_finetune.pipeline import choose_blocks, load_recipe_backbone, prepare_data, run_pipeline, run_probe_stage
     from nc_finetune.select import select_blocks
     from nc_finetune.select.strategies import STRATEGIES, strategy_needs_probe
     from nc_finetune.utils.env import check_recipe_devices, library_versions, seed_everything
@@ -459,8 +459,8 @@ def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print)
         for budget, strategy in todo:
             start = time.perf_counter()
             try:
-                sel = run_select_stage(_strategy_recipe(srecipe, strategy, budget), backbone, probe_result,
-                                       prepared, prepared.data.num_classes)
+                sel = choose_blocks(_strategy_recipe(srecipe, strategy, budget), backbone, probe_result,
+                                    prepared, prepared.data.num_classes)
             except (ConfigError, DataError) as e:
                 # It cannot run on this recipe (e.g. shift without reference data) or pick under this budget
                 # (e.g. fill=stop and its first block is larger than the budget): recorded, not scored.
@@ -520,10 +520,10 @@ def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print)
                 else:
                     sel = select_blocks(None, blocks, strategy="manual", manual=list(indices), head_params=head,
                                         total_params=backbone_params + head)
-                    summary = run_stage(cell_recipe(recipe, seed, names, lr), cell_dir.path,
-                                        resume=cell_dir.has(runs.RESOLVED), progress=progress,
-                                        prepared=st["prepared"], probe_result=st["probe"], selection=sel,
-                                        cache_store=store)
+                    summary = run_pipeline(cell_recipe(recipe, seed, names, lr), cell_dir.path,
+                                           resume=cell_dir.has(runs.RESOLVED), progress=progress,
+                                           prepared=st["prepared"], probe_result=st["probe"], selection=sel,
+                                           cache_store=store)
                     spent += time.perf_counter() - start
                     fresh += 1
                 done += 1
@@ -547,9 +547,9 @@ def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print)
                 else:
                     sel = select_blocks(None, blocks, strategy="manual", manual=every, head_params=head,
                                         total_params=backbone_params + head)
-                    summary = run_stage(reference_recipe(recipe, seed, [b.name for b in blocks], lr, method),
-                                        ref_dir.path, resume=ref_dir.has(runs.RESOLVED), progress=progress,
-                                        prepared=st["prepared"], probe_result=st["probe"], selection=sel)
+                    summary = run_pipeline(reference_recipe(recipe, seed, [b.name for b in blocks], lr, method),
+                                           ref_dir.path, resume=ref_dir.has(runs.RESOLVED), progress=progress,
+                                           prepared=st["prepared"], probe_result=st["probe"], selection=sel)
                     spent += time.perf_counter() - start
                     fresh += 1
                 done += 1

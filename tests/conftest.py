@@ -191,13 +191,13 @@ FINISHED_RUN = {"selection.strategy": "knee", "selection.max_blocks": 1, "select
 
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory: pytest.TempPathFactory, bert_dir: Path, text_csv: dict[str, str]) -> dict:
-    """One tiny end-to-end ``run_stage`` shared by the pipeline and CLI tests. Never modify it: copy it first."""
-    from nc_finetune.pipeline import run_stage
+    """One tiny end-to-end ``run_pipeline`` shared by the pipeline and CLI tests. Never modify it: copy it first."""
+    from nc_finetune.pipeline import run_pipeline
 
     out = tmp_path_factory.mktemp("finished") / "run"
     overrides = recipe_overrides(bert_dir, text_csv, **FINISHED_RUN)
     recipe = make_recipe(bert_dir, text_csv, **FINISHED_RUN)
-    summary = run_stage(recipe, out, progress=False)
+    summary = run_pipeline(recipe, out, progress=False)
     return {"out": out, "recipe": recipe, "overrides": overrides, "summary": summary}
 
 

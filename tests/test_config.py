@@ -235,3 +235,53 @@ def test_unreadable_recipe_files_are_refused_in_one_line(tmp_path, content, need
     with pytest.raises(ConfigError) as e:
         load_recipe(path)
     assert needle in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------ rank candidates
+
+BAD_CANDIDATES = [
+    ("[{name: a}, {name: b, colour: red}]", "unknown recipe key 'rank.candidates[1].colour'"),
+    ("[{label: a}, {name: b}]", "recipe key 'rank.candidates[0].name' must name the candidate's backbone"),
+    ("[{name: a}, {name: b, image_size: 5}]", "recipe key 'rank.candidates[1].image_size' must be in [8, 4096]"),
+    ("[{name: a}, {name: b, label: ''}]", "recipe key 'rank.candidates[1].label' must be a non-empty string"),
+    ("[{name: a}]", "at least 2 backbone sections"),
+    ("[{name: a, label: s}, {name: b, label: s}]", "labels must be unique"),
+    ("[{name: a}, {name: a}]", "labels must be unique"),  # the default labels collide
+    ("[{name: m, label: 'x/y'}, {name: m, label: 'x y'}]", "share the folder name candidates/x-y"),
+    ("[{name: m, label: '../up'}, {name: m, label: 'up'}]", "share the folder name candidates/up"),
+    ("{name: a}", "must be a list of RankCandidate"),
+]
+
+
+@pytest.mark.parametrize(("candidates", "needle"), BAD_CANDIDATES, ids=[c[0] for c in BAD_CANDIDATES])
+def test_validate_refuses_a_bad_rank_candidate_in_one_line(tmp_path, capsys, candidates, needle):
+    recipe = write(tmp_path, f"rank:\n  candidates: {candidates}\n")
+    capsys.readouterr()
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err, err
+
+
+def test_rank_candidates_are_typed_and_survive_resolved_yaml(tmp_path):
+    from nc_finetune.config import BackboneConfig, RankCandidate
+
+    recipe = load_recipe(write(tmp_path, "rank:\n  candidates:\n    - {name: 'timm:x', truncate_at: 3, "
+                                         "pretrained: false}\n    - {name: 'hf:a/b', label: mine}\n"))
+    cut, mine = recipe.rank.candidates
+    assert isinstance(cut, RankCandidate) and cut.title == "timm:x@3 (random init)"
+    assert cut.folder == "timm-x-3-random-init"
+    assert (mine.title, mine.folder) == ("mine", "mine")
+    assert RankCandidate(name="a", label="..").folder == "candidate"  # never the parent of candidates/
+    assert cut.backbone() == BackboneConfig(name="timm:x", truncate_at=3, pretrained=False)
+    again = load_recipe(write(tmp_path, dump_recipe(recipe)))  # resolved.yaml round trip
+    assert again.rank == recipe.rank
+
+
+def test_rank_section_built_in_python_checks_its_candidates():
+    from nc_finetune.config import RankCandidate, RankConfig
+
+    assert RankConfig(candidates=[{"name": "a"}, {"name": "b"}]).candidates[1] == RankCandidate(name="b")
+    with pytest.raises(ConfigError, match=r"recipe key 'rank\.candidates\[0\]\.name' must name"):
+        RankConfig(candidates=[{"pretrained": False}, {"name": "b"}])
+    with pytest.raises(ConfigError, match="labels must be unique"):
+        RankConfig(candidates=[RankCandidate(name="a"), RankCandidate(name="a")])

@@ -1,5 +1,5 @@
 """Every stage on every device: selection strategies (Auto-RGN included) x adapt modes x the prefix cache, end to end
-through ``run_stage`` and ``eval_stage``, on the CPU always and on CUDA whenever it is available.
+through ``run_pipeline`` and ``eval_stage``, on the CPU always and on CUDA whenever it is available.
 
 On the CPU a device mismatch cannot happen, so there every run is also watched by :class:`DeviceGuard`: a torch
 function mode that fails the test when code of this package creates a tensor without saying on which device (such a
@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from nc_finetune.pipeline import eval_stage, run_stage
+from nc_finetune.pipeline import eval_stage, run_pipeline
 from tests.conftest import make_recipe
 
 pytest.importorskip("transformers")
@@ -62,7 +62,7 @@ def test_every_stage_runs_on_the_device(device, strategy, method, cache, bert_di
     recipe = make_recipe(bert_dir, text_csv, **extra)
     guard = DeviceGuard()
     with guard:
-        summary = run_stage(recipe, tmp_path / "run", progress=False)
+        summary = run_pipeline(recipe, tmp_path / "run", progress=False)
         scored = eval_stage(tmp_path / "run")
     assert not guard.offenders, sorted(guard.offenders)
     assert summary["device"].startswith(device)
@@ -80,7 +80,7 @@ def test_init_from_a_finished_run_on_the_device(device, finished_run, bert_dir, 
                                                  "selection.rgn_batches": 1, "train.epochs": 1})
     guard = DeviceGuard()
     with guard:
-        summary = run_stage(recipe, tmp_path / "run", progress=False)
+        summary = run_pipeline(recipe, tmp_path / "run", progress=False)
     assert not guard.offenders, sorted(guard.offenders)
     assert summary["device"].startswith(device)
 
@@ -114,7 +114,7 @@ def test_image_pipeline_runs_on_the_device(device, augment, cache, tmp_path) -> 
         "train.checkpoint_every=100"])
     guard = DeviceGuard()
     with guard:
-        summary = run_stage(recipe, tmp_path / "run", progress=False)
+        summary = run_pipeline(recipe, tmp_path / "run", progress=False)
         scored = eval_stage(tmp_path / "run")
     assert not guard.offenders, sorted(guard.offenders)
     assert summary["device"].startswith(device)

@@ -30,10 +30,10 @@ def _private_modules_cache(tmp_path, monkeypatch):
 
 def _run(tmp_path_factory, overrides: list[str], name: str) -> Path:
     from nc_finetune.config import load_recipe
-    from nc_finetune.pipeline import run_stage
+    from nc_finetune.pipeline import run_pipeline
 
     out = tmp_path_factory.mktemp(name) / "run"
-    run_stage(load_recipe(None, overrides), out, progress=False)
+    run_pipeline(load_recipe(None, overrides), out, progress=False)
     return out
 
 
@@ -48,7 +48,7 @@ def _ours(run: Path):
     from nc_finetune.utils.env import seed_everything
 
     recipe = load_recipe(run / "resolved.yaml")
-    seed_everything(recipe.train.seed)  # as run_stage: a random-init backbone is drawn right after seeding
+    seed_everything(recipe.train.seed)  # as run_pipeline: a random-init backbone is drawn right after seeding
     backbone = load_recipe_backbone(recipe)
     k = len(json.loads((run / "summary.json").read_text())["class_names"])
     adapted = build_recipe_classifier(recipe, backbone, k, Selection.load(run / "selection.json"),

@@ -59,7 +59,7 @@ def pos_neg_run(tmp_path_factory, bert_dir):
     """A run trained on parquet files whose ClassLabel order is [pos, neg] (id 0 = pos), and the same data as CSV
     files with string labels (which sort to neg=0, pos=1)."""
     from nc_finetune.config import load_recipe
-    from nc_finetune.pipeline import run_stage
+    from nc_finetune.pipeline import run_pipeline
 
     d = tmp_path_factory.mktemp("posneg")
     texts, labels = make_texts(32, 2, seed=5)
@@ -69,7 +69,7 @@ def pos_neg_run(tmp_path_factory, bert_dir):
     csv = {"train": _write_named_csv(d / "train.csv", texts[:24], labels[:24], names),
            "test": _write_named_csv(d / "test.csv", texts[24:], labels[24:], names)}
     overrides = recipe_overrides(bert_dir, files, **{"data.name": "parquet", "train.epochs": 1})
-    run_stage(load_recipe(None, overrides), d / "run", progress=False)
+    run_pipeline(load_recipe(None, overrides), d / "run", progress=False)
     return {"run": d / "run", "csv": csv}
 
 

@@ -1,4 +1,5 @@
-"""End-to-end ``run_stage`` on a tiny local BERT and a local csv: artefacts, summary, kill + resume, eval, refusals."""
+"""End-to-end ``run_pipeline`` on a tiny local BERT and a local csv: artefacts, summary, kill + resume, eval,
+refusals."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 
 from nc_finetune.config import Recipe, from_dict, recipe_to_dict
 from nc_finetune.errors import ConfigError, DataError, UserError
-from nc_finetune.pipeline import eval_stage, run_probe_stage, run_stage, select_stage
+from nc_finetune.pipeline import eval_stage, probe_and_select, run_pipeline, run_probe_stage
 from nc_finetune.probe.result import ProbeResult
 from nc_finetune.runs import RunDir
 from nc_finetune.select import Selection
@@ -83,7 +84,7 @@ def test_killed_run_resumed_through_the_cli_equals_the_uninterrupted_run(finishe
 
     out = tmp_path / "run"
     with pytest.raises(StopTraining):
-        run_stage(finished_run["recipe"], out, progress=False, stop_after_steps=4)
+        run_pipeline(finished_run["recipe"], out, progress=False, stop_after_steps=4)
     assert not (out / "summary.json").exists()
     recipe_file = tmp_path / "tiny.yaml"
     recipe_file.write_text("adapt:\n  method: finetune\n")  # the rest comes from the same overrides
@@ -140,13 +141,13 @@ def test_existing_run_is_not_overwritten(finished_run, tmp_path) -> None:
     shutil.copytree(finished_run["out"], out)
     before = tree_bytes(out)
     with pytest.raises(UserError, match="--resume"):
-        run_stage(finished_run["recipe"], out, progress=False)
+        run_pipeline(finished_run["recipe"], out, progress=False)
     with pytest.raises(UserError, match="different recipe"):
         RunDir(out).check_resume(make_recipe(*_paths(finished_run), **{"train.lr": 0.5}))
     with pytest.raises(UserError, match="--overwrite"):
         run_probe_stage(finished_run["recipe"], out)
     with pytest.raises(UserError, match="--overwrite"):
-        select_stage(finished_run["recipe"], out)
+        probe_and_select(finished_run["recipe"], out)
     assert tree_bytes(out) == before
 
 
@@ -163,7 +164,7 @@ def test_select_stage_reuses_a_matching_probe(finished_run, tmp_path, monkeypatc
     import nc_finetune.probe.runner as runner
 
     monkeypatch.setattr(runner, "probe", lambda *a, **k: pytest.fail("the probe must be reused"))
-    selection = select_stage(finished_run["recipe"], out, progress=False)
+    selection = probe_and_select(finished_run["recipe"], out, progress=False)
     assert selection.indices == Selection.load(finished_run["out"] / "selection.json").indices
     assert (out / "selection.json").read_bytes() == (finished_run["out"] / "selection.json").read_bytes()
 
@@ -176,13 +177,13 @@ def test_impossible_selection_fails_before_the_probe(finished_run, tmp_path, mon
     out = tmp_path / "run"
     tiny_budget = {"selection.max_param_fraction": 0.0001}
     with pytest.raises(ConfigError, match="cannot hold any block"):
-        run_stage(make_recipe(bert, csv, **tiny_budget, **{"selection.strategy": "stall"}), out, progress=False)
+        run_pipeline(make_recipe(bert, csv, **tiny_budget, **{"selection.strategy": "stall"}), out, progress=False)
     with pytest.raises(ConfigError, match="cannot hold the blocks listed"):
-        run_stage(make_recipe(bert, csv, **tiny_budget), out, progress=False)  # manual [1]
+        run_pipeline(make_recipe(bert, csv, **tiny_budget), out, progress=False)  # manual [1]
     with pytest.raises(ConfigError, match="unknown block 7"):
-        run_stage(make_recipe(bert, csv, **{"selection.blocks": "[7]"}), out, progress=False)
+        run_pipeline(make_recipe(bert, csv, **{"selection.blocks": "[7]"}), out, progress=False)
     with pytest.raises(ConfigError, match="cannot hold any block"):
-        select_stage(make_recipe(bert, csv, **tiny_budget, **{"selection.strategy": "knee"}), out, progress=False)
+        probe_and_select(make_recipe(bert, csv, **tiny_budget, **{"selection.strategy": "knee"}), out, progress=False)
     assert not out.exists()  # nothing written, so nothing blocks a corrected rerun
 
 
@@ -196,7 +197,7 @@ def test_unusable_data_is_refused_before_any_model(finished_run, tmp_path, monke
     csv = {"train": write_text_csv(tmp_path / "train.csv", texts, np.array(labels)),
            "test": write_text_csv(tmp_path / "test.csv", texts[:4], np.array([0, 1, 0, 1]))}
     with pytest.raises(DataError):
-        run_stage(make_recipe(bert, csv), tmp_path / "run", progress=False)
+        run_pipeline(make_recipe(bert, csv), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
 
 
@@ -206,7 +207,7 @@ def test_scl_on_a_block_the_probe_skipped(finished_run, tmp_path) -> None:
     recipe = make_recipe(bert, csv, **{"adapt.method": "scl", "adapt.scl_wiring": "concat", "probe.layers": "[0]",
                                        "train.epochs": 1})
     out = tmp_path / "run"
-    summary = run_stage(recipe, out, progress=False)
+    summary = run_pipeline(recipe, out, progress=False)
     assert [r["name"] for r in ProbeResult.load(out / "probe.json").layers] == ["hf.encoder.layer.0"]
     weights = load_file(str(out / "trainable.safetensors"))
     assert weights["skip_proj.weight"].shape == (16, 16) and weights["nc_head.weight"].shape == (2, 32)
@@ -220,9 +221,9 @@ def test_run_killed_before_its_first_checkpoint_resumes_from_the_start(finished_
     (instead of refusing, which left a directory that neither `run` nor `run --resume` would accept)."""
     out = tmp_path / "run"
     with pytest.raises(StopTraining):
-        run_stage(finished_run["recipe"], out, progress=False, stop_after_steps=2)
+        run_pipeline(finished_run["recipe"], out, progress=False, stop_after_steps=2)
     shutil.rmtree(out / "checkpoint")  # the state of a kill at step 1
-    summary = run_stage(finished_run["recipe"], out, progress=False, resume=True)
+    summary = run_pipeline(finished_run["recipe"], out, progress=False, resume=True)
     assert summary["test_loss"] == pytest.approx(finished_run["summary"]["test_loss"], abs=1e-6)
     assert (out / "metrics.jsonl").read_text().count('"loss"') == \
         (finished_run["out"] / "metrics.jsonl").read_text().count('"loss"')
@@ -232,7 +233,7 @@ def test_a_truncated_backbone_runs_end_to_end_and_evals(finished_run, tmp_path) 
     bert, csv = _paths(finished_run)
     recipe = make_recipe(bert, csv, **{"backbone.truncate_at": 1, "selection.blocks": "[1]", "train.epochs": 1})
     out = tmp_path / "run"
-    summary = run_stage(recipe, out, progress=False)
+    summary = run_pipeline(recipe, out, progress=False)
     assert [r["name"] for r in ProbeResult.load(out / "probe.json").blocks()] == \
         ["hf.encoder.layer.0", "hf.encoder.layer.1"]
     assert summary["total_params"] < finished_run["summary"]["total_params"]

@@ -11,7 +11,7 @@ import pytest
 from nc_finetune.cli import main
 from nc_finetune.config import load_recipe
 from nc_finetune.errors import ConfigError
-from nc_finetune.pipeline import eval_stage, run_stage, select_stage
+from nc_finetune.pipeline import eval_stage, probe_and_select, run_pipeline
 from nc_finetune.rivals import check_rival_options
 from tests.conftest import make_recipe, recipe_overrides
 
@@ -31,7 +31,7 @@ RUNS = {
 def test_run_and_eval(bert_dir, text_csv, tmp_path, case) -> None:
     recipe = make_recipe(bert_dir, text_csv, **{"train.epochs": 1, **RUNS[case]})
     out = tmp_path / "run"
-    summary = run_stage(recipe, out, progress=False)
+    summary = run_pipeline(recipe, out, progress=False)
     sel = json.loads((out / "selection.json").read_text())
     assert sel["strategy"] == recipe.selection.strategy
     if case == "cka+etf+penalty":
@@ -58,7 +58,7 @@ def test_select_with_cka_writes_its_rationale(bert_dir, text_csv, tmp_path, caps
     assert all(0.0 <= v <= 1.0 for v in sel["scores"].values())  # 1 - CKA
     top = max(sel["scores"], key=lambda k: (round(sel["scores"][k], 9), int(k)))
     assert sel["ranking"][0] == int(top)
-    again = select_stage(load_recipe(None, overrides), tmp_path / "sel2", progress=False)
+    again = probe_and_select(load_recipe(None, overrides), tmp_path / "sel2", progress=False)
     assert again.indices == [b["index"] for b in sel["blocks"]]  # deterministic
 
 
@@ -101,13 +101,13 @@ def test_etf_width_is_checked_with_the_backbone() -> None:
 
 
 def test_a_lora_run_with_an_etf_head_can_be_started_from(bert_dir, text_csv, tmp_path) -> None:
-    from nc_finetune.adapt.restore import restore_backbone_weights
     from nc_finetune.pipeline import load_recipe_backbone
+    from nc_finetune.restore import restore_backbone_weights
 
     recipe = make_recipe(bert_dir, text_csv, **{"adapt.method": "lora", "adapt.lora_r": 2, "adapt.head": "etf",
                                                 "train.epochs": 1})
     out = tmp_path / "run"
-    summary = run_stage(recipe, out, progress=False)
+    summary = run_pipeline(recipe, out, progress=False)
     assert summary["head_params"] == 0
     backbone = load_recipe_backbone(recipe)
     before = {k: v.clone() for k, v in backbone.model.state_dict().items()}

@@ -109,7 +109,7 @@ def test_a_failed_run_leaves_nothing_that_blocks_a_rerun(tmp_path: Path, finishe
     out = tmp_path / "run"
     monkeypatch.setattr(pipeline, "build_recipe_classifier", broken)
     with pytest.raises(RuntimeError, match="adapter construction failed"):
-        pipeline.run_stage(make_recipe(bert_dir, text_csv, **FINISHED_RUN), out, progress=False)
+        pipeline.run_pipeline(make_recipe(bert_dir, text_csv, **FINISHED_RUN), out, progress=False)
     RunDir(out).check_new_run()  # nothing trained: a corrected rerun is accepted
     assert not [p for p in out.iterdir() if p.name in runs.RUN_ARTEFACTS]
 
@@ -119,3 +119,22 @@ def test_rank_labels_sharing_a_folder_are_refused(capsys, tmp_path: Path) -> Non
     recipe.write_text("rank:\n  candidates:\n    - {name: minilm-l6, label: 'x/y'}\n"
                       "    - {name: minilm-l6, label: 'x y'}\n", encoding="utf-8")
     _one_line_failure(capsys, ["rank", str(recipe), "--out", str(tmp_path / "r")], "share the folder name")
+
+
+def test_resume_accepts_a_run_recorded_before_a_config_key_existed(tmp_path: Path, finished_run) -> None:
+    """A ``resolved.yaml`` written before ``selection.rgn_batch_size`` existed reads it as its default (the old
+    behaviour): the same recipe resumes, a changed value is still refused."""
+    import yaml
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run["out"], out)
+    recorded = yaml.safe_load((out / runs.RESOLVED).read_text())
+    del recorded["selection"]["rgn_batch_size"]
+    (out / runs.RESOLVED).write_text(yaml.safe_dump(recorded, sort_keys=False))
+    RunDir(out).check_resume(finished_run["recipe"])
+    RunDir(out).check_writable([runs.PROBE], overwrite=True, recipe=finished_run["recipe"])
+    from nc_finetune.config import load_recipe
+
+    changed = load_recipe(None, [*finished_run["overrides"], "selection.rgn_batch_size=8"])
+    with pytest.raises(UserError, match=r"selection\.rgn_batch_size: 64 then, 8 now"):
+        RunDir(out).check_resume(changed)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from nc_finetune.errors import ConfigError
-from nc_finetune.pipeline import eval_stage, run_probe_stage, run_stage
+from nc_finetune.pipeline import eval_stage, run_pipeline, run_probe_stage
 from nc_finetune.train.loop import StopTraining
 from tests.conftest import make_recipe, make_texts, write_text_csv
 
@@ -46,12 +46,12 @@ def test_streaming_probe_and_run(bert_dir, tmp_path) -> None:
     refused = make_recipe(bert_dir, csv, **{"data.streaming": "true", "selection.strategy": "auto_rgn",
                                              "selection.blocks": "null"})
     with pytest.raises(ConfigError, match="selection.strategy=auto_rgn draws training batches by index"):
-        run_stage(refused, tmp_path / "refused", progress=False)
+        run_pipeline(refused, tmp_path / "refused", progress=False)
     assert not (tmp_path / "refused").exists()
 
     recipe = make_recipe(bert_dir, csv, **{"data.streaming": "true", "data.max_train_samples": 16,
                                            "probe.samples_per_class": 5, "train.epochs": 1})
-    summary = run_stage(recipe, tmp_path / "run", progress=False)
+    summary = run_pipeline(recipe, tmp_path / "run", progress=False)
     assert summary["train_samples"] == 16
     assert summary["test_samples"] == 12 and 0.0 <= summary["test_accuracy"] <= 1.0
 
@@ -65,7 +65,7 @@ def test_training_on_the_whole_stream_resumes_exactly(bert_dir, tmp_path) -> Non
     extra = {"data.streaming": "true", "data.labels": "['0', '1']", "probe.samples_per_class": 5,
              "train.val_fraction": 0.25, "train.epochs": 2, "train.checkpoint_every": 2}
     recipe = make_recipe(bert_dir, csv, **extra)
-    full = run_stage(recipe, tmp_path / "full", progress=False)
+    full = run_pipeline(recipe, tmp_path / "full", progress=False)
     assert full["test_samples"] == 12 and "val_accuracy" in full
     n_val = full["val_samples"]
     assert 0 < n_val < 48 and full["train_samples"] == 48 - n_val
@@ -73,8 +73,8 @@ def test_training_on_the_whole_stream_resumes_exactly(bert_dir, tmp_path) -> Non
     assert full["prefix_cache"]["enabled"] is False and "streamed" in full["prefix_cache"]["reason"]
 
     with pytest.raises(StopTraining):
-        run_stage(recipe, tmp_path / "resumed", progress=False, stop_after_steps=3)
-    resumed = run_stage(recipe, tmp_path / "resumed", progress=False, resume=True)
+        run_pipeline(recipe, tmp_path / "resumed", progress=False, stop_after_steps=3)
+    resumed = run_pipeline(recipe, tmp_path / "resumed", progress=False, resume=True)
     assert resumed["test_accuracy"] == full["test_accuracy"]
     assert resumed["test_loss"] == pytest.approx(full["test_loss"], abs=1e-6)
     wa = load_file(str(tmp_path / "full" / "trainable.safetensors"))

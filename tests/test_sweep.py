@@ -115,7 +115,7 @@ def test_sweep_end_to_end_resumes_and_writes_run_directories(tmp_path, bert_dir,
         "sweep.budgets": "[{max_blocks: 1}, {max_blocks: 2}]"})
     recipe = load_recipe(None, overrides)
     out = tmp_path / "sweep"
-    real_run_stage, calls = pipeline.run_stage, []
+    real_run_stage, calls = pipeline.run_pipeline, []
 
     def killed_after_three(*args, **kwargs):
         calls.append(args[1])
@@ -123,10 +123,10 @@ def test_sweep_end_to_end_resumes_and_writes_run_directories(tmp_path, bert_dir,
             raise KeyboardInterrupt  # a kill in the middle of the fourth cell
         return real_run_stage(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "run_stage", killed_after_three)
+    monkeypatch.setattr(pipeline, "run_pipeline", killed_after_three)
     with pytest.raises(KeyboardInterrupt):
         sweep_stage(recipe, out, progress=False, echo=lambda line: None)
-    monkeypatch.setattr(pipeline, "run_stage", lambda *a, **k: (calls.append(a[1]), real_run_stage(*a, **k))[1])
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda *a, **k: (calls.append(a[1]), real_run_stage(*a, **k))[1])
     lines: list[str] = []
     report = sweep_stage(recipe, out, progress=False, echo=lines.append)
 

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nc_finetune.backbones.hooks import ForwardStop, tap_output
 from nc_finetune.errors import ConfigError
 
 METHODS = {
@@ -48,10 +49,6 @@ METHODS = {
 HEADS = ("linear", "etf")
 WIRINGS = ("add", "concat", "replace")
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
-
-
-class _StopForward(Exception):
-    """Raised after the skip block when ``wiring == 'replace'``: later blocks are not needed."""
 
 
 class Classifier(nn.Module):
@@ -84,6 +81,7 @@ class Classifier(nn.Module):
         self._pool = pool
         self._inputs: dict | None = None
         self._skip_out: torch.Tensor | None = None
+        self._stop = ForwardStop()  # ``replace``: the blocks after the skip block are not needed
         head_in = feature_dim
         if skip_block is not None:
             if wiring not in WIRINGS:
@@ -93,7 +91,7 @@ class Classifier(nn.Module):
             self.skip_proj = nn.Identity() if (wiring == "add" and skip_dim == feature_dim) else \
                 nn.Linear(skip_dim, feature_dim)
             head_in = 2 * feature_dim if wiring == "concat" else feature_dim
-            self.backbone.get_submodule(skip_block).register_forward_hook(self._capture_skip)
+            tap_output(self.backbone.get_submodule(skip_block), self._capture_skip)  # lives as long as the model
         if head == "etf":
             from nc_finetune.adapt.etf import ETFHead
 
@@ -104,16 +102,15 @@ class Classifier(nn.Module):
     def _capture_skip(self, module: nn.Module, args: Any, output: Any) -> None:
         self._skip_out = self._pool(output, self._inputs)  # (B, D_l)
         if self.wiring == "replace":
-            raise _StopForward
+            self._stop()
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
         if self.skip_block is None:
             return self.nc_head(self.backbone(**inputs))
         self._inputs, self._skip_out = inputs, None
-        try:
+        h_last = None  # stays None when the replace wiring stopped the forward at the skip block
+        with self._stop:
             h_last = self.backbone(**inputs)  # (B, D_L)
-        except _StopForward:
-            h_last = None
         z = self.skip_proj(self._skip_out)  # (B, D_L)
         self._inputs = self._skip_out = None
         if self.wiring == "add":

@@ -4,8 +4,8 @@ A truncated model is a transfer candidate of its own (the TMLR study ranks "the 
 depths" beside whole models): it is smaller, cheaper, and on data far from the pretraining domain its middle
 blocks may carry the better features. ``backbone.truncate_at`` (a block index or name) builds one from any backbone.
 
-How: the model's forward runs until the cut block has produced its output, then stops (the output is captured by a
-forward hook, which ends the forward with an exception the truncated forward catches). Modules with parameters that
+How: the model's forward runs until the cut block has produced its output, then stops
+(:func:`nc_finetune.backbones.hooks.output_of`). Modules with parameters that
 did not run before the cut on a probe input (the later blocks and the original head) are replaced by
 ``nn.Identity``, so the parameter count, the optimiser and the checkpoints see only the part that is used.
 """
@@ -20,11 +20,8 @@ import torch
 from torch import nn
 
 from nc_finetune.backbones.base import Backbone, count_params, pool_output
+from nc_finetune.backbones.hooks import HookSet, output_of
 from nc_finetune.errors import ConfigError
-
-
-class _CutReached(Exception):
-    """Raised by the cut block's hook: nothing after it needs to run."""
 
 
 def resolve_block(backbone: Backbone, where: int | str) -> int:
@@ -55,22 +52,9 @@ def _probe_inputs(backbone: Backbone) -> dict[str, torch.Tensor]:
 
 def _run_to_cut(forward: Any, model: nn.Module, cut_name: str, batch: dict[str, torch.Tensor]) -> Any:
     """Run ``forward(**batch)`` until block ``cut_name`` has produced its output; return that raw output."""
-    captured: dict[str, Any] = {}
-
-    def grab(_module: nn.Module, _args: Any, output: Any) -> None:
-        captured["out"] = output
-        raise _CutReached
-
     # Looked up per call, not captured: peft LoRA replaces a leaf block (a bare Linear/Conv) by a wrapper whose
     # output, not its inner base layer's, is the block's output.
-    handle = model.get_submodule(cut_name).register_forward_hook(grab)
-    try:
-        forward(**batch)
-    except _CutReached:
-        return captured["out"]
-    finally:
-        handle.remove()
-    raise RuntimeError(f"block {cut_name} did not run in the model's forward")  # pragma: no cover
+    return output_of(model.get_submodule(cut_name), lambda: forward(**batch), name=f"block {cut_name}")
 
 
 class _CutForward:
@@ -112,13 +96,11 @@ def truncate_backbone(backbone: Backbone, where: int | str) -> Backbone:
     inputs = _probe_inputs(backbone)
 
     ran: set[str] = set()
-    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: ran.add(n)) for n, m in model.named_modules() if n]
-    try:
-        with torch.no_grad():
-            dim = int(backbone.pool(_run_to_cut(model.forward, model, cut_name, inputs), inputs).shape[1])
-    finally:
-        for h in hooks:
-            h.remove()
+    with HookSet() as hooks, torch.no_grad():
+        for n, m in model.named_modules():
+            if n:
+                hooks.on_input(m, lambda mod, args, n=n: ran.add(n))
+        dim = int(backbone.pool(_run_to_cut(model.forward, model, cut_name, inputs), inputs).shape[1])
 
     keep = ran | {cut_name} | {n for n in dict(model.named_modules()) if cut_name.startswith(n + ".")}
     dropped = []

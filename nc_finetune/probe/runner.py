@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nc_finetune.backbones import Backbone
+from nc_finetune.backbones.hooks import ForwardStop, HookSet
 from nc_finetune.data import Split
 from nc_finetune.data.prefetch import prefetch, to_device
 from nc_finetune.errors import ConfigError, DataError
@@ -32,10 +33,6 @@ from nc_finetune.utils.env import library_versions, resolve_device
 
 LayerScorer = Callable[[ClassStats, torch.Tensor, torch.Tensor], Mapping[str, float]]
 """Extra per-layer scores: ``(stats, reservoir features (n, D), their labels (n,)) -> {name: value}``."""
-
-
-class _StopForward(Exception):
-    """Raised by the deepest tap's hook: nothing after it is needed."""
 
 
 @dataclass(frozen=True)
@@ -86,31 +83,30 @@ def iter_batches(split: Split, batch_size: int) -> Iterator[tuple[Sequence, np.n
 
 @contextlib.contextmanager
 def tapped(backbone: Backbone, taps: list[Tap], store: dict[str, torch.Tensor], inputs_ref: dict[str, Any],
-           stop_early: bool = True) -> Iterator[None]:
-    """Register pooling hooks on ``taps``; they write ``store[name] = pooled (B, D)`` for each forward.
+           stop_early: bool = True) -> Iterator[ForwardStop]:
+    """Tap ``taps``; each forward writes ``store[name] = pooled output (B, D)``.
 
     ``inputs_ref["inputs"]`` must hold the current batch's model inputs (the pooler needs the attention mask).
-    Hooks are always removed, so the model is unchanged afterwards.
+    Yields the :class:`~nc_finetune.backbones.hooks.ForwardStop` that the deepest tap calls (``stop_early``):
+    run the forward as ``with stop: model(**inputs)``. The taps are always removed, so the model is unchanged
+    afterwards.
     """
     deepest = taps[-1].name if taps else None
-    handles = []
+    stop = ForwardStop()
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             store[name] = backbone.pool(output, inputs_ref["inputs"])
             if stop_early and name == deepest and name != "":
-                raise _StopForward
+                stop()  # nothing after the deepest tap is needed
 
         return hook
 
-    try:
+    with HookSet() as hooks:
         for tap in taps:
             module = backbone.model if tap.name == "" else backbone.model.get_submodule(tap.name)
-            handles.append(module.register_forward_hook(make_hook(tap.name)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+            hooks.on_output(module, make_hook(tap.name))
+        yield stop
 
 
 def probe(
@@ -181,7 +177,7 @@ def probe(
                leave=False)
     start = time.perf_counter()
     try:
-        with tapped(backbone, taps, store, inputs_ref), torch.no_grad():
+        with tapped(backbone, taps, store, inputs_ref) as stop, torch.no_grad():
             def prepare(batch: tuple[Sequence, np.ndarray]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
                 raw, labels = batch
                 return backbone.collate(raw), torch.as_tensor(np.asarray(labels), dtype=torch.long, device="cpu")
@@ -192,7 +188,7 @@ def probe(
                 inputs, y = backbone.finish(to_device(inputs, dev)), to_device(y, dev)
                 inputs_ref["inputs"] = inputs
                 store.clear()
-                with torch.autocast(dev.type, dtype=amp_dtype, enabled=autocast), contextlib.suppress(_StopForward):
+                with torch.autocast(dev.type, dtype=amp_dtype, enabled=autocast), stop:
                     model(**inputs)
                 for tap in taps:
                     feats = store[tap.name]  # (B, D_l)

@@ -16,7 +16,6 @@ the blocks by how often they are picked: the most frequent selection (the most s
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections import Counter
@@ -47,7 +46,7 @@ def collect_block_features(backbone, split, *, layers: str | Sequence[int] = "al
     Returns:
         ``({block index: (N, D_l) float32 CPU tensor}, labels (N,) int64)``.
     """
-    from nc_finetune.probe.runner import _StopForward, iter_batches, resolve_taps, tapped
+    from nc_finetune.probe.runner import iter_batches, resolve_taps, tapped
     from nc_finetune.utils.env import resolve_device
 
     dev = resolve_device(device)
@@ -59,12 +58,12 @@ def collect_block_features(backbone, split, *, layers: str | Sequence[int] = "al
     inputs_ref: dict[str, Any] = {}
     chunks: dict[int, list[torch.Tensor]] = {t.index: [] for t in taps}
     try:
-        with tapped(backbone, taps, store, inputs_ref), torch.no_grad():
+        with tapped(backbone, taps, store, inputs_ref) as stop, torch.no_grad():
             for raw, _ in iter_batches(split, batch_size):
                 inputs = {k: v.to(dev) for k, v in backbone.prepare(raw).items()}
                 inputs_ref["inputs"] = inputs
                 store.clear()
-                with contextlib.suppress(_StopForward):
+                with stop:
                     model(**inputs)
                 for t in taps:
                     chunks[t.index].append(store[t.name].float().cpu())  # (B, D_l)

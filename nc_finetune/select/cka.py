@@ -17,7 +17,6 @@ vectors (N × D per side, float32 on the CPU; N is capped by ``max_samples``).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any
 
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from nc_finetune.backbones.base import first_tensor, pool_output
+from nc_finetune.backbones.hooks import ForwardStop, HookSet
 from nc_finetune.errors import ConfigError, DataError
 from nc_finetune.utils.env import resolve_device
 
@@ -70,10 +70,6 @@ def _block_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return None
 
 
-class _Stop(Exception):
-    pass
-
-
 def block_cka(
     backbone,
     split,
@@ -115,6 +111,7 @@ def block_cka(
     ins: dict[int, list[torch.Tensor]] = {b.index: [] for b in blocks}
     outs: dict[int, list[torch.Tensor]] = {b.index: [] for b in blocks}
     current: dict[str, Any] = {}
+    stop = ForwardStop()
 
     def pool(t: Any) -> torch.Tensor:  # (B, D) float32 on the CPU, tokens averaged (mask-aware), maps GAP
         return pool_output(t, "mean", attention_mask=current["inputs"].get("attention_mask"),
@@ -131,28 +128,25 @@ def block_cka(
         def post(module: nn.Module, args: tuple, output: Any) -> None:
             outs[index].append(pool(first_tensor(output)))
             if last:
-                raise _Stop  # nothing after the last block is needed
+                stop()  # nothing after the last block is needed
 
         return pre, post
 
     was_training = model.training
     model.eval().to(dev)
-    handles = []
     try:
-        for pos, b in enumerate(blocks):
-            pre, post = make_hooks(b.index, pos == len(blocks) - 1)
-            module = model.get_submodule(b.name)
-            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-            handles.append(module.register_forward_hook(post))
-        with torch.no_grad():
+        with HookSet() as hooks, torch.no_grad():
+            for pos, b in enumerate(blocks):
+                pre, post = make_hooks(b.index, pos == len(blocks) - 1)
+                module = model.get_submodule(b.name)
+                hooks.on_input(module, pre, with_kwargs=True)
+                hooks.on_output(module, post)
             for start in range(0, len(subset), batch_size):
                 raw = subset.inputs[start:start + batch_size]
                 current["inputs"] = {k: v.to(dev) for k, v in backbone.prepare(raw).items()}
-                with contextlib.suppress(_Stop):
+                with stop:
                     model(**current["inputs"])
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
     out: dict[int, float] = {}
     for b in blocks:

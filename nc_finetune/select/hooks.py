@@ -9,7 +9,6 @@ before the probe is paid for.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 from nc_finetune.errors import ConfigError, DataError
@@ -33,9 +32,9 @@ def reference_recipe(recipe):
         if not recipe.backbone.init_from:
             raise ConfigError("selection.reference=source means the data of the backbone.init_from run, but "
                               "backbone.init_from is not set; give data overrides instead, e.g. {corruption: null}")
-        from nc_finetune.adapt.restore import load_run_recipe
+        from nc_finetune.runs import RunDir
 
-        data = load_run_recipe(Path(recipe.backbone.init_from), "selection.reference=source").data
+        data = RunDir(recipe.backbone.init_from).read_finished_recipe("selection.reference=source").data
         label = f"source (the data of {recipe.backbone.init_from})"
     else:
         raw = {**dataclasses.asdict(recipe.data), **ref}
@@ -62,7 +61,8 @@ def check_selection_inputs(recipe) -> None:
 def selection_inputs(recipe, backbone, prepared, num_classes: int, *, progress: bool = False) -> dict[str, Any]:
     """Keyword arguments of :func:`~nc_finetune.select.select_blocks` for ``recipe.selection``.
 
-    Computes the trials (``trial``), the reference probe (``shift``) and the resampled probes (``bootstrap``).
+    Computes the relative gradient norms (``auto_rgn``), the trials (``trial``), the reference probe (``shift``)
+    and the resampled probes (``bootstrap``).
 
     Raises:
         DataError: the reference data has a different number of classes.
@@ -70,6 +70,8 @@ def selection_inputs(recipe, backbone, prepared, num_classes: int, *, progress: 
     s, t, p = recipe.selection, recipe.train, recipe.probe
     kw: dict[str, Any] = {"fill": s.fill, "stall_reference": s.stall_reference, "knee_residual": s.knee_residual,
                           "trial_score": s.trial_score, "shift_jump": s.shift_jump}
+    if s.strategy == "auto_rgn":
+        kw["rgn_scores"] = auto_rgn_block_scores(backbone, prepared.data.train, num_classes, s, t)
     if s.strategy == "trial":
         from nc_finetune.select.trial import run_trials
 
@@ -99,3 +101,55 @@ def selection_inputs(recipe, backbone, prepared, num_classes: int, *, progress: 
                                                batch_size=p.batch_size, device=p.device)
         kw["bootstrap_probes"] = bootstrap_probes(feats, labels, backbone.blocks, num_classes, s.bootstrap, s.seed)
     return kw
+
+
+def auto_rgn_batches(backbone, split, cfg) -> list[tuple[dict[str, Any], Any]]:
+    """The mini-batches on which strategy ``auto_rgn`` measures gradients: ``cfg.rgn_batches`` draws of
+    ``cfg.rgn_batch_size`` samples without replacement (each draw independent, seeded by ``cfg.seed``).
+
+    Args:
+        backbone: Prepares the raw inputs.
+        split: The training split.
+        cfg: The recipe's :class:`~nc_finetune.config.SelectionConfig`.
+
+    Returns:
+        ``[(prepared inputs, labels (B,) int64)]``, on the CPU until scored.
+    """
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(cfg.seed)
+    labels = np.asarray(split.labels)
+    batches = []
+    for _ in range(cfg.rgn_batches):
+        idx = rng.choice(len(split), size=min(cfg.rgn_batch_size, len(split)), replace=False)
+        batches.append((backbone.prepare(split.subset(idx).inputs),
+                        torch.as_tensor(labels[idx], dtype=torch.long, device="cpu")))
+    return batches
+
+
+def auto_rgn_block_scores(backbone, split, num_classes: int, cfg, train) -> dict[int, float]:
+    """Per-block Auto-RGN scores (:func:`~nc_finetune.select.auto_rgn_scores`) of ``backbone`` with a new head.
+
+    The gradients are measured on a temporary classifier that trains every parameter (``full``), built on the
+    backbone itself (no copy) and undone afterwards: the backbone is left trainable and on the CPU, as loaders hand
+    it out.
+
+    Args:
+        backbone: The :class:`~nc_finetune.backbones.Backbone`.
+        split: The training split.
+        num_classes: K.
+        cfg: The recipe's :class:`~nc_finetune.config.SelectionConfig` (batches and seed).
+        train: The recipe's :class:`~nc_finetune.config.TrainConfig` (seed of the head, device).
+    """
+    from nc_finetune.adapt import build_classifier
+    from nc_finetune.select.strategies import auto_rgn_scores
+    from nc_finetune.utils.env import resolve_device, seed_everything
+
+    seed_everything(train.seed)
+    tmp = build_classifier(backbone, num_classes, method="full", copy_backbone=False)  # restored below
+    tmp.model.to(resolve_device(train.device))  # the new head is built on the CPU
+    batches = auto_rgn_batches(backbone, split, cfg)
+    scores = auto_rgn_scores(tmp.model, backbone.blocks, batches, num_batches=cfg.rgn_batches)
+    tmp.model.requires_grad_(True).to("cpu")  # loaders hand out CPU models; the trainer moves it
+    return scores

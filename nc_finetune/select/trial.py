@@ -213,24 +213,23 @@ def _train(adapted, backbone, pool, pool_y, batches, cfg, max_grad_norm, dev, ca
 def _held_out(adapted, backbone, held, held_y, dev, bs: int, cache, cost) -> tuple[float, float]:
     """NC1 of the head's input features and the mean cross-entropy on the held-out samples."""
     from nc_finetune.adapt import eval_mode
+    from nc_finetune.backbones.hooks import HookSet
     from nc_finetune.probe.metrics import metrics_from_stats
     from nc_finetune.probe.stats import ClassStats
 
     model = adapted.model
     head = next(m for n, m in model.named_modules() if n.split(".")[-1] == "nc_head")
     feats: list[torch.Tensor] = []
-    hook = head.register_forward_pre_hook(lambda m, args: feats.append(args[0].detach().double()))
     loss_sum = 0.0
-    try:
-        with torch.no_grad(), eval_mode(model), cache.replay() if cache is not None else contextlib.nullcontext():
-            for s in range(0, len(held), bs):
-                idx = np.arange(s, min(s + bs, len(held)))
-                logits = model(**_inputs(backbone, held, "held", idx, dev, cache)).float()
-                loss_sum += float(F.cross_entropy(logits, held_y[idx].to(dev), reduction="sum"))
-                cost["forward_passes"] += 1
-                cost["forward_samples"] += len(idx)
-    finally:
-        hook.remove()
+    with HookSet() as hooks, torch.no_grad(), eval_mode(model), \
+            cache.replay() if cache is not None else contextlib.nullcontext():
+        hooks.on_input(head, lambda m, args: feats.append(args[0].detach().double()))  # the head's input (B, D)
+        for s in range(0, len(held), bs):
+            idx = np.arange(s, min(s + bs, len(held)))
+            logits = model(**_inputs(backbone, held, "held", idx, dev, cache)).float()
+            loss_sum += float(F.cross_entropy(logits, held_y[idx].to(dev), reduction="sum"))
+            cost["forward_passes"] += 1
+            cost["forward_samples"] += len(idx)
     x = torch.cat(feats)  # (N_held, D)
     stats = ClassStats(int(held_y.max()) + 1 if len(held_y) else 0, x.shape[1], device=x.device)
     stats.update(x, held_y.to(x.device))

@@ -23,11 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from nc_finetune.backbones.hooks import ForwardStop, HookSet, input_of, output_of
+
 log = logging.getLogger(__name__)
-
-
-class _Stop(Exception):
-    pass
 
 
 def _tensor_leaves(obj: Any) -> list[torch.Tensor]:
@@ -97,9 +95,9 @@ def trace_prefix(root: nn.Module, target: str, run: Callable[[], None]) -> Prefi
     order: list[str] = []
     target_in: dict[str, Any] = {}
     keep: list[Any] = []  # holds every traced tensor so that no id() is reused during the trace
-    handles = []
     target_mod = root.get_submodule(target)
-    try:
+    stop = ForwardStop()
+    with HookSet() as hooks, stop:
         for name, m in root.named_modules():
             def pre(mod, args, kwargs, n=name):
                 keep.append((args, kwargs))
@@ -112,22 +110,18 @@ def trace_prefix(root: nn.Module, target: str, run: Callable[[], None]) -> Prefi
                 calls[n]["output"] = output
                 order.append(n)
 
-            handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
-            handles.append(m.register_forward_hook(post, with_kwargs=True))
+            hooks.on_input(m, pre, with_kwargs=True)
+            hooks.on_output(m, post, with_kwargs=True)
 
-        def stop(mod, args, kwargs):
+        def at_target(mod, args, kwargs):
             keep.append((args, kwargs))
             hidden = _hidden_input(args, kwargs)
             target_in["hidden"] = id(hidden)
             target_in["other"] = {id(t) for t in _tensor_leaves((args, kwargs))} - {id(hidden)}
-            raise _Stop
+            stop()
 
-        handles.append(target_mod.register_forward_pre_hook(stop, with_kwargs=True, prepend=True))
-        with contextlib.suppress(_Stop):
-            run()
-    finally:
-        for h in handles:
-            h.remove()
+        hooks.on_input(target_mod, at_target, with_kwargs=True, prepend=True)
+        run()
     ancestors = {n for n in order if n == "" or target.startswith(n + ".")}
     cands = [n for n in order if n not in ancestors]
     before = [n for n in cands if not any(c != n and n.startswith(c + ".") for c in cands)]
@@ -186,24 +180,11 @@ class PrefixCache:
     # -- building -----------------------------------------------------------------------------------------------
     def _capture(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Run the prefix on one batch and return the tensor the prefix hands to the target."""
-        out: dict[str, torch.Tensor] = {}
         mod = self.model.get_submodule(self.target)
         if self.whole_backbone:
-            def hook(m, args, output):
-                out["x"] = output
-                raise _Stop
-            h = mod.register_forward_hook(hook)
-        else:
-            def hook(m, args, kwargs):
-                out["x"] = _hidden_input(args, kwargs)
-                raise _Stop
-            h = mod.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
-        try:
-            with contextlib.suppress(_Stop):
-                self.model(**inputs)
-        finally:
-            h.remove()
-        return out["x"].detach()
+            return output_of(mod, lambda: self.model(**inputs), name=self.target).detach()
+        args, kwargs = input_of(mod, lambda: self.model(**inputs), name=self.target)
+        return _hidden_input(args, kwargs).detach()
 
     def build(self, name: str, inputs_list: Iterator[dict[str, torch.Tensor]], device: torch.device,
               finish: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> None:

@@ -87,7 +87,9 @@ class NC1Penalty:
     def attach(self) -> None:
         """Register the tap (before any other hook of the block: SCL's ``replace`` wiring stops the forward there)."""
         if self._handle is None:
-            self._handle = self.model.get_submodule(self.module_name).register_forward_hook(self._hook, prepend=True)
+            from nc_finetune.backbones.hooks import tap_output
+
+            self._handle = tap_output(self.model.get_submodule(self.module_name), self._hook, prepend=True)
 
     def detach(self) -> None:
         """Remove the tap; the model is as before."""

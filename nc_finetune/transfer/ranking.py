@@ -38,6 +38,34 @@ _NAN = float("nan")
 _SIG_DIGITS = 10  # scores equal to this many significant digits are ties (rounding noise must not rank)
 
 
+#: The probe entries a ranking compares: collapse and transferability scores and NCTI's raw terms.
+SCORE_KEYS = ("nc1", "nc1_trace", "cdnv", "ncc_accuracy", "lp_accuracy", "logme", "hscore", "ncti_seli_raw",
+              "ncti_ncc_raw", "ncti_vc_raw")
+
+
+def candidate_row(candidate, num_params: int, result) -> dict[str, Any]:
+    """One row of the backbone ranking: a probed candidate's scores at its last tap, its size and probe time.
+
+    Args:
+        candidate: The :class:`~nc_finetune.config.RankCandidate`.
+        num_params: The loaded backbone's parameter count (the static size baseline).
+        result: Its :class:`~nc_finetune.probe.result.ProbeResult`.
+    """
+    last = result.layers[-1]
+    return {"name": candidate.title, "backbone": candidate.name, "pretrained": candidate.pretrained,
+            "params": num_params, "probe_seconds": result.meta["seconds"],
+            **{k: last[k] for k in SCORE_KEYS if k in last}}
+
+
+def layer_rows(result) -> list[dict[str, Any]]:
+    """Rows of one candidate's layer ranking: every probed block, sized as the model truncated after it."""
+    rows, size = [], 0
+    for rec in result.blocks():
+        size += rec["num_params"]  # a model truncated after this block
+        rows.append({"name": rec["name"], "num_params": size, **{k: rec[k] for k in SCORE_KEYS if k in rec}})
+    return rows
+
+
 def _num(v: Any) -> float:
     try:
         return float(v) if v is not None else _NAN

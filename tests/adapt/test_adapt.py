@@ -199,11 +199,11 @@ def test_lora_adapter_from_the_pipeline_loads_with_plain_peft(bert_dir, text_csv
 
     pytest.importorskip("datasets")
     from nc_finetune.data import load_data
-    from nc_finetune.pipeline import run_stage
+    from nc_finetune.pipeline import run_pipeline
 
     out = tmp_path / "run"
     recipe = make_recipe(bert_dir, text_csv, **{"adapt.method": "lora", "adapt.lora_r": LORA_R, "train.epochs": 1})
-    summary = run_stage(recipe, out, progress=False)
+    summary = run_pipeline(recipe, out, progress=False)
     assert (out / "adapter" / "adapter_config.json").is_file()
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert cfg["r"] == LORA_R and all(".encoder.layer.1." in t for t in cfg["target_modules"])

@@ -9,7 +9,7 @@ import pytest
 
 from nc_finetune.cli import main
 from nc_finetune.errors import ConfigError
-from nc_finetune.pipeline import select_stage
+from nc_finetune.pipeline import probe_and_select
 from tests.conftest import make_recipe, recipe_overrides
 
 pytest.importorskip("transformers")
@@ -48,7 +48,7 @@ def test_select_with_trial_shift_and_bootstrap(tmp_path, bert_dir, text_csv):
     base = {"selection.blocks": "null", "selection.max_blocks": 1}
     recipe = make_recipe(bert_dir, text_csv, **base, **{"selection.strategy": "trial", "selection.trial_steps": 3,
                                                         "selection.trial_samples": 3})
-    sel = select_stage(recipe, tmp_path / "trial", progress=False)
+    sel = probe_and_select(recipe, tmp_path / "trial", progress=False)
     trial = json.loads((tmp_path / "trial" / "selection.json").read_text())["details"]["trial"]
     assert [t["name"] for t in trial["trials"]] == ["hf.encoder.layer.0", "hf.encoder.layer.1", "hf.encoder.layer.2"]
     assert trial["steps"] == 3 and trial["held_out_samples"] == 6 and trial["cost"]["backward_passes"] == 9
@@ -56,13 +56,13 @@ def test_select_with_trial_shift_and_bootstrap(tmp_path, bert_dir, text_csv):
 
     recipe = make_recipe(bert_dir, text_csv, **base, **{"selection.strategy": "shift",
                                                         "selection.reference": "{max_train_samples: 16, seed: 3}"})
-    sel = select_stage(recipe, tmp_path / "shift", progress=False)
+    sel = probe_and_select(recipe, tmp_path / "shift", progress=False)
     shift = sel.details["shift"]
     assert len(shift["blocks"]) == 3 and "max_train_samples=16" in shift["reference"]
 
     recipe = make_recipe(bert_dir, text_csv, **base, **{"selection.strategy": "stall", "selection.bootstrap": 6,
                                                         "selection.stall_reference": "min"})
-    sel = select_stage(recipe, tmp_path / "boot", progress=False)
+    sel = probe_and_select(recipe, tmp_path / "boot", progress=False)
     boot = sel.details["bootstrap"]
     assert boot["replicates"] == 6 and boot["stable_selection"] == [b["name"] for b in sel.blocks]
     assert "reference: min block" in sel.rationale
@@ -86,3 +86,30 @@ def test_the_fill_policy_is_checked_as_it_will_run_before_the_probe(bert_dir, te
     # A probe-based rule cannot be checked for the stop policy before the probe: only that some block fits.
     recipe.selection.strategy, recipe.selection.fill = "knee", "stop"
     check_selection_feasible(recipe, bb, 2)
+
+
+def test_auto_rgn_batches_follow_the_selection_section() -> None:
+    """``selection.rgn_batches`` draws of ``selection.rgn_batch_size`` distinct samples, reproducible by seed, the
+    labels those of the drawn inputs (each input here is its own label)."""
+    import numpy as np
+    import torch
+
+    from nc_finetune.config import SelectionConfig
+    from nc_finetune.data import Split
+    from nc_finetune.select.hooks import auto_rgn_batches
+
+    class Prepares:
+        def prepare(self, raw):
+            return {"x": torch.as_tensor(np.asarray(raw))}
+
+    split = Split(inputs=np.arange(100), labels=np.arange(100))
+    cfg = SelectionConfig(strategy="auto_rgn", rgn_batches=3, rgn_batch_size=16, seed=7)
+    batches = auto_rgn_batches(Prepares(), split, cfg)
+    assert len(batches) == 3
+    for inputs, labels in batches:
+        assert inputs["x"].shape == (16,) and labels.dtype == torch.long
+        assert torch.equal(inputs["x"], labels) and len(set(labels.tolist())) == 16
+    again = auto_rgn_batches(Prepares(), split, cfg)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(batches, again, strict=True))
+    small = auto_rgn_batches(Prepares(), Split(inputs=np.arange(5), labels=np.arange(5)), cfg)
+    assert [len(b[1]) for b in small] == [5, 5, 5]  # never more than the split holds

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nc_finetune.adapt.restore import restore_backbone_weights
 from nc_finetune.errors import ConfigError, UserError
-from nc_finetune.pipeline import load_recipe_backbone, run_stage
+from nc_finetune.pipeline import load_recipe_backbone, run_pipeline
 from nc_finetune.probe.result import ProbeResult
+from nc_finetune.restore import restore_backbone_weights
 from nc_finetune.select import Selection
 from tests.conftest import make_recipe
 
@@ -50,7 +50,7 @@ def test_a_run_started_from_a_run_probes_the_trained_model(finished_run, tmp_pat
     src = finished_run["out"]
     recipe = make_recipe(bert, csv, **{"backbone.init_from": str(src), "adapt.method": "linear_probe",
                                        "train.epochs": 1})
-    summary = run_stage(recipe, tmp_path / "run", progress=False)
+    summary = run_pipeline(recipe, tmp_path / "run", progress=False)
     assert summary["backbone_provenance"]["init_from"] == str(src)
     assert summary["backbone_provenance"]["init_from_method"] == "finetune"
 
@@ -69,7 +69,7 @@ def test_lora_runs_are_merged_into_the_weights(finished_run, tmp_path) -> None:
     recipe = make_recipe(bert, csv, **{"adapt.method": "lora", "adapt.lora_r": 2, "adapt.lora_alpha": 8,
                                        "train.epochs": 1})
     out = tmp_path / "lora"
-    run_stage(recipe, out, progress=False)
+    run_pipeline(recipe, out, progress=False)
     adapter = load_file(str(out / "trainable.safetensors"))
     pretrained = load_recipe_backbone(recipe).model.state_dict()
     backbone = load_recipe_backbone(recipe)
@@ -117,7 +117,7 @@ def test_a_run_that_started_from_a_run_restores_the_whole_chain(finished_run, tm
     a_block = Selection.load(a_out / "selection.json").blocks[0]
     b_index = 0 if a_block["index"] != 0 else 2
     b_out = tmp_path / "b"
-    run_stage(make_recipe(bert, csv, **{"backbone.init_from": str(a_out), "selection.blocks": f"[{b_index}]",
+    run_pipeline(make_recipe(bert, csv, **{"backbone.init_from": str(a_out), "selection.blocks": f"[{b_index}]",
                                         "train.epochs": 1}), b_out, progress=False)
     b_block = Selection.load(b_out / "selection.json").blocks[0]["name"]
     a_weights = load_file(str(a_out / "trainable.safetensors"))
@@ -148,7 +148,7 @@ def test_a_truncated_lora_run_restores_into_the_whole_backbone(finished_run, tmp
 
     bert, csv = _paths(finished_run)
     out = tmp_path / "lora_cut"
-    run_stage(make_recipe(bert, csv, **{"adapt.method": "lora", "adapt.lora_r": 2, "backbone.truncate_at": 1,
+    run_pipeline(make_recipe(bert, csv, **{"adapt.method": "lora", "adapt.lora_r": 2, "backbone.truncate_at": 1,
                                         "train.epochs": 1}), out, progress=False)
     weights = load_file(str(out / "trainable.safetensors"))
     for k in [k for k in weights if ".nc_head." in k and k.endswith(".weight")]:

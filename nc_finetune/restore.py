@@ -1,9 +1,10 @@
-"""Start from a model trained by an earlier ``nc-finetune run`` (``backbone.init_from``).
+"""Restore a finished run: start from the model an earlier ``nc-finetune run`` trained (``backbone.init_from``).
 
 Use case: fine-tune on a source domain, then adapt that model to a shifted target domain (for example the same
 images corrupted, ``data.corruption``), which is the setting of surgical fine-tuning. The earlier run's trained
 backbone weights are written into a freshly built backbone of the same name; its head is dropped (the new run
-trains a new one). LoRA runs are merged into the weights with peft's ``merge_and_unload``.
+trains a new one). LoRA runs are merged into the weights with peft's ``merge_and_unload``. The run directory is read
+through :class:`~nc_finetune.runs.RunDir`; the classifier a LoRA run trained is rebuilt by :mod:`nc_finetune.adapt`.
 """
 
 from __future__ import annotations
@@ -13,26 +14,10 @@ from typing import Any
 
 from nc_finetune import runs
 from nc_finetune.errors import ConfigError, UserError
+from nc_finetune.runs import RunDir
 
 _BACKBONE_PREFIX = "backbone."
 _PEFT_PREFIX = "base_model.model."
-
-
-def load_run_recipe(run_dir: Path, what: str):
-    """The resolved :class:`~nc_finetune.config.Recipe` of a finished run.
-
-    Args:
-        run_dir: The run directory.
-        what: How the caller refers to it in messages (e.g. ``backbone.init_from``).
-
-    Raises:
-        UserError: Not a finished run (see :meth:`nc_finetune.runs.RunDir.require_finished_run`).
-    """
-    from nc_finetune.runs import RunDir
-
-    run = RunDir(run_dir)
-    run.require_finished_run(what)
-    return run.read_recipe()
 
 
 def restore_backbone_weights(backbone, run_dir: str | Path, *, name: str, pretrained: bool,
@@ -61,7 +46,8 @@ def restore_backbone_weights(backbone, run_dir: str | Path, *, name: str, pretra
 
     run_dir = Path(run_dir)
     what = "backbone.init_from"
-    src = load_run_recipe(run_dir, what)
+    run = RunDir(run_dir)
+    src = run.read_finished_recipe(what)
     if src.backbone.name != name:
         raise ConfigError(f"{what}: {run_dir} trained backbone {src.backbone.name!r}, but backbone.name is {name!r}; "
                           f"set backbone.name={src.backbone.name}")
@@ -78,9 +64,9 @@ def restore_backbone_weights(backbone, run_dir: str | Path, *, name: str, pretra
                             f"{' -> '.join(map(str, (*_chain, key)))})")
         restore_backbone_weights(backbone, src.backbone.init_from, name=name, pretrained=pretrained,
                                  _chain=(*_chain, key))
-    weights = load_safetensors(run_dir / runs.WEIGHTS)
+    weights = load_safetensors(run / runs.WEIGHTS)
     if method == "lora":
-        tensors = _merge_lora(backbone, run_dir, src, weights)
+        tensors = _merge_lora(backbone, run, src, weights)
     else:
         tensors = {k[len(_BACKBONE_PREFIX):]: v for k, v in weights.items() if k.startswith(_BACKBONE_PREFIX)}
         _load_into(backbone.model, tensors, run_dir)
@@ -103,23 +89,21 @@ def _load_into(model, tensors: dict, run_dir: Path) -> None:
     model.load_state_dict(tensors, strict=False)
 
 
-def _merge_lora(backbone, run_dir: Path, src, weights: dict) -> dict:
+def _merge_lora(backbone, run: RunDir, src, weights: dict) -> dict:
     """Rebuild the run's LoRA classifier on ``backbone``, load its adapter, merge it into the base weights."""
     from nc_finetune.adapt import build_classifier
-    from nc_finetune.select import Selection
 
+    run_dir = run.path
     a = src.adapt
     head = next((v for k, v in weights.items() if k.endswith("nc_head.modules_to_save.default.weight")), None)
     if head is not None:
         num_classes = int(head.shape[0])
-    elif a.head == "etf" and (run_dir / runs.PROBE).is_file():  # a fixed head is not saved: K from the probe
-        from nc_finetune.probe.result import ProbeResult
-
-        num_classes = len(ProbeResult.load(run_dir / runs.PROBE).meta["class_names"])
+    elif a.head == "etf" and (run / runs.PROBE).is_file():  # a fixed head is not saved: K from the probe
+        num_classes = len(run.read_probe().meta["class_names"])
     else:
         raise UserError(f"backbone.init_from: {run_dir}/trainable.safetensors holds no LoRA head (nc_head)")
     adapted = build_classifier(backbone, num_classes, method="lora",
-                               selection=Selection.load(run_dir / runs.SELECTION), lora_r=a.lora_r,
+                               selection=run.read_selection(), lora_r=a.lora_r,
                                lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, head=a.head,
                                copy_backbone=False)
     prefix = _PEFT_PREFIX + _BACKBONE_PREFIX
