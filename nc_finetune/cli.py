@@ -424,6 +424,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the output was piped into a reader that closed (`nc-finetune ls | head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 141
+    except OSError as e:  # a full or read-only disk met by a write outside the atomic writers (a log append, a plot)
+        from nc_finetune.utils.io import WRITE_ERRNOS
+
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"nc-finetune {args.command}: error: {where}{WRITE_ERRNOS[e.errno]}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ short, overwritten, not what its name says) into a one-line :class:`~nc_finetune
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -25,18 +27,56 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         The destination path.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_failure(path, e) or e from None
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        failure = write_failure(path, e) if isinstance(e, Exception) else None  # before the cleanup frees space
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if failure is not None:
+            raise failure from None
         raise
     return path
+
+
+#: Write failures caused by where a file goes, not by what is written: the user fixes them (one line, exit 2).
+WRITE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                errno.EFBIG: "file too large for the file system"}
+
+
+def write_failure(path: str | os.PathLike, err: BaseException) -> UserError | None:
+    """The one-line :class:`UserError` for a write to ``path`` that failed because of the disk (full, quota,
+    read-only, no permission), or ``None`` when ``err`` is something else.
+
+    safetensors reports the OS error only in its message, and ``torch.save`` says no more than that the write failed:
+    that one counts as a full disk when the file system has (almost) no space left. Call it before deleting the
+    partial file.
+    """
+    code = err.errno if isinstance(err, OSError) else None
+    text = str(err)
+    if code is None and ("No space left on device" in text or "os error 28" in text):
+        code = errno.ENOSPC
+    if code is None and isinstance(err, RuntimeError):  # torch's writer: "file write failed", "unexpected pos"
+        where = Path(path)
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        try:
+            if shutil.disk_usage(where).free < 2**20:
+                code = errno.ENOSPC
+        except OSError:
+            pass
+    if code not in WRITE_ERRNOS:
+        return None
+    return UserError(f"cannot write {path}: {WRITE_ERRNOS[code]}")
 
 
 def _umask() -> int:
