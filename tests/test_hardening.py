@@ -15,7 +15,7 @@ Run directories
 Values
   ranges (grad_accum_steps, batch sizes, log/checkpoint intervals, lora_r, dropout, val_fraction, seeds, lr=-1,
   lr=nan, max_grad_norm=-1, epochs=0, probe.ncc_samples=0, ...)
-                                     test_config::test_validate_refuses_every_value_out_of_range
+                                     test_config::test_validate_refuses_every_value_out_of_range (sweep.seeds too)
   no NaN-loss guard ................ train/test_trainer::test_a_non_finite_loss_stops_training_in_one_line
   train.device=cuda:7 .............. test_devices::test_every_stage_refuses_a_missing_device_before_loading_data
 Resources
@@ -41,7 +41,8 @@ Tracebacks instead of one line
   empty or binary CSV .............. data/test_data::test_an_unreadable_csv_is_one_line_naming_it
   corrupt PNG outside the probe .... data/test_data::test_a_corrupt_image_is_found_when_the_data_loads (every image
                                      is decoded once when the data loads: the command fails naming the file)
-  CSV texts "NA", "None", "null" ... data/test_data::test_csv_texts_that_pandas_reads_as_missing_are_kept
+  CSV texts "NA", "None", "null" ... data/test_data::test_csv_texts_that_pandas_reads_as_missing_are_kept (training);
+                                     predict's tables below
 Numerics
   features x1e200 / x1e-200 ........ probe/test_metrics::test_metrics_do_not_depend_on_the_size_of_the_features,
                                      probe/test_stats::test_features_of_extreme_size_are_scaled_exactly
@@ -327,3 +328,18 @@ def test_a_full_disk_met_by_a_log_append_is_one_line(capsys, tmp_path, monkeypat
     monkeypatch.setitem(cli._COMMANDS, "ufm", full)
     _fails(capsys, ["ufm", "--out", str(tmp_path / "out")],
            f"{tmp_path / 'out' / runs.METRICS}: no space left on the device")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+def test_predict_keeps_texts_that_pandas_reads_as_missing(tmp_path, suffix) -> None:
+    """Training keeps "NA", "None", "null" as texts (data/test_data); predict must read them the same way, not
+    predict on an empty string in their place. Only an empty cell is missing."""
+    from nc_finetune.predict import read_inputs
+
+    sep = "," if suffix == ".csv" else "\t"
+    words = ["NA", "None", "null", "NaN", "n/a", "#N/A", ""]
+    path = tmp_path / f"in{suffix}"
+    path.write_text(f"text{sep}label\n" + "".join(f"{w}{sep}{i % 2}\n" for i, w in enumerate(words)),
+                    encoding="utf-8")
+    read = read_inputs(path, "text", None, "label")
+    assert read["inputs"] == words and read["labels"] == [i % 2 for i in range(len(words))]
