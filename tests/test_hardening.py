@@ -19,7 +19,8 @@ Values
   no NaN-loss guard ................ train/test_trainer::test_a_non_finite_loss_stops_training_in_one_line
   train.device=cuda:7 .............. test_devices::test_every_stage_refuses_a_missing_device_before_loading_data
 Resources
-  YAML alias bomb .................. test_config::test_alias_bomb_is_refused_in_one_line_at_once
+  YAML alias bomb .................. test_config::test_alias_bomb_is_refused_in_one_line_at_once; inside a sweep
+                                     strategy option below
   CSV label 10^9 ................... data/test_data::test_load_data_refuses_a_sparse_integer_label_before_allocating_
                                      its_classes (10^6, memory traced); 10^9 through the CLI under a memory cap below
   backbone.image_size=100000 ....... test_config::test_validate_refuses_every_value_out_of_range
@@ -180,6 +181,25 @@ def test_a_csv_label_of_a_billion_is_refused_without_allocating(tmp_path, bert_d
                           env={**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache")})
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "found 3 distinct ids up to 1000000000" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_alias_bomb_inside_a_sweep_strategy_option_is_refused_at_once(capsys, tmp_path, nothing_loads) -> None:
+    """Strategy variants (``name@key=value``) parse their values as YAML: the recipe's no-alias rule holds there too
+    (a safe_load of these 400 bytes kept a 43-million-element structure that the sweep then walked for minutes)."""
+    import time
+
+    lines = ["a: &a", *["- lol"] * 9]
+    for prev, name in zip("abcdefg", "bcdefgh", strict=True):
+        lines += [f"{name}: &{name}", *[f"- *{prev}"] * 9]
+    recipe = tmp_path / "sweep.yaml"
+    recipe.write_text("sweep:\n  strategies:\n    - |-\n" + "".join(f"      {line}\n" for line in
+                                                                  ["knee@reference=" + lines[0], *lines[1:]]),
+                      encoding="utf-8")
+    start = time.perf_counter()
+    _fails(capsys, ["sweep", str(recipe), "--out", str(tmp_path / "out"), "--quiet"],
+           "sweep.strategies option 'reference' (line 12, column 3): YAML aliases (*a) are not allowed")
+    assert time.perf_counter() - start < 5.0
     assert not (tmp_path / "out").exists()
 
 
