@@ -120,15 +120,15 @@ class RunDir:
         """A ``--resume`` must continue the same recipe: compare with the run's ``resolved.yaml``.
 
         Raises:
-            UserError: no run there, the recipes differ (names the first differing key), or an artefact the run
-                writes is a symbolic link.
+            UserError: no run there, a damaged ``resolved.yaml``, the recipes differ (names the first differing
+                key), or an artefact the run writes is a symbolic link.
         """
         from nc_finetune.config import recipe_to_dict
 
         if not (self.path / RESOLVED).is_file():
             raise UserError(f"--resume: {self.path} holds no run (no {RESOLVED})")
         self._refuse_links(RUN_WRITES)
-        before = self._read_yaml(RESOLVED)
+        before = recipe_to_dict(self.read_recipe())  # a file cut short is refused as damaged, not as another recipe
         diff = first_difference(before, recipe_to_dict(recipe))
         if diff is not None:
             raise UserError(f"--resume: {self.path} was started with a different recipe ({diff}); "

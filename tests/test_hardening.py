@@ -27,7 +27,8 @@ Resources
 Damaged files
   trainable.safetensors, trainer_state.pt, position.json, resolved.yaml, probe.json, selection.json
                                      test_cli::test_a_damaged_artefact_is_one_line_naming_it,
-                                     train/test_checkpoint::test_a_damaged_checkpoint_is_refused_naming_the_file
+                                     train/test_checkpoint::test_a_damaged_checkpoint_is_refused_naming_the_file;
+                                     resolved.yaml, probe.json, selection.json through run --resume below
   partial last metrics.jsonl line .. train/test_trainer::test_resume_tolerates_a_cut_off_last_metrics_line
   checkpoint.old fallback .......... train/test_checkpoint::test_resume_falls_back_to_an_intact_old_checkpoint
   half-deleted copy ................ train/test_checkpoint::test_a_kill_during_the_cleanup_leaves_no_trusted_half_copy
@@ -201,6 +202,25 @@ def test_an_alias_bomb_inside_a_sweep_strategy_option_is_refused_at_once(capsys,
            "sweep.strategies option 'reference' (line 12, column 3): YAML aliases (*a) are not allowed")
     assert time.perf_counter() - start < 5.0
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- damaged files
+
+
+@pytest.mark.parametrize("name", [runs.RESOLVED, runs.PROBE, runs.SELECTION])
+def test_resume_of_a_run_with_a_damaged_artefact_is_one_line(capsys, tmp_path, recipe_file, finished_run, bert_dir,
+                                                              text_csv, name) -> None:
+    """test_cli covers these files through eval and the checkpoint's through run --resume; --resume reads these
+    three too."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run["out"], out)
+    data = (out / name).read_bytes()
+    (out / name).write_bytes(data[: len(data) // 2])
+    before = tree_bytes(out)
+    line = _fails(capsys, ["run", str(recipe_file), *recipe_overrides(bert_dir, text_csv, **FINISHED_RUN), "--resume",
+                           "--out", str(out), "--quiet"], str(out / name))
+    assert "damaged" in line or "not valid YAML" in line
+    assert tree_bytes(out) == before
 
 
 # ---------------------------------------------------------------------------------- tracebacks instead of one line
