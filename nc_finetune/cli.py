@@ -424,13 +424,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the output was piped into a reader that closed (`nc-finetune ls | head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 141
-    except OSError as e:  # a full or read-only disk met by a write outside the atomic writers (a log append, a plot)
-        from nc_finetune.utils.io import WRITE_ERRNOS
+    except Exception as e:  # a full or read-only disk met outside the atomic writers (a log append, an export)
+        from nc_finetune.utils.io import disk_error
 
-        if e.errno not in WRITE_ERRNOS:
+        reason = disk_error(e)
+        if reason is None:
             raise
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"nc-finetune {args.command}: error: {where}{WRITE_ERRNOS[e.errno]}", file=sys.stderr)
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"nc-finetune {args.command}: error: {where}{reason}", file=sys.stderr)
         return 2
 
 

@@ -358,16 +358,27 @@ def test_a_runtime_error_with_room_on_the_disk_is_not_called_a_full_disk(tmp_pat
     assert not list(tmp_path.iterdir())
 
 
-def test_a_full_disk_met_by_a_log_append_is_one_line(capsys, tmp_path, monkeypatch, nothing_loads) -> None:
-    """Writes outside the atomic writers (metrics.jsonl appends, plots) raise OSError: the CLI says it in one line."""
+@pytest.mark.parametrize("where", ["log-append", "export"])
+def test_a_full_disk_met_outside_the_atomic_writers_is_one_line(capsys, tmp_path, monkeypatch, nothing_loads,
+                                                                 where) -> None:
+    """A metrics.jsonl append raises OSError; peft/transformers' save_pretrained (export, the LoRA adapter) raises
+    safetensors' error naming the OS error: the CLI says either in one line. Any other error stays a traceback."""
     import nc_finetune.cli as cli
 
-    def full(_args):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "out" / runs.METRICS))
+    log = tmp_path / "out" / runs.METRICS
+    error = (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(log)) if where == "log-append"
+             else _safetensors_full_disk())
 
-    monkeypatch.setitem(cli._COMMANDS, "ufm", full)
+    def fails(_args):
+        raise error
+
+    monkeypatch.setitem(cli._COMMANDS, "ufm", fails)
     _fails(capsys, ["ufm", "--out", str(tmp_path / "out")],
-           f"{tmp_path / 'out' / runs.METRICS}: no space left on the device")
+           f"error: {log}: no space left on the device" if where == "log-append"
+           else "error: no space left on the device")
+    error = RuntimeError("a bug")
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["ufm", "--out", str(tmp_path / "out")])
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".tsv"])

@@ -53,30 +53,35 @@ WRITE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk
                 errno.EFBIG: "file too large for the file system"}
 
 
+def disk_error(err: BaseException) -> str | None:
+    """Why an operation failed when the disk is to blame (an entry of :data:`WRITE_ERRNOS`), else ``None``.
+
+    safetensors (and so peft and transformers) reports the OS error only in its message.
+    """
+    code = err.errno if isinstance(err, OSError) else None
+    if code is None and ("No space left on device" in str(err) or "os error 28" in str(err)):
+        code = errno.ENOSPC
+    return WRITE_ERRNOS.get(code)
+
+
 def write_failure(path: str | os.PathLike, err: BaseException) -> UserError | None:
     """The one-line :class:`UserError` for a write to ``path`` that failed because of the disk (full, quota,
     read-only, no permission), or ``None`` when ``err`` is something else.
 
-    safetensors reports the OS error only in its message, and ``torch.save`` says no more than that the write failed:
-    that one counts as a full disk when the file system has (almost) no space left. Call it before deleting the
-    partial file.
+    ``torch.save`` says no more than that the write failed: that counts as a full disk when the file system has
+    (almost) no space left. Call it before deleting the partial file.
     """
-    code = err.errno if isinstance(err, OSError) else None
-    text = str(err)
-    if code is None and ("No space left on device" in text or "os error 28" in text):
-        code = errno.ENOSPC
-    if code is None and isinstance(err, RuntimeError):  # torch's writer: "file write failed", "unexpected pos"
+    reason = disk_error(err)
+    if reason is None and isinstance(err, RuntimeError):  # torch's writer: "file write failed", "unexpected pos"
         where = Path(path)
         while not where.exists() and where != where.parent:
             where = where.parent
         try:
             if shutil.disk_usage(where).free < 2**20:
-                code = errno.ENOSPC
+                reason = WRITE_ERRNOS[errno.ENOSPC]
         except OSError:
             pass
-    if code not in WRITE_ERRNOS:
-        return None
-    return UserError(f"cannot write {path}: {WRITE_ERRNOS[code]}")
+    return None if reason is None else UserError(f"cannot write {path}: {reason}")
 
 
 def _umask() -> int:
