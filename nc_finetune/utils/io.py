@@ -1,5 +1,6 @@
-"""Atomic writes, so a run directory never holds a half-written artefact, and readers that turn a damaged one (cut
-short, overwritten, not what its name says) into a one-line :class:`~nc_finetune.errors.UserError` naming the file.
+"""Atomic writes, so a run directory never holds a half-written artefact (a write that fails because the disk is
+full or read-only is a one-line :class:`~nc_finetune.errors.UserError` and leaves the previous file), and readers
+that turn a damaged one (cut short, overwritten, not what its name says) into a one-line ``UserError`` naming the file.
 """
 
 from __future__ import annotations
