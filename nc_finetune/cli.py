@@ -424,6 +424,15 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the output was piped into a reader that closed (`nc-finetune ls | head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 141
+    except Exception as e:  # a full or read-only disk met outside the atomic writers (a log append, an export)
+        from nc_finetune.utils.io import disk_error
+
+        reason = disk_error(e)
+        if reason is None:
+            raise
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"nc-finetune {args.command}: error: {where}{reason}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -535,6 +535,9 @@ class SweepConfig:
             raise ConfigError("recipe key 'sweep.seeds' must list at least one seed, e.g. [0, 1, 2]")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"recipe key 'sweep.seeds' has repeated seeds: {self.seeds}")
+        bad_seed = next((s for s in self.seeds if not 0 <= s < 2**32), None)
+        if bad_seed is not None:  # each becomes data/probe/train/selection.seed: the same range
+            raise ConfigError(f"recipe key 'sweep.seeds' must hold seeds in [0, 4294967296); got {bad_seed}")
         if self.lr_grid is not None:
             if not self.lr_grid:
                 raise ConfigError("recipe key 'sweep.lr_grid' must list at least one learning rate (or be null)")

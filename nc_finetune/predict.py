@@ -31,11 +31,12 @@ def read_table(path: Path):
     import pandas as pd
 
     suffix = path.suffix.lower()
+    text_is_text = {"keep_default_na": False, "na_values": [""]}  # "NA", "None", "null" are texts; "" is missing
     try:
         if suffix == ".csv":
-            return pd.read_csv(path)
+            return pd.read_csv(path, **text_is_text)
         if suffix == ".tsv":
-            return pd.read_csv(path, sep="\t")
+            return pd.read_csv(path, sep="\t", **text_is_text)
         if suffix == ".jsonl":
             return pd.read_json(path, lines=True)
         if suffix == ".json":

@@ -40,6 +40,8 @@ LOCK = ".nc-finetune.lock"
 RUN_ARTEFACTS = (SUMMARY, CHECKPOINT, METRICS, SELECTION, PROBE)
 #: What a finished training run must hold to be evaluated, restored (``backbone.init_from``) or exported.
 FINISHED_RUN = (RESOLVED, SELECTION, PROBE, WEIGHTS, SUMMARY)
+#: Every name a ``run`` writes (or appends to); none may be a symbolic link, for a fresh run or a resumed one.
+RUN_WRITES = (*RUN_ARTEFACTS, RESOLVED, PROBE_PLOT, WEIGHTS, ADAPTER, BEST_WEIGHTS)
 
 
 class RunDir:
@@ -107,7 +109,10 @@ class RunDir:
         if existing:
             raise UserError(f"{self.path} already holds a run ({', '.join(existing)}); continue it with --resume "
                             "or choose another --out")
-        links = [n for n in (*RUN_ARTEFACTS, RESOLVED, WEIGHTS, ADAPTER, BEST_WEIGHTS) if (self.path / n).is_symlink()]
+        self._refuse_links(RUN_WRITES)
+
+    def _refuse_links(self, names: tuple[str, ...]) -> None:
+        links = [n for n in names if (self.path / n).is_symlink()]
         if links:
             raise UserError(f"{self.path / links[0]} is a symbolic link; refusing to write through it")
 
@@ -115,13 +120,16 @@ class RunDir:
         """A ``--resume`` must continue the same recipe: compare with the run's ``resolved.yaml``.
 
         Raises:
-            UserError: no run there, or the recipes differ (names the first differing key).
+            UserError: no run there, a damaged ``resolved.yaml``, the recipes differ (names the first differing
+                key), or an artefact the run writes is a symbolic link.
         """
         from nc_finetune.config import recipe_to_dict
 
         if not (self.path / RESOLVED).is_file():
             raise UserError(f"--resume: {self.path} holds no run (no {RESOLVED})")
-        diff = first_difference(self._recorded_recipe(), recipe_to_dict(recipe))
+        self._refuse_links(RUN_WRITES)
+        before = recipe_to_dict(self.read_recipe())  # a file cut short is refused as damaged, not as another recipe
+        diff = first_difference(before, recipe_to_dict(recipe))
         if diff is not None:
             raise UserError(f"--resume: {self.path} was started with a different recipe ({diff}); "
                             f"resume with the same recipe and overrides, or use another --out")
@@ -283,11 +291,27 @@ class RunDir:
         return write_text_atomic(self.path / RESOLVED, dump_recipe(recipe))
 
     def save_final_weights(self, adapted) -> None:
-        """The trained weights: peft adapter format for LoRA (loads with plain peft), safetensors otherwise."""
+        """The trained weights: peft adapter format for LoRA (loads with plain peft), safetensors otherwise.
+
+        The adapter is written to a fresh directory renamed over ``adapter/``: peft's writer follows links, so one
+        planted inside an existing ``adapter/`` would otherwise receive the weights.
+        """
+        import shutil
+
         from nc_finetune.train.checkpoint import save_weights
 
         if adapted.method == "lora":
-            adapted.model.save_pretrained(str(self.path / ADAPTER))
+            self._refuse_links((ADAPTER,))
+            final, tmp = self.path / ADAPTER, self.path / f".{ADAPTER}.tmp"
+            if tmp.is_symlink():
+                tmp.unlink()
+            shutil.rmtree(tmp, ignore_errors=True)
+            adapted.model.save_pretrained(str(tmp))
+            if final.is_dir():
+                shutil.rmtree(final)  # removes links inside, never what they point to
+            elif final.exists():
+                final.unlink()
+            tmp.rename(final)
         save_weights(self.path / WEIGHTS, adapted.trainable_state_dict())
 
 

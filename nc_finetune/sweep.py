@@ -139,9 +139,7 @@ def parse_strategy(spec: str) -> tuple[str, dict[str, Any]]:
     Raises:
         ConfigError: an option that is not a ``selection`` key, or a value it does not accept.
     """
-    import yaml
-
-    from nc_finetune.config import SelectionConfig, from_dict
+    from nc_finetune.config import SelectionConfig, from_dict, parse_yaml
 
     name, _, rest = spec.partition("@")
     options: dict[str, Any] = {}
@@ -149,7 +147,7 @@ def parse_strategy(spec: str) -> tuple[str, dict[str, Any]]:
         key, eq, value = item.partition("=")
         if not eq:
             raise ConfigError(f"sweep.strategies: {spec!r}: options look like name@key=value,key=value")
-        options[key.strip()] = yaml.safe_load(value)
+        options[key.strip()] = parse_yaml(value, f"sweep.strategies option {key.strip()!r}")  # plain data: no aliases
     if options:
         from_dict(SelectionConfig, {"strategy": name, **options}, f"sweep.strategies[{spec}]")
     return name, options

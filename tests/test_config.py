@@ -146,6 +146,7 @@ VALUE_ERRORS = [
     ("train.checkpoint_every=0", "train.checkpoint_every", ">= 1"),
     ("train.seed=-1", "train.seed", "in [0, 4294967296)"),
     ("train.device=cuda7", "train.device", "auto, cpu, cuda, cuda:N or mps"),
+    ("sweep.seeds=[0, -1]", "sweep.seeds", "in [0, 4294967296); got -1"),
 ]
 
 

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from nc_finetune.errors import UserError
-from nc_finetune.utils.io import load_safetensors, load_torch_state, read_json
+from nc_finetune.utils.io import load_safetensors, load_torch_state, read_json, write_failure
 
 WEIGHTS = "trainable.safetensors"
 STATE = "trainer_state.pt"
@@ -57,10 +57,18 @@ def save_checkpoint(path: Path, weights: dict[str, torch.Tensor], optimizer: dic
     tmp, old, trash = (path.with_name(path.name + suffix) for suffix in (".tmp", ".old", ".trash"))
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(trash, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
-    torch.save({"optimizer": optimizer, "scheduler": scheduler, "rng": rng_state()}, tmp / STATE)
-    (tmp / META).write_text(json.dumps(position, indent=2))
+    try:
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
+        torch.save({"optimizer": optimizer, "scheduler": scheduler, "rng": rng_state()}, tmp / STATE)
+        (tmp / META).write_text(json.dumps(position, indent=2))
+    except Exception as e:
+        failure = write_failure(tmp, e)  # before the cleanup frees the space
+        shutil.rmtree(tmp, ignore_errors=True)
+        if failure is None:
+            raise
+        keeps = f"{path.name}/ keeps the previous checkpoint" if path.exists() else "no checkpoint was written yet"
+        raise UserError(f"{failure}; {keeps}") from None
     if path.exists():
         _discard(old, trash)
         path.rename(old)

@@ -488,7 +488,9 @@ class Trainer:
         stopped_early = bool(pos.get("stopped_early", False))  # a resumed run that had stopped early stays stopped
         bad_loss = torch.zeros((), dtype=torch.bool, device=self.device)  # a non-finite loss since the last step
         try:
-            while pos["epoch"] < num_epochs and pos["step"] < total_steps and not stopped_early:
+            # An epoch that max_steps cut short still owes its evaluation, also when a run killed right after the
+            # checkpoint of its last step resumes (micro > 0 marks the unfinished epoch).
+            while pos["epoch"] < num_epochs and (pos["step"] < total_steps or pos["micro"] > 0) and not stopped_early:
                 epoch = pos["epoch"]
                 batches = self._micro_batches(epoch)
                 n_micro = micro_batch_count(n_train, cfg.batch_size, self.world)

@@ -1,11 +1,14 @@
-"""Atomic writes, so a run directory never holds a half-written artefact, and readers that turn a damaged one (cut
-short, overwritten, not what its name says) into a one-line :class:`~nc_finetune.errors.UserError` naming the file.
+"""Atomic writes, so a run directory never holds a half-written artefact (a write that fails because the disk is
+full or read-only is a one-line :class:`~nc_finetune.errors.UserError` and leaves the previous file), and readers
+that turn a damaged one (cut short, overwritten, not what its name says) into a one-line ``UserError`` naming the file.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -25,18 +28,61 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         The destination path.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_failure(path, e) or e from None
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        failure = write_failure(path, e) if isinstance(e, Exception) else None  # before the cleanup frees space
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if failure is not None:
+            raise failure from None
         raise
     return path
+
+
+#: Write failures caused by where a file goes, not by what is written: the user fixes them (one line, exit 2).
+WRITE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                errno.EFBIG: "file too large for the file system"}
+
+
+def disk_error(err: BaseException) -> str | None:
+    """Why an operation failed when the disk is to blame (an entry of :data:`WRITE_ERRNOS`), else ``None``.
+
+    safetensors (and so peft and transformers) reports the OS error only in its message.
+    """
+    code = err.errno if isinstance(err, OSError) else None
+    if code is None and ("No space left on device" in str(err) or "os error 28" in str(err)):
+        code = errno.ENOSPC
+    return WRITE_ERRNOS.get(code)
+
+
+def write_failure(path: str | os.PathLike, err: BaseException) -> UserError | None:
+    """The one-line :class:`UserError` for a write to ``path`` that failed because of the disk (full, quota,
+    read-only, no permission), or ``None`` when ``err`` is something else.
+
+    ``torch.save`` says no more than that the write failed: that counts as a full disk when the file system has
+    (almost) no space left. Call it before deleting the partial file.
+    """
+    reason = disk_error(err)
+    if reason is None and isinstance(err, RuntimeError):  # torch's writer: "file write failed", "unexpected pos"
+        where = Path(path)
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        try:
+            if shutil.disk_usage(where).free < 2**20:
+                reason = WRITE_ERRNOS[errno.ENOSPC]
+        except OSError:
+            pass
+    return None if reason is None else UserError(f"cannot write {path}: {reason}")
 
 
 def _umask() -> int:

@@ -14,6 +14,7 @@ from nc_finetune.errors import UserError
 from nc_finetune.select import select_blocks
 from nc_finetune.train.loop import StopTraining, TrainData, Trainer, epoch_batches, make_optimizer, warmup_cosine
 from nc_finetune.utils.env import seed_everything
+from nc_finetune.utils.io import load_safetensors
 from tests.conftest import load_bert, train_config
 
 pytest.importorskip("transformers")
@@ -52,6 +53,9 @@ RESUME_CASES = {
     "accum+sparse-log": (2, False, {"grad_accum_steps": 2, "log_every": 3, "checkpoint_every": 1, "epochs": 3}),
     # max_steps past the epoch limit: 4 steps per epoch, 7 steps run over 2 epochs (killed in the second).
     "max_steps-past-epochs": (6, False, {"epochs": 1, "max_steps": 7}),
+    # Issue 12, resume corner: max_steps ends mid-epoch (step 6 of 8) and the kill comes right after its checkpoint;
+    # the resumed run still owes that epoch's evaluation (val/test lines, epochs_run, best.safetensors).
+    "max_steps-mid-epoch-killed-after-last-checkpoint": (6, True, {"epochs": 2, "max_steps": 6}),
 }
 
 
@@ -79,7 +83,13 @@ def test_resume_replays_the_uninterrupted_run(bert_dir, text_data, tmp_path, cas
         torch.testing.assert_close(wc[k], wa[k], atol=1e-6, rtol=0)
     _assert_same_metrics(_metrics(tmp_path / "a"), _metrics(tmp_path / "b"))
     assert summary_c["steps"] == summary_a["steps"]
+    assert summary_c["epochs_run"] == summary_a["epochs_run"]
     assert summary_c["test_loss"] == pytest.approx(summary_a["test_loss"], abs=1e-6)
+    if with_val:  # the best validation model was tracked through the kill
+        best_a, best_c = (load_safetensors(d / "best.safetensors") for d in (tmp_path / "a", tmp_path / "b"))
+        assert set(best_a) == set(best_c)
+        for k in best_a:
+            torch.testing.assert_close(best_c[k], best_a[k], atol=1e-6, rtol=0)
 
 
 def test_dropout_makes_runs_differ_without_the_rng_state(bert_dir, text_data, tmp_path) -> None:
