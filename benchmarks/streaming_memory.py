@@ -11,8 +11,12 @@ runs ``prepare_data`` + the probe stage of a recipe with ``data.streaming=true``
 before it, so the model and the interpreter are not counted. With ``--in-memory`` the largest size is also measured
 without streaming (the same recipe, ``data.streaming=false``) for context.
 
-Run: ``python benchmarks/streaming_memory.py --out benchmarks/results/cpu/streaming_memory.json`` (about 3 minutes on
-2 shared cores).
+Examples:
+    # the committed measurement (about 3 minutes on 2 shared cores)
+    python benchmarks/streaming_memory.py --in-memory --out benchmarks/results/cpu/streaming_memory.json
+    # any sizes; a smoke run (seconds)
+    python benchmarks/run.py streaming_memory --sizes 10000 100000
+    python benchmarks/run.py streaming_memory --smoke
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import REPO_ROOT, command_line, default_out, machine_info, markdown_table, print_header, write_results
+import harness
+from common import REPO_ROOT, command_line, machine_info, markdown_table, print_header, write_results
 
 _RESULT_MARK = "@@STREAMING_MEMORY_RESULT@@ "
 WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "ran", "fast", "slow", "red", "big", "sun", "sea", "sky",
          "car", "bus", "tree", "leaf", "rock"]
-TARGET_MB = 100.0
+EXPERIMENT = harness.load_experiment("streaming_memory")
+TARGET_MB = float(EXPERIMENT.params["target_mb"])
 
 
 def write_csv(path: Path, rows: int, classes: int, seed: int) -> None:
@@ -116,20 +122,22 @@ def measure(overrides: list[str], threads: int, cache: Path) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 1_000_000], help="training rows per run")
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--samples-per-class", type=int, default=50)
-    p.add_argument("--threads", type=int, default=1)
+    p = harness.study_parser(EXPERIMENT, __doc__, flags=("settings", "out", "smoke", "threads"),
+                             helps={"threads": "torch threads of each measuring process (default 1)"})
+    p.add_argument("--sizes", type=int, nargs="+", default=None, metavar="ROWS",
+                   help="training rows per run, instead of the settings' sizes")
+    p.add_argument("--classes", type=int, default=EXPERIMENT.params["classes"])
+    p.add_argument("--samples-per-class", type=int, default=EXPERIMENT.params["samples_per_class"])
     p.add_argument("--in-memory", action="store_true", help="also measure the largest size without streaming")
-    p.add_argument("--out", type=Path, default=default_out("streaming_memory"))
     p.add_argument("--_worker", dest="worker", default=None, help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = harness.parse_args(build_parser(), EXPERIMENT, argv)
+    if args.sizes is None:
+        args.sizes = [EXPERIMENT.settings[name]["rows"] for name in args.settings]
+    args.threads = args.threads or 1
     if args.worker is not None:
         print(_RESULT_MARK + json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
