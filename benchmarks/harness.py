@@ -42,7 +42,7 @@ if str(REPO_ROOT) not in sys.path:  # a source checkout runs the studies without
 
 #: Every study, in the order of benchmarks/README.md.
 STUDIES = ("probe_overhead", "finetune_efficiency", "gpu_speed", "progressive_collapse", "layer_selection",
-           "data_scarce", "input_shift", "selection_regret", "streaming_memory")
+           "data_scarce", "input_shift", "selection_regret", "streaming_memory", "default_recipes")
 EXPERIMENTS_DIR = BENCH_DIR / "experiments"
 SMOKE_DIR = BENCH_DIR / "out" / "smoke"
 #: The flags :func:`study_parser` can add; a study names the ones it takes.
