@@ -286,7 +286,7 @@ class SelectionConfig:
     rgn_batch_size: Annotated[int, POSITIVE] = 64
     """For strategy ``auto_rgn``: samples per mini-batch, drawn at random from the training split (64 as in the
     surgical fine-tuning code; the adapt mode measures on training batches of ``train.batch_size``)."""
-    cka_samples: Annotated[int, POSITIVE] = 2048
+    cka_samples: Annotated[int, Range(ge=2)] = 2048
     """For ``cka``: probe samples (a seeded subset of the probe subset) whose block inputs and outputs are compared."""
     lisa_interval: Annotated[int, POSITIVE] = 20
     """For ``adapt.method=lisa``: optimizer steps between two draws of the trainable blocks (LMFlow's default 20)."""
@@ -335,7 +335,7 @@ class AdaptConfig:
     head: Literal["linear", "etf"] = "linear"
     """``linear``: a new trainable linear classifier; ``etf``: a fixed simplex equiangular tight frame (K unit rows,
     pairwise cosine -1/(K-1)) that the tuned blocks must collapse onto; needs a feature width of at least K-1."""
-    etf_scale: float = 1.0
+    etf_scale: Annotated[float, Range(gt=0)] = 1.0
     """``head=etf``: the norm of each fixed classifier row (logits = etf_scale · cos-geometry · ‖h‖)."""
 
     def __post_init__(self) -> None:
@@ -582,6 +582,16 @@ class Recipe:
         require(t.early_stopping_patience is None or t.val_fraction > 0, "train.early_stopping_patience",
                 "needs a validation split: set train.val_fraction > 0 too, or early_stopping_patience null",
                 t.early_stopping_patience)
+        # Combinations of the rivals' options (nc_finetune.rivals turns them into stage arguments).
+        s, a = self.selection, self.adapt
+        if a.method == "lisa" and s.strategy != "lisa":
+            raise ConfigError(f"adapt.method=lisa draws its own blocks: set selection.strategy=lisa (got "
+                              f"{s.strategy!r}); selection.max_blocks is the number of blocks trained at a time")
+        if a.head == "etf" and a.method == "linear_probe":
+            raise ConfigError("adapt.head=etf is fixed, so adapt.method=linear_probe would train nothing; tune "
+                              "blocks (e.g. adapt.method=finetune) or use adapt.head=linear")
+        if t.nc1_penalty > 0 and a.method == "linear_probe":
+            raise ConfigError("train.nc1_penalty needs a tuned block; adapt.method=linear_probe tunes none")
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
@@ -610,11 +620,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         raw = loaded
     for item in overrides or []:
         _apply_override(raw, item)
-    recipe = from_dict(Recipe, raw, "")
-    from nc_finetune.rivals import check_rival_options  # imports nothing at module level that needs this module
-
-    check_rival_options(recipe)
-    return recipe
+    return from_dict(Recipe, raw, "")
 
 
 def load_resolved_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

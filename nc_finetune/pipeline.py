@@ -7,7 +7,6 @@ the stage packages; the rules of a run directory in :mod:`nc_finetune.runs`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,43 +14,11 @@ import numpy as np
 from nc_finetune import runs
 from nc_finetune.adapt.recipe import build_recipe_classifier
 from nc_finetune.config import Recipe, recipe_to_dict
+from nc_finetune.data.prepare import PreparedData, prepare_data  # benchmarks and tests import them from here too
 from nc_finetune.errors import ConfigError, DataError, UserError
 from nc_finetune.runs import RunDir
 from nc_finetune.utils.dist import is_main_process
 from nc_finetune.utils.env import check_recipe_devices
-
-
-@dataclass
-class PreparedData:
-    """The loaded dataset plus the stratified probe subset of its training split."""
-
-    data: object  # nc_finetune.data.ClassificationData
-    probe_split: object  # nc_finetune.data.Split
-
-
-def prepare_data(recipe: Recipe) -> PreparedData:
-    """Load and validate the dataset, then draw the probe subset (all before any model compute).
-
-    Raises:
-        DataError: unusable data (see :func:`nc_finetune.data.validate_split`) or a class count that disagrees
-            with ``data.num_classes``.
-    """
-    from nc_finetune.data import StreamSplit, load_data, per_class_sample, validate_split
-
-    d = recipe.data
-    data = load_data(d.name, train_split=d.train_split, test_split=d.test_split, text_column=d.text_column,
-                     image_column=d.image_column, label_column=d.label_column, data_files=d.data_files,
-                     max_train_samples=d.max_train_samples, max_eval_samples=d.max_eval_samples, seed=d.seed,
-                     test_size=d.test_size, corruption=d.corruption, corruption_severity=d.corruption_severity,
-                     streaming=d.streaming, labels=d.labels)
-    if d.num_classes is not None and d.num_classes != data.num_classes:
-        raise DataError(f"data.num_classes is {d.num_classes} but '{d.name}' has {data.num_classes} classes "
-                        f"({', '.join(map(str, data.class_names[:10]))}{' ...' if data.num_classes > 10 else ''})")
-    if not isinstance(data.train, StreamSplit):  # a stream is checked as it is read
-        validate_split(data.train, data.num_classes, f"data '{d.name}' split '{d.train_split}'")
-    probe_split = per_class_sample(data.train, recipe.probe.samples_per_class, recipe.probe.seed)
-    validate_split(probe_split, data.num_classes, f"probe subset of '{d.name}' (probe.samples_per_class)")
-    return PreparedData(data=data, probe_split=probe_split)
 
 
 def load_recipe_backbone(recipe: Recipe):
@@ -113,6 +80,19 @@ def run_probe_stage(recipe: Recipe, out: Path | None, *, overwrite: bool = False
     return result
 
 
+def reference_source_data(recipe: Recipe):
+    """The data section of the ``backbone.init_from`` run when ``selection.reference=source`` asks for it, else
+    ``None`` (selection reads no run directories: the data reaches it as an argument).
+
+    Raises:
+        UserError: ``backbone.init_from`` is not a finished run.
+    """
+    s = recipe.selection
+    if s.strategy != "shift" or s.reference != "source" or not recipe.backbone.init_from:
+        return None
+    return RunDir(recipe.backbone.init_from).read_finished_recipe("selection.reference=source").data
+
+
 def check_selection_feasible(recipe: Recipe, backbone, num_classes: int) -> None:
     """Fail on an unknown manual block or a budget that no block fits before the probe is paid for.
 
@@ -129,7 +109,7 @@ def check_selection_feasible(recipe: Recipe, backbone, num_classes: int) -> None
 
     check_rival_options(recipe, backbone.feature_dim, num_classes)
     s = recipe.selection
-    check_selection_inputs(recipe)
+    check_selection_inputs(recipe, reference_source_data(recipe))
     if s.strategy == "all":  # budgets do not apply
         return
     head = head_param_count(backbone.feature_dim, num_classes)
@@ -153,7 +133,8 @@ def choose_blocks(recipe: Recipe, backbone, probe_result, prepared: PreparedData
 
     s = recipe.selection
     head = head_param_count(backbone.feature_dim, num_classes, recipe.adapt.head)
-    extra = {**selection_inputs(recipe, backbone, prepared, num_classes), **rival_inputs(recipe, backbone, prepared)}
+    extra = {**selection_inputs(recipe, backbone, prepared, num_classes, source_data=reference_source_data(recipe)),
+             **rival_inputs(recipe, backbone, prepared)}
     return select_blocks(probe_result, backbone.blocks, strategy=s.strategy, max_blocks=s.max_blocks,
                          max_param_fraction=s.max_param_fraction, manual=s.blocks, seed=s.seed, head_params=head,
                          total_params=backbone.num_params() + head, stall_fraction=s.stall_fraction, **extra)

@@ -4,15 +4,14 @@ The pieces live where they belong (``select/cka.py``, ``select/lisa.py``, ``trai
 ``adapt/etf.py``, ``train/nc1_penalty.py``); this module only turns a recipe into their arguments and checks the
 recipe's values before anything is loaded or computed:
 
-* :func:`check_rival_options`: value and combination checks (one ``ConfigError`` line each), called by
-  :func:`nc_finetune.config.load_recipe`, and with the backbone's width by the pipeline before the probe;
+* :func:`check_rival_options`: the check that needs the backbone's width (``adapt.head=etf``), called by the
+  pipeline before the probe (the values and combinations are checked by the recipe's sections as it is read);
 * :func:`selection_inputs`: the extra inputs a strategy needs (``cka``: one dedicated pass over the probe data);
 * :func:`classifier_options`: the keyword arguments of :func:`nc_finetune.adapt.build_classifier`.
 """
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 from nc_finetune.errors import ConfigError
@@ -21,13 +20,9 @@ if TYPE_CHECKING:
     from nc_finetune.config import Recipe
 
 
-def _positive_int(value: Any, key: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"recipe key '{key}' must be an integer >= {minimum}; got {value!r}")
-
-
 def check_rival_options(recipe: Recipe, feature_dim: int | None = None, num_classes: int | None = None) -> None:
-    """Refuse impossible values and combinations of the rivals' options.
+    """Refuse what the rivals' options cannot do with this backbone and K (their values and combinations are
+    checked by the :class:`~nc_finetune.config.Recipe` itself, as it is read).
 
     Args:
         recipe: The recipe.
@@ -37,23 +32,8 @@ def check_rival_options(recipe: Recipe, feature_dim: int | None = None, num_clas
     Raises:
         ConfigError: naming the key and what is allowed.
     """
-    s, a, t = recipe.selection, recipe.adapt, recipe.train
-    _positive_int(s.rgn_batches, "selection.rgn_batches", 1)
-    _positive_int(s.cka_samples, "selection.cka_samples", 2)
-    _positive_int(s.lisa_interval, "selection.lisa_interval", 1)
-    if not (math.isfinite(t.nc1_penalty) and t.nc1_penalty >= 0):
-        raise ConfigError(f"recipe key 'train.nc1_penalty' must be a finite number >= 0; got {t.nc1_penalty!r}")
-    if not (math.isfinite(a.etf_scale) and a.etf_scale > 0):
-        raise ConfigError(f"recipe key 'adapt.etf_scale' must be a finite number > 0; got {a.etf_scale!r}")
-    if a.method == "lisa" and s.strategy != "lisa":
-        raise ConfigError(f"adapt.method=lisa draws its own blocks: set selection.strategy=lisa (got "
-                          f"{s.strategy!r}); selection.max_blocks is the number of blocks trained at a time")
-    if a.head == "etf" and a.method == "linear_probe":
-        raise ConfigError("adapt.head=etf is fixed, so adapt.method=linear_probe would train nothing; tune blocks "
-                          "(e.g. adapt.method=finetune) or use adapt.head=linear")
-    if t.nc1_penalty > 0 and a.method == "linear_probe":
-        raise ConfigError("train.nc1_penalty needs a tuned block; adapt.method=linear_probe tunes none")
-    if a.head == "etf" and feature_dim is not None and num_classes is not None and feature_dim < num_classes - 1:
+    if (recipe.adapt.head == "etf" and feature_dim is not None and num_classes is not None
+            and feature_dim < num_classes - 1):
         raise ConfigError(f"adapt.head=etf needs a feature width of at least K-1 = {num_classes - 1} for "
                           f"{num_classes} classes; {recipe.backbone.name} gives {feature_dim}: use adapt.head=linear")
 
