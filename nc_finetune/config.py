@@ -582,16 +582,24 @@ class Recipe:
         require(t.early_stopping_patience is None or t.val_fraction > 0, "train.early_stopping_patience",
                 "needs a validation split: set train.val_fraction > 0 too, or early_stopping_patience null",
                 t.early_stopping_patience)
-        # Combinations of the rivals' options (nc_finetune.rivals turns them into stage arguments).
-        s, a = self.selection, self.adapt
-        if a.method == "lisa" and s.strategy != "lisa":
-            raise ConfigError(f"adapt.method=lisa draws its own blocks: set selection.strategy=lisa (got "
-                              f"{s.strategy!r}); selection.max_blocks is the number of blocks trained at a time")
-        if a.head == "etf" and a.method == "linear_probe":
-            raise ConfigError("adapt.head=etf is fixed, so adapt.method=linear_probe would train nothing; tune "
-                              "blocks (e.g. adapt.method=finetune) or use adapt.head=linear")
-        if t.nc1_penalty > 0 and a.method == "linear_probe":
-            raise ConfigError("train.nc1_penalty needs a tuned block; adapt.method=linear_probe tunes none")
+
+
+def check_rival_combinations(recipe: Recipe) -> None:
+    """Refuse combinations of the rivals' options that cannot work (:func:`load_recipe` and the pipeline check
+    them; :mod:`nc_finetune.rivals` turns the options into stage arguments).
+
+    Raises:
+        ConfigError: naming the keys and what to set instead.
+    """
+    s, a, t = recipe.selection, recipe.adapt, recipe.train
+    if a.method == "lisa" and s.strategy != "lisa":
+        raise ConfigError(f"adapt.method=lisa draws its own blocks: set selection.strategy=lisa (got "
+                          f"{s.strategy!r}); selection.max_blocks is the number of blocks trained at a time")
+    if a.head == "etf" and a.method == "linear_probe":
+        raise ConfigError("adapt.head=etf is fixed, so adapt.method=linear_probe would train nothing; tune blocks "
+                          "(e.g. adapt.method=finetune) or use adapt.head=linear")
+    if t.nc1_penalty > 0 and a.method == "linear_probe":
+        raise ConfigError("train.nc1_penalty needs a tuned block; adapt.method=linear_probe tunes none")
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
@@ -620,7 +628,9 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         raw = loaded
     for item in overrides or []:
         _apply_override(raw, item)
-    return from_dict(Recipe, raw, "")
+    recipe = from_dict(Recipe, raw, "")
+    check_rival_combinations(recipe)
+    return recipe
 
 
 def load_resolved_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -4,8 +4,9 @@ The pieces live where they belong (``select/cka.py``, ``select/lisa.py``, ``trai
 ``adapt/etf.py``, ``train/nc1_penalty.py``); this module only turns a recipe into their arguments and checks the
 recipe's values before anything is loaded or computed:
 
-* :func:`check_rival_options`: the check that needs the backbone's width (``adapt.head=etf``), called by the
-  pipeline before the probe (the values and combinations are checked by the recipe's sections as it is read);
+* :func:`check_rival_options`: the combination checks (kept in :mod:`nc_finetune.config`, which
+  :func:`~nc_finetune.config.load_recipe` runs too) and, with the backbone's width, ``adapt.head=etf``; called by
+  the pipeline before the probe;
 * :func:`selection_inputs`: the extra inputs a strategy needs (``cka``: one dedicated pass over the probe data);
 * :func:`classifier_options`: the keyword arguments of :func:`nc_finetune.adapt.build_classifier`.
 """
@@ -21,8 +22,9 @@ if TYPE_CHECKING:
 
 
 def check_rival_options(recipe: Recipe, feature_dim: int | None = None, num_classes: int | None = None) -> None:
-    """Refuse what the rivals' options cannot do with this backbone and K (their values and combinations are
-    checked by the :class:`~nc_finetune.config.Recipe` itself, as it is read).
+    """Refuse impossible combinations of the rivals' options
+    (:func:`~nc_finetune.config.check_rival_combinations`; their values are checked by the sections) and what they
+    cannot do with this backbone and K.
 
     Args:
         recipe: The recipe.
@@ -32,6 +34,9 @@ def check_rival_options(recipe: Recipe, feature_dim: int | None = None, num_clas
     Raises:
         ConfigError: naming the key and what is allowed.
     """
+    from nc_finetune.config import check_rival_combinations
+
+    check_rival_combinations(recipe)
     if (recipe.adapt.head == "etf" and feature_dim is not None and num_classes is not None
             and feature_dim < num_classes - 1):
         raise ConfigError(f"adapt.head=etf needs a feature width of at least K-1 = {num_classes - 1} for "
