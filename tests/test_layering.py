@@ -26,7 +26,7 @@ FLOORS: dict[str, int] = {
     "select": 3, "adapt": 3, "train": 3, "transfer": 3, "ufm": 3, "rivals": 3,
     "report": 4,
     "runs": 5, "restore": 5, "labels": 5,
-    "pipeline": 6, "sweep": 6, "export": 6, "predict": 6,
+    "pipeline": 6, "sweep": 6, "export": 6, "predict": 6, "evaluate": 6,
     "cli": 7,
 }
 #: ``runs`` also names the artefacts (``runs.PROBE``, ...): a lower floor may use those constants, which are

@@ -107,9 +107,8 @@ def selection_inputs(recipe, backbone, prepared, num_classes: int, *, source_dat
         if ref.data.num_classes != num_classes:
             raise DataError(f"selection.reference has {ref.data.num_classes} classes, the target data "
                             f"{num_classes}: the shift rule compares collapse of the same classes")
-        kw["reference_probe"] = probe(backbone, ref.probe_split, num_classes, batch_size=p.batch_size,
-                                      layers=p.layers, ncc_samples=p.ncc_samples, autocast=p.autocast,
-                                      device=p.device, seed=p.seed, progress=progress,
+        kw["reference_probe"] = probe(backbone, ref.probe_split, num_classes,
+                                      cfg=dataclasses.replace(p, linear_probe=False), progress=progress,
                                       meta={"reference": label, "dataset": ref.data.name})
     if s.bootstrap:
         from nc_finetune.select.bootstrap import bootstrap_probes, collect_block_features
