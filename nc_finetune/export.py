@@ -138,12 +138,11 @@ def _rebuild(recipe, run_dir: Path, weights: dict, num_classes: int):
 
     seed_everything(recipe.train.seed)  # as run_pipeline: a randomly initialised backbone is drawn right after seeding
     backbone = load_recipe_backbone(recipe)
-    a = recipe.adapt
     proj = weights.get("skip_proj.weight")
     skip_dim = int(proj.shape[1]) if proj is not None else backbone.feature_dim  # identity P: equal dims
-    adapted = build_classifier(backbone, num_classes, method=a.method, selection=Selection.load(
-        run_dir / runs.SELECTION), skip_dim=skip_dim, wiring=a.scl_wiring, lora_r=a.lora_r,
-        lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, freeze_bn=a.freeze_bn,
+    # A fixed (etf) head is not saved, so such a run was refused above: the head here is the trained linear one.
+    adapted = build_classifier(backbone, num_classes, cfg=recipe.adapt, selection=Selection.load(
+        run_dir / runs.SELECTION), skip_dim=skip_dim,
         copy_backbone=False)  # the export reads the trained weights from backbone.model
     unexpected = sorted(set(weights) - set(adapted.model.state_dict()))
     if unexpected:

@@ -126,13 +126,11 @@ def choose_blocks(recipe: Recipe, backbone, probe_result, prepared: PreparedData
     from nc_finetune.select import select_blocks
     from nc_finetune.select.hooks import selection_inputs
 
-    s = recipe.selection
     head = head_param_count(backbone.feature_dim, num_classes, recipe.adapt.head)
     extra = {**selection_inputs(recipe, backbone, prepared, num_classes, source_data=reference_source_data(recipe)),
              **rival_inputs(recipe, backbone, prepared)}
-    return select_blocks(probe_result, backbone.blocks, strategy=s.strategy, max_blocks=s.max_blocks,
-                         max_param_fraction=s.max_param_fraction, manual=s.blocks, seed=s.seed, head_params=head,
-                         total_params=backbone.num_params() + head, stall_fraction=s.stall_fraction, **extra)
+    return select_blocks(probe_result, backbone.blocks, cfg=recipe.selection, head_params=head,
+                         total_params=backbone.num_params() + head, **extra)
 
 
 def run_pipeline(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool = True,

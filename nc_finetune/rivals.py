@@ -55,7 +55,8 @@ def selection_inputs(recipe: Recipe, backbone, prepared) -> dict[str, Any]:
 
 
 def classifier_options(recipe: Recipe) -> dict[str, Any]:
-    """Keyword arguments of :func:`~nc_finetune.adapt.build_classifier` for the head and the rival adapt modes."""
-    a, s = recipe.adapt, recipe.selection
-    return {"head": a.head, "etf_scale": a.etf_scale, "head_seed": recipe.train.seed, "rgn_batches": s.rgn_batches,
-            "lisa_interval": s.lisa_interval, "lisa_seed": s.seed}
+    """Keyword arguments of :func:`~nc_finetune.adapt.build_classifier` beside the adapt section: the rival adapt
+    modes' options and seeds, which live in the selection and train sections."""
+    s = recipe.selection
+    return {"head_seed": recipe.train.seed, "rgn_batches": s.rgn_batches, "lisa_interval": s.lisa_interval,
+            "lisa_seed": s.seed}

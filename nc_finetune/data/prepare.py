@@ -30,11 +30,7 @@ def prepare_data(recipe: Recipe) -> PreparedData:
     from nc_finetune.data import StreamSplit, load_data, per_class_sample, validate_split
 
     d = recipe.data
-    data = load_data(d.name, train_split=d.train_split, test_split=d.test_split, text_column=d.text_column,
-                     image_column=d.image_column, label_column=d.label_column, data_files=d.data_files,
-                     max_train_samples=d.max_train_samples, max_eval_samples=d.max_eval_samples, seed=d.seed,
-                     test_size=d.test_size, corruption=d.corruption, corruption_severity=d.corruption_severity,
-                     streaming=d.streaming, labels=d.labels)
+    data = load_data(cfg=d)
     if d.num_classes is not None and d.num_classes != data.num_classes:
         raise DataError(f"data.num_classes is {d.num_classes} but '{d.name}' has {data.num_classes} classes "
                         f"({', '.join(map(str, data.class_names[:10]))}{' ...' if data.num_classes > 10 else ''})")

@@ -68,7 +68,8 @@ def check_selection_inputs(recipe, source_data=None) -> None:
 
 def selection_inputs(recipe, backbone, prepared, num_classes: int, *, source_data=None,
                      progress: bool = False) -> dict[str, Any]:
-    """Keyword arguments of :func:`~nc_finetune.select.select_blocks` for ``recipe.selection``.
+    """The computed inputs of :func:`~nc_finetune.select.select_blocks` for ``recipe.selection`` (keyword
+    arguments beside ``cfg=recipe.selection``).
 
     Computes the relative gradient norms (``auto_rgn``), the trials (``trial``), the reference probe (``shift``)
     and the resampled probes (``bootstrap``).
@@ -85,8 +86,7 @@ def selection_inputs(recipe, backbone, prepared, num_classes: int, *, source_dat
         DataError: the reference data has a different number of classes.
     """
     s, t, p = recipe.selection, recipe.train, recipe.probe
-    kw: dict[str, Any] = {"fill": s.fill, "stall_reference": s.stall_reference, "knee_residual": s.knee_residual,
-                          "trial_score": s.trial_score, "shift_jump": s.shift_jump}
+    kw: dict[str, Any] = {}
     if s.strategy == "auto_rgn":
         kw["rgn_scores"] = auto_rgn_block_scores(backbone, prepared.data.train, num_classes, s, t)
     if s.strategy == "trial":
