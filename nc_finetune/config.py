@@ -501,6 +501,26 @@ class SweepBudget:
 SWEEP_CANDIDATES = ("blocks", "pairs")
 #: ``adapt.method`` values a sweep can train as references: those that train the same weights whatever is selected.
 SWEEP_REFERENCES = ("linear_probe", "full", "auto_rgn")
+#: Strategies never scored by a sweep: ``all`` ignores budgets, ``manual`` is the user's own choice.
+SWEEP_NOT_SCORED = ("all", "manual")
+
+
+def parse_sweep_strategy(spec: str) -> tuple[str, dict[str, Any]]:
+    """``name`` or ``name@key=value,key=value`` (a variant: ``selection.*`` options, values parsed as YAML).
+
+    Raises:
+        ConfigError: an option that is not a ``selection`` key, or a value it does not accept.
+    """
+    name, _, rest = spec.partition("@")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"sweep.strategies: {spec!r}: options look like name@key=value,key=value")
+        options[key.strip()] = parse_yaml(value, f"sweep.strategies option {key.strip()!r}")  # plain data: no aliases
+    if options:
+        from_dict(SelectionConfig, {"strategy": name, **options}, f"sweep.strategies[{spec}]")
+    return name, options
 
 
 @dataclass
@@ -555,6 +575,12 @@ class SweepConfig:
                               f"{', '.join(SWEEP_REFERENCES)}; got {bad_refs[0]!r}")
         if len(set(self.references)) != len(self.references):
             raise ConfigError(f"recipe key 'sweep.references' has repeated methods: {self.references}")
+        # Names (from the schema's own list, no stage import) and each variant's options, as the sweep reads them.
+        scored = [s for s in typing.get_args(typing.get_type_hints(SelectionConfig)["strategy"])
+                  if s not in SWEEP_NOT_SCORED]
+        for spec in self.strategies or []:
+            if not isinstance(spec, str) or parse_sweep_strategy(spec)[0] not in scored:
+                raise ConfigError(f"sweep.strategies: {spec!r} cannot be scored; choose from {', '.join(scored)}")
 
 
 @dataclass
