@@ -286,7 +286,7 @@ class SelectionConfig:
     rgn_batch_size: Annotated[int, POSITIVE] = 64
     """For strategy ``auto_rgn``: samples per mini-batch, drawn at random from the training split (64 as in the
     surgical fine-tuning code; the adapt mode measures on training batches of ``train.batch_size``)."""
-    cka_samples: Annotated[int, POSITIVE] = 2048
+    cka_samples: Annotated[int, Range(ge=2)] = 2048
     """For ``cka``: probe samples (a seeded subset of the probe subset) whose block inputs and outputs are compared."""
     lisa_interval: Annotated[int, POSITIVE] = 20
     """For ``adapt.method=lisa``: optimizer steps between two draws of the trainable blocks (LMFlow's default 20)."""
@@ -335,7 +335,7 @@ class AdaptConfig:
     head: Literal["linear", "etf"] = "linear"
     """``linear``: a new trainable linear classifier; ``etf``: a fixed simplex equiangular tight frame (K unit rows,
     pairwise cosine -1/(K-1)) that the tuned blocks must collapse onto; needs a feature width of at least K-1."""
-    etf_scale: float = 1.0
+    etf_scale: Annotated[float, Range(gt=0)] = 1.0
     """``head=etf``: the norm of each fixed classifier row (logits = etf_scale · cos-geometry · ‖h‖)."""
 
     def __post_init__(self) -> None:
@@ -501,6 +501,26 @@ class SweepBudget:
 SWEEP_CANDIDATES = ("blocks", "pairs")
 #: ``adapt.method`` values a sweep can train as references: those that train the same weights whatever is selected.
 SWEEP_REFERENCES = ("linear_probe", "full", "auto_rgn")
+#: Strategies never scored by a sweep: ``all`` ignores budgets, ``manual`` is the user's own choice.
+SWEEP_NOT_SCORED = ("all", "manual")
+
+
+def parse_sweep_strategy(spec: str) -> tuple[str, dict[str, Any]]:
+    """``name`` or ``name@key=value,key=value`` (a variant: ``selection.*`` options, values parsed as YAML).
+
+    Raises:
+        ConfigError: an option that is not a ``selection`` key, or a value it does not accept.
+    """
+    name, _, rest = spec.partition("@")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"sweep.strategies: {spec!r}: options look like name@key=value,key=value")
+        options[key.strip()] = parse_yaml(value, f"sweep.strategies option {key.strip()!r}")  # plain data: no aliases
+    if options:
+        from_dict(SelectionConfig, {"strategy": name, **options}, f"sweep.strategies[{spec}]")
+    return name, options
 
 
 @dataclass
@@ -555,6 +575,12 @@ class SweepConfig:
                               f"{', '.join(SWEEP_REFERENCES)}; got {bad_refs[0]!r}")
         if len(set(self.references)) != len(self.references):
             raise ConfigError(f"recipe key 'sweep.references' has repeated methods: {self.references}")
+        # Names (from the schema's own list, no stage import) and each variant's options, as the sweep reads them.
+        scored = [s for s in typing.get_args(typing.get_type_hints(SelectionConfig)["strategy"])
+                  if s not in SWEEP_NOT_SCORED]
+        for spec in self.strategies or []:
+            if not isinstance(spec, str) or parse_sweep_strategy(spec)[0] not in scored:
+                raise ConfigError(f"sweep.strategies: {spec!r} cannot be scored; choose from {', '.join(scored)}")
 
 
 @dataclass
@@ -584,6 +610,24 @@ class Recipe:
                 t.early_stopping_patience)
 
 
+def check_rival_combinations(recipe: Recipe) -> None:
+    """Refuse combinations of the rivals' options that cannot work (:func:`load_recipe` and the pipeline check
+    them; :mod:`nc_finetune.rivals` turns the options into stage arguments).
+
+    Raises:
+        ConfigError: naming the keys and what to set instead.
+    """
+    s, a, t = recipe.selection, recipe.adapt, recipe.train
+    if a.method == "lisa" and s.strategy != "lisa":
+        raise ConfigError(f"adapt.method=lisa draws its own blocks: set selection.strategy=lisa (got "
+                          f"{s.strategy!r}); selection.max_blocks is the number of blocks trained at a time")
+    if a.head == "etf" and a.method == "linear_probe":
+        raise ConfigError("adapt.head=etf is fixed, so adapt.method=linear_probe would train nothing; tune blocks "
+                          "(e.g. adapt.method=finetune) or use adapt.head=linear")
+    if t.nc1_penalty > 0 and a.method == "linear_probe":
+        raise ConfigError("train.nc1_penalty needs a tuned block; adapt.method=linear_probe tunes none")
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
     """Load, override and validate a recipe.
 
@@ -611,9 +655,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     for item in overrides or []:
         _apply_override(raw, item)
     recipe = from_dict(Recipe, raw, "")
-    from nc_finetune.rivals import check_rival_options  # imports nothing at module level that needs this module
-
-    check_rival_options(recipe)
+    check_rival_combinations(recipe)
     return recipe
 
 

@@ -18,9 +18,11 @@ records the format, the class names and the Python that loads it (``DIR`` standi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,16 +80,43 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False) -> 
         The manifest written to ``out/nc_export.json``.
 
     Raises:
-        UserError: Not a finished run, ``out`` not empty, or class names that do not fit the head.
+        UserError: Not a finished run, ``out`` not empty or being written by another export, or class names that
+            do not fit the head.
         ConfigError: A model no format reproduces.
     """
+    run = runs.RunDir(run_dir)
+    out = Path(out)
+    run.require_finished_run("export")
+    with export_lock(out):
+        return _export(run, out, merge)
+
+
+@contextlib.contextmanager
+def export_lock(out: Path) -> Iterator[None]:
+    """Hold the lock of export directory ``out`` (as other writing commands hold their ``--out``'s): two exports
+    to one directory would share its temporary copy.
+
+    The lock lives beside ``out`` (``.<name>.lock/``, removed afterwards): ``out`` itself must stay empty until the
+    finished export is renamed into place.
+
+    Raises:
+        UserError: another export to ``out`` is running.
+    """
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(runs.RunDir(out.with_name(f".{out.name}.lock")).lock("export"))
+        except UserError as e:
+            raise UserError(f"--out {out} is being written by another export: {e}") from None
+        yield
+
+
+def _export(run: runs.RunDir, out: Path, merge: bool) -> dict[str, Any]:
+    """:func:`export_run` under the lock of ``out``."""
     from safetensors.torch import load_file
 
     from nc_finetune.labels import run_class_names
 
-    run = runs.RunDir(run_dir)
-    run_dir, out = run.path, Path(out)
-    run.require_finished_run("export")
+    run_dir = run.path
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists and is not an empty directory; choose a new one")
     recipe = run.read_recipe()
@@ -138,12 +167,11 @@ def _rebuild(recipe, run_dir: Path, weights: dict, num_classes: int):
 
     seed_everything(recipe.train.seed)  # as run_pipeline: a randomly initialised backbone is drawn right after seeding
     backbone = load_recipe_backbone(recipe)
-    a = recipe.adapt
     proj = weights.get("skip_proj.weight")
     skip_dim = int(proj.shape[1]) if proj is not None else backbone.feature_dim  # identity P: equal dims
-    adapted = build_classifier(backbone, num_classes, method=a.method, selection=Selection.load(
-        run_dir / runs.SELECTION), skip_dim=skip_dim, wiring=a.scl_wiring, lora_r=a.lora_r,
-        lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, freeze_bn=a.freeze_bn,
+    # A fixed (etf) head is not saved, so such a run was refused above: the head here is the trained linear one.
+    adapted = build_classifier(backbone, num_classes, cfg=recipe.adapt, selection=Selection.load(
+        run_dir / runs.SELECTION), skip_dim=skip_dim,
         copy_backbone=False)  # the export reads the trained weights from backbone.model
     unexpected = sorted(set(weights) - set(adapted.model.state_dict()))
     if unexpected:

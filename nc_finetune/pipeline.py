@@ -7,7 +7,6 @@ the stage packages; the rules of a run directory in :mod:`nc_finetune.runs`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,43 +14,10 @@ import numpy as np
 from nc_finetune import runs
 from nc_finetune.adapt.recipe import build_recipe_classifier
 from nc_finetune.config import Recipe, recipe_to_dict
-from nc_finetune.errors import ConfigError, DataError, UserError
+from nc_finetune.data.prepare import PreparedData, prepare_data  # benchmarks and tests import them from here too
 from nc_finetune.runs import RunDir
 from nc_finetune.utils.dist import is_main_process
 from nc_finetune.utils.env import check_recipe_devices
-
-
-@dataclass
-class PreparedData:
-    """The loaded dataset plus the stratified probe subset of its training split."""
-
-    data: object  # nc_finetune.data.ClassificationData
-    probe_split: object  # nc_finetune.data.Split
-
-
-def prepare_data(recipe: Recipe) -> PreparedData:
-    """Load and validate the dataset, then draw the probe subset (all before any model compute).
-
-    Raises:
-        DataError: unusable data (see :func:`nc_finetune.data.validate_split`) or a class count that disagrees
-            with ``data.num_classes``.
-    """
-    from nc_finetune.data import StreamSplit, load_data, per_class_sample, validate_split
-
-    d = recipe.data
-    data = load_data(d.name, train_split=d.train_split, test_split=d.test_split, text_column=d.text_column,
-                     image_column=d.image_column, label_column=d.label_column, data_files=d.data_files,
-                     max_train_samples=d.max_train_samples, max_eval_samples=d.max_eval_samples, seed=d.seed,
-                     test_size=d.test_size, corruption=d.corruption, corruption_severity=d.corruption_severity,
-                     streaming=d.streaming, labels=d.labels)
-    if d.num_classes is not None and d.num_classes != data.num_classes:
-        raise DataError(f"data.num_classes is {d.num_classes} but '{d.name}' has {data.num_classes} classes "
-                        f"({', '.join(map(str, data.class_names[:10]))}{' ...' if data.num_classes > 10 else ''})")
-    if not isinstance(data.train, StreamSplit):  # a stream is checked as it is read
-        validate_split(data.train, data.num_classes, f"data '{d.name}' split '{d.train_split}'")
-    probe_split = per_class_sample(data.train, recipe.probe.samples_per_class, recipe.probe.seed)
-    validate_split(probe_split, data.num_classes, f"probe subset of '{d.name}' (probe.samples_per_class)")
-    return PreparedData(data=data, probe_split=probe_split)
 
 
 def load_recipe_backbone(recipe: Recipe):
@@ -90,7 +56,6 @@ def run_probe_stage(recipe: Recipe, out: Path | None, *, overwrite: bool = False
         The :class:`~nc_finetune.probe.result.ProbeResult`.
     """
     from nc_finetune.probe.runner import probe
-    from nc_finetune.report.plots import plot_probe
 
     check_recipe_devices(recipe)
     if out is not None:
@@ -101,16 +66,26 @@ def run_probe_stage(recipe: Recipe, out: Path | None, *, overwrite: bool = False
     p = recipe.probe
     meta = {"dataset": data.name, "class_names": list(data.class_names), "samples_per_class": p.samples_per_class,
             "data_info": data.info, "recipe": recipe_to_dict(recipe)}
-    result = probe(backbone, prepared.probe_split, data.num_classes, batch_size=p.batch_size, layers=p.layers,
-                   ncc_samples=p.ncc_samples, linear_probe=p.linear_probe, autocast=p.autocast, device=p.device,
-                   seed=p.seed, progress=progress, meta=meta)
+    result = probe(backbone, prepared.probe_split, data.num_classes, cfg=p, progress=progress, meta=meta)
     if out is not None and is_main_process():  # several processes: rank 0 writes
         run = RunDir(out)
         run.path.mkdir(parents=True, exist_ok=True)
         run.write_recipe(recipe)
-        result.save(run / runs.PROBE)
-        plot_probe(result, run / runs.PROBE_PLOT)
+        _write_probe(result, run.path)
     return result
+
+
+def reference_source_data(recipe: Recipe):
+    """The data section of the ``backbone.init_from`` run when ``selection.reference=source`` asks for it, else
+    ``None`` (selection reads no run directories: the data reaches it as an argument).
+
+    Raises:
+        UserError: ``backbone.init_from`` is not a finished run.
+    """
+    s = recipe.selection
+    if s.strategy != "shift" or s.reference != "source" or not recipe.backbone.init_from:
+        return None
+    return RunDir(recipe.backbone.init_from).read_finished_recipe("selection.reference=source").data
 
 
 def check_selection_feasible(recipe: Recipe, backbone, num_classes: int) -> None:
@@ -129,7 +104,7 @@ def check_selection_feasible(recipe: Recipe, backbone, num_classes: int) -> None
 
     check_rival_options(recipe, backbone.feature_dim, num_classes)
     s = recipe.selection
-    check_selection_inputs(recipe)
+    check_selection_inputs(recipe, reference_source_data(recipe))
     if s.strategy == "all":  # budgets do not apply
         return
     head = head_param_count(backbone.feature_dim, num_classes)
@@ -151,12 +126,11 @@ def choose_blocks(recipe: Recipe, backbone, probe_result, prepared: PreparedData
     from nc_finetune.select import select_blocks
     from nc_finetune.select.hooks import selection_inputs
 
-    s = recipe.selection
     head = head_param_count(backbone.feature_dim, num_classes, recipe.adapt.head)
-    extra = {**selection_inputs(recipe, backbone, prepared, num_classes), **rival_inputs(recipe, backbone, prepared)}
-    return select_blocks(probe_result, backbone.blocks, strategy=s.strategy, max_blocks=s.max_blocks,
-                         max_param_fraction=s.max_param_fraction, manual=s.blocks, seed=s.seed, head_params=head,
-                         total_params=backbone.num_params() + head, stall_fraction=s.stall_fraction, **extra)
+    extra = {**selection_inputs(recipe, backbone, prepared, num_classes, source_data=reference_source_data(recipe)),
+             **rival_inputs(recipe, backbone, prepared)}
+    return select_blocks(probe_result, backbone.blocks, cfg=recipe.selection, head_params=head,
+                         total_params=backbone.num_params() + head, **extra)
 
 
 def run_pipeline(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool = True,
@@ -297,48 +271,27 @@ def eval_stage(run_dir: Path, split: str = "test", batch_size: int | None = None
     Returns:
         ``{"accuracy", "loss", "samples", "split"}``.
     """
-    from nc_finetune.labels import align_class_names, run_class_names
-    from nc_finetune.train.loop import TrainData, Trainer
+    from nc_finetune.evaluate import (
+        check_eval_options,
+        eval_recipe,
+        load_trained_weights,
+        score_split,
+        trained_classes_of,
+    )
     from nc_finetune.utils.env import seed_everything
-    from nc_finetune.utils.io import load_safetensors
 
     run = RunDir(run_dir)
-    run_dir = run.path
     run.require_finished_run("eval")
-    for item in data_overrides or []:
-        if not item.split("=", 1)[0].strip().startswith("data."):
-            raise ConfigError(f"eval accepts only data.* overrides (the rest describes the trained model); "
-                              f"got {item!r}")
-    recipe = run.read_recipe(data_overrides)
-    if batch_size is not None:
-        if batch_size < 1:
-            raise ConfigError(f"eval --batch-size must be >= 1; got {batch_size}")
-        recipe.train.eval_batch_size = batch_size
-    recipe.train.cache_prefix = "off"
+    check_eval_options(split, batch_size, data_overrides)
+    recipe = eval_recipe(run, data_overrides, batch_size)
     # Every artefact is read (and a damaged one refused) before any data or model loads.
-    probe_result = run.read_probe()
-    selection = run.read_selection()
-    weights = load_safetensors(run / runs.WEIGHTS)
-    data = prepare_data(recipe).data
-    trained_classes = probe_result.meta.get("class_names")
-    if trained_classes is not None and len(trained_classes) != data.num_classes:
-        raise DataError(f"{run_dir} was trained on {len(trained_classes)} classes; data '{data.name}' has "
-                        f"{data.num_classes}")
-    data = align_class_names(run_class_names(run_dir), data, str(run_dir))  # head outputs are the run's classes
+    probe_result, selection, weights = run.read_probe(), run.read_selection(), run.read_final_weights()
+    data = trained_classes_of(run, probe_result, prepare_data(recipe).data)  # head outputs are the run's classes
     seed_everything(recipe.train.seed)  # as run_pipeline: a randomly initialised backbone is drawn right after seeding
     backbone = load_recipe_backbone(recipe)
     adapted = build_recipe_classifier(recipe, backbone, data.num_classes, selection, probe_result, data.train)
-    unexpected = set(weights) - set(adapted.model.state_dict())
-    if unexpected:
-        raise UserError(f"{run_dir}/trainable.safetensors does not fit the rebuilt model ({sorted(unexpected)[0]})")
-    adapted.model.load_state_dict(weights, strict=False)
-    splits = {"test": data.test, "train": data.train}
-    if split not in splits:
-        raise UserError(f"eval --split must be one of {', '.join(splits)}; got {split!r}")
-    trainer = Trainer(adapted, backbone, TrainData(train=data.train, test=data.test), recipe.train, run_dir,
-                      progress=False)
-    adapted.model.to(trainer.device)
-    return {"split": split, **trainer.evaluate(split, splits[split])}
+    load_trained_weights(adapted, weights, run.path)
+    return score_split(recipe, backbone, adapted, data, split, run.path)
 
 
 def rank_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress: bool = True) -> dict:
@@ -355,52 +308,52 @@ def rank_stage(recipe: Recipe, out: Path, *, overwrite: bool = False, progress: 
     """
     import dataclasses
 
-    from nc_finetune.probe.runner import probe
-    from nc_finetune.report.plots import plot_probe
-    from nc_finetune.transfer.ranking import candidate_row, layer_rows, plot_rank, rank_table
-    from nc_finetune.transfer.scores import scores_from_stats
-    from nc_finetune.utils.env import library_versions, seed_everything
+    from nc_finetune.transfer.ranking import (
+        candidate_layers,
+        candidate_row,
+        check_rank_recipe,
+        plot_rank,
+        probe_candidate,
+        rank_report,
+        truth_key,
+    )
+    from nc_finetune.utils.env import seed_everything
     from nc_finetune.utils.io import write_json_atomic
 
     out = Path(out)
     check_recipe_devices(recipe)
     RunDir(out).check_writable([runs.RANK, runs.RANK_PLOT], overwrite)
-    if not recipe.rank.candidates:  # the section validates each candidate, their labels and folders
-        raise ConfigError("rank.candidates needs at least 2 backbone sections, e.g. "
-                          "[{name: efficientnet-lite0}, {name: efficientnet-lite0, pretrained: false}]")
-    if not recipe.rank.finetune and not recipe.probe.linear_probe:
-        raise ConfigError("rank needs a ground truth: set rank.finetune=true or probe.linear_probe=true")
-
+    check_rank_recipe(recipe)
     prepared = prepare_data(recipe)
     data = prepared.data
-    p = recipe.probe
     rows, layers = [], {}
     for cand in recipe.rank.candidates:
         cand_recipe = dataclasses.replace(recipe, backbone=cand.backbone())
-        seed_everything(p.seed)
-        backbone = load_recipe_backbone(cand_recipe)
-        result = probe(backbone, prepared.probe_split, data.num_classes, batch_size=p.batch_size,
-                       ncc_samples=p.ncc_samples, linear_probe=p.linear_probe, autocast=p.autocast, device=p.device,
-                       seed=p.seed, progress=progress, scorers=(scores_from_stats,),
-                       meta={"dataset": data.name, "candidate": cand.title})
         cand_dir = out / "candidates" / cand.folder
-        cand_dir.mkdir(parents=True, exist_ok=True)
-        if is_main_process():
-            result.save(cand_dir / runs.PROBE)
-            plot_probe(result, cand_dir / runs.PROBE_PLOT)
+        seed_everything(recipe.probe.seed)
+        backbone = load_recipe_backbone(cand_recipe)
+        result = probe_candidate(backbone, prepared.probe_split, data.num_classes, recipe.probe, dataset=data.name,
+                                 title=cand.title, progress=progress)
+        _write_probe(result, cand_dir)
         row = candidate_row(cand, backbone.num_params(), result)
         if recipe.rank.finetune:
             row["finetune_accuracy"] = run_pipeline(cand_recipe, cand_dir / "run", progress=progress)["test_accuracy"]
         rows.append(row)
-        cand_layers = layer_rows(result)
-        layers[cand.title] = {"rows": cand_layers,
-                              **rank_table(cand_layers, "lp_accuracy" if p.linear_probe else None)}
-    truth = "finetune_accuracy" if recipe.rank.finetune else "lp_accuracy"
-    table = rank_table(rows, truth)
-    report = {"dataset": data.name, "num_classes": data.num_classes, "probe_samples": len(prepared.probe_split),
-              **table, "truth_key": truth, "rows": rows, "layers": layers, "recipe": recipe_to_dict(recipe),
-              "versions": library_versions()}
+        layers[cand.title] = candidate_layers(result, recipe.probe.linear_probe)
+    truth = truth_key(recipe)
+    report = rank_report(rows, layers, truth, dataset=data.name, num_classes=data.num_classes,
+                         probe_samples=len(prepared.probe_split), recipe=recipe_to_dict(recipe))
     if is_main_process():
         write_json_atomic(out / runs.RANK, report)
         plot_rank(rows, truth, out / runs.RANK_PLOT, title=f"{len(rows)} backbones on {data.name}: scores vs {truth}")
     return report
+
+
+def _write_probe(result, directory: Path) -> None:
+    """``probe.json`` and ``probe.png`` of ``result`` in ``directory`` (rank 0 writes)."""
+    from nc_finetune.report.plots import plot_probe
+
+    directory.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        result.save(directory / runs.PROBE)
+        plot_probe(result, directory / runs.PROBE_PLOT)

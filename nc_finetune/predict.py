@@ -121,6 +121,7 @@ def load_run_classifier(run_dir: Path, example_inputs: list):
     from nc_finetune.adapt.recipe import build_recipe_classifier
     from nc_finetune.config import load_recipe
     from nc_finetune.data import Split
+    from nc_finetune.evaluate import load_trained_weights
     from nc_finetune.pipeline import load_recipe_backbone
     from nc_finetune.probe.result import ProbeResult
     from nc_finetune.select import Selection
@@ -139,10 +140,7 @@ def load_run_classifier(run_dir: Path, example_inputs: list):
     selection = Selection.load(run_dir / runs.SELECTION)
     example = Split(example_inputs[:1], np.zeros(1, dtype=np.int64))
     adapted = build_recipe_classifier(recipe, backbone, len(class_names), selection, probe_result, example)
-    unexpected = set(weights) - set(adapted.model.state_dict())
-    if unexpected:
-        raise UserError(f"{run_dir}/trainable.safetensors does not fit the rebuilt model ({sorted(unexpected)[0]})")
-    adapted.model.load_state_dict(weights, strict=False)
+    load_trained_weights(adapted, weights, run_dir)
     return recipe, backbone, adapted, [str(c) for c in class_names]
 
 

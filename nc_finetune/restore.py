@@ -102,10 +102,7 @@ def _merge_lora(backbone, run: RunDir, src, weights: dict) -> dict:
         num_classes = len(run.read_probe().meta["class_names"])
     else:
         raise UserError(f"backbone.init_from: {run_dir}/trainable.safetensors holds no LoRA head (nc_head)")
-    adapted = build_classifier(backbone, num_classes, method="lora",
-                               selection=run.read_selection(), lora_r=a.lora_r,
-                               lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, head=a.head,
-                               copy_backbone=False)
+    adapted = build_classifier(backbone, num_classes, cfg=a, selection=run.read_selection(), copy_backbone=False)
     prefix = _PEFT_PREFIX + _BACKBONE_PREFIX
     # Only the backbone part is loaded: the head is dropped anyway, and its input width differs from this
     # backbone's when the run was truncated (backbone.truncate_at).

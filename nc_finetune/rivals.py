@@ -4,15 +4,15 @@ The pieces live where they belong (``select/cka.py``, ``select/lisa.py``, ``trai
 ``adapt/etf.py``, ``train/nc1_penalty.py``); this module only turns a recipe into their arguments and checks the
 recipe's values before anything is loaded or computed:
 
-* :func:`check_rival_options`: value and combination checks (one ``ConfigError`` line each), called by
-  :func:`nc_finetune.config.load_recipe`, and with the backbone's width by the pipeline before the probe;
+* :func:`check_rival_options`: the combination checks (kept in :mod:`nc_finetune.config`, which
+  :func:`~nc_finetune.config.load_recipe` runs too) and, with the backbone's width, ``adapt.head=etf``; called by
+  the pipeline before the probe;
 * :func:`selection_inputs`: the extra inputs a strategy needs (``cka``: one dedicated pass over the probe data);
 * :func:`classifier_options`: the keyword arguments of :func:`nc_finetune.adapt.build_classifier`.
 """
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 from nc_finetune.errors import ConfigError
@@ -21,13 +21,10 @@ if TYPE_CHECKING:
     from nc_finetune.config import Recipe
 
 
-def _positive_int(value: Any, key: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"recipe key '{key}' must be an integer >= {minimum}; got {value!r}")
-
-
 def check_rival_options(recipe: Recipe, feature_dim: int | None = None, num_classes: int | None = None) -> None:
-    """Refuse impossible values and combinations of the rivals' options.
+    """Refuse impossible combinations of the rivals' options
+    (:func:`~nc_finetune.config.check_rival_combinations`; their values are checked by the sections) and what they
+    cannot do with this backbone and K.
 
     Args:
         recipe: The recipe.
@@ -37,23 +34,11 @@ def check_rival_options(recipe: Recipe, feature_dim: int | None = None, num_clas
     Raises:
         ConfigError: naming the key and what is allowed.
     """
-    s, a, t = recipe.selection, recipe.adapt, recipe.train
-    _positive_int(s.rgn_batches, "selection.rgn_batches", 1)
-    _positive_int(s.cka_samples, "selection.cka_samples", 2)
-    _positive_int(s.lisa_interval, "selection.lisa_interval", 1)
-    if not (math.isfinite(t.nc1_penalty) and t.nc1_penalty >= 0):
-        raise ConfigError(f"recipe key 'train.nc1_penalty' must be a finite number >= 0; got {t.nc1_penalty!r}")
-    if not (math.isfinite(a.etf_scale) and a.etf_scale > 0):
-        raise ConfigError(f"recipe key 'adapt.etf_scale' must be a finite number > 0; got {a.etf_scale!r}")
-    if a.method == "lisa" and s.strategy != "lisa":
-        raise ConfigError(f"adapt.method=lisa draws its own blocks: set selection.strategy=lisa (got "
-                          f"{s.strategy!r}); selection.max_blocks is the number of blocks trained at a time")
-    if a.head == "etf" and a.method == "linear_probe":
-        raise ConfigError("adapt.head=etf is fixed, so adapt.method=linear_probe would train nothing; tune blocks "
-                          "(e.g. adapt.method=finetune) or use adapt.head=linear")
-    if t.nc1_penalty > 0 and a.method == "linear_probe":
-        raise ConfigError("train.nc1_penalty needs a tuned block; adapt.method=linear_probe tunes none")
-    if a.head == "etf" and feature_dim is not None and num_classes is not None and feature_dim < num_classes - 1:
+    from nc_finetune.config import check_rival_combinations
+
+    check_rival_combinations(recipe)
+    if (recipe.adapt.head == "etf" and feature_dim is not None and num_classes is not None
+            and feature_dim < num_classes - 1):
         raise ConfigError(f"adapt.head=etf needs a feature width of at least K-1 = {num_classes - 1} for "
                           f"{num_classes} classes; {recipe.backbone.name} gives {feature_dim}: use adapt.head=linear")
 
@@ -70,7 +55,8 @@ def selection_inputs(recipe: Recipe, backbone, prepared) -> dict[str, Any]:
 
 
 def classifier_options(recipe: Recipe) -> dict[str, Any]:
-    """Keyword arguments of :func:`~nc_finetune.adapt.build_classifier` for the head and the rival adapt modes."""
-    a, s = recipe.adapt, recipe.selection
-    return {"head": a.head, "etf_scale": a.etf_scale, "head_seed": recipe.train.seed, "rgn_batches": s.rgn_batches,
-            "lisa_interval": s.lisa_interval, "lisa_seed": s.seed}
+    """Keyword arguments of :func:`~nc_finetune.adapt.build_classifier` beside the adapt section: the rival adapt
+    modes' options and seeds, which live in the selection and train sections."""
+    s = recipe.selection
+    return {"head_seed": recipe.train.seed, "rgn_batches": s.rgn_batches, "lisa_interval": s.lisa_interval,
+            "lisa_seed": s.seed}

@@ -258,6 +258,12 @@ class RunDir:
 
         return Selection.from_dict(self.read_json(SELECTION))
 
+    def read_final_weights(self) -> dict[str, Any]:
+        """The trained tensors of ``trainable.safetensors`` (a damaged file is refused in one line)."""
+        from nc_finetune.utils.io import load_safetensors
+
+        return load_safetensors(self.path / WEIGHTS)
+
     def read_summary(self) -> dict[str, Any]:
         return self.read_json(SUMMARY)
 

@@ -27,12 +27,11 @@ from typing import Any
 import numpy as np
 
 from nc_finetune import runs
-from nc_finetune.config import Recipe, SweepBudget, recipe_to_dict
+from nc_finetune.config import SWEEP_NOT_SCORED, Recipe, SweepBudget, recipe_to_dict
 from nc_finetune.errors import ConfigError, DataError, UserError
 from nc_finetune.runs import RunDir
 
-#: Strategies never scored by a sweep: ``all`` ignores budgets, ``manual`` is the user's own choice.
-_NOT_SCORED = ("all", "manual")
+_NOT_SCORED = SWEEP_NOT_SCORED  # all ignores budgets, manual is the user's own choice
 #: Recipe sections that a resumed sweep may change: they decide what is picked and scored, not what a cell trains.
 _GROWABLE = ("sweep", "selection", "description")
 #: Metrics drawn beside the per-block accuracy in ``sweep.png`` (probe keys, all lower = more collapsed).
@@ -134,23 +133,11 @@ def reference_recipe(recipe: Recipe, seed: int, names: Sequence[str], lr: float,
 
 
 def parse_strategy(spec: str) -> tuple[str, dict[str, Any]]:
-    """``name`` or ``name@key=value,key=value`` (a variant: ``selection.*`` options, values parsed as YAML).
+    """``name`` or ``name@key=value,key=value`` (:func:`~nc_finetune.config.parse_sweep_strategy`, which the
+    recipe's sweep section also runs, so ``validate`` refuses a bad variant)."""
+    from nc_finetune.config import parse_sweep_strategy
 
-    Raises:
-        ConfigError: an option that is not a ``selection`` key, or a value it does not accept.
-    """
-    from nc_finetune.config import SelectionConfig, from_dict, parse_yaml
-
-    name, _, rest = spec.partition("@")
-    options: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ConfigError(f"sweep.strategies: {spec!r}: options look like name@key=value,key=value")
-        options[key.strip()] = parse_yaml(value, f"sweep.strategies option {key.strip()!r}")  # plain data: no aliases
-    if options:
-        from_dict(SelectionConfig, {"strategy": name, **options}, f"sweep.strategies[{spec}]")
-    return name, options
+    return parse_sweep_strategy(spec)
 
 
 def _strategy_recipe(recipe: Recipe, spec: str, budget: SweepBudget) -> Recipe:

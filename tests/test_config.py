@@ -201,6 +201,37 @@ def test_validate_loads_no_model_library(tmp_path):
     assert out.strip() == "2 []"
 
 
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ("sweep.strategies=[knee, nc_magic]", "sweep.strategies: 'nc_magic' cannot be scored; choose from knee, stall"),
+    ("sweep.strategies=[knee, manual]", "'manual' cannot be scored"),  # the user's own choice: nothing to score
+    ("sweep.strategies=['nc_magic@fill=skip']", "sweep.strategies[nc_magic@fill=skip].strategy' must be one of"),
+    ("sweep.strategies=['stall@stall_reference=median']", "stall_reference' must be one of last, min"),
+    ("sweep.strategies=['stall@fill']", "options look like name@key=value"),
+])
+def test_validate_refuses_a_sweep_strategy_the_sweep_would_refuse(capsys, override, needle):
+    """Names and variant options of sweep.strategies are checked by the recipe, not only when the sweep starts;
+    without importing torch (the names come from the schema, which matches the strategy registry)."""
+    import subprocess
+    import sys
+
+    capsys.readouterr()
+    assert main(["validate", str(RECIPES[0]), override]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err, err
+    code = ("import sys; from nc_finetune.config import load_recipe; from nc_finetune.errors import ConfigError\n"
+            f"try: load_recipe({str(RECIPES[0])!r}, [{override!r}])\nexcept ConfigError: print('refused', "
+            "'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "refused False"
+
+
+def test_the_sweep_accepts_every_strategy_validate_accepts():
+    from nc_finetune.sweep import default_strategies
+
+    recipe = load_recipe(RECIPES[0], ["sweep.strategies=[" + ", ".join(default_strategies()) + ", 'knee@fill=skip']"])
+    assert recipe.sweep.strategies[:-1] == default_strategies()
+
 # ------------------------------------------------------------------------------------------------ resources
 
 BILLION_LAUGHS = "".join(

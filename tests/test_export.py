@@ -158,6 +158,43 @@ def test_unfinished_run_and_used_out_dir_exit_2(finished_run, tmp_path, capsys) 
     assert "not an empty directory" in capsys.readouterr().err and (used / "x").read_text() == "keep"
 
 
+
+def test_a_second_export_to_one_directory_is_refused_while_the_first_writes(finished_run, tmp_path, capsys,
+                                                                            monkeypatch) -> None:
+    """Two exports to one --out would share its temporary copy: the second exits 2 in one line while the first
+    holds the lock, and the first finishes intact; the lock leaves nothing behind."""
+    import threading
+
+    import nc_finetune.export as export
+
+    out = tmp_path / "e"
+    writing, release = threading.Event(), threading.Event()
+    real_rebuild = export._rebuild
+
+    def slow_rebuild(*args, **kwargs):
+        writing.set()
+        assert release.wait(60)
+        return real_rebuild(*args, **kwargs)
+
+    monkeypatch.setattr(export, "_rebuild", slow_rebuild)
+    first: dict = {}
+    thread = threading.Thread(target=lambda: first.update(m=export_run(finished_run["out"], out)))
+    thread.start()
+    try:
+        assert writing.wait(60)
+        capsys.readouterr()
+        assert main(["export", str(finished_run["out"]), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--out {out} is being written by another export" in err, err
+        assert "nc-finetune export (pid" in err
+    finally:
+        release.set()
+        thread.join(120)
+    assert first["m"]["class_names"] and (out / MANIFEST).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]  # no lock or temporary copy left beside it
+    assert main(["export", str(finished_run["out"]), "--out", str(out)]) == 2  # now: not empty, as before
+    assert "not an empty directory" in capsys.readouterr().err
+
 # --------------------------------------------------------------------------------------------------- images
 
 

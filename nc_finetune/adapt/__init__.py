@@ -29,13 +29,16 @@ import contextlib
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from nc_finetune.backbones.hooks import ForwardStop, tap_output
 from nc_finetune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from nc_finetune.config import AdaptConfig
 
 METHODS = {
     "linear_probe": "head only (backbone frozen)",
@@ -190,11 +193,11 @@ def is_head_param(param_name: str) -> bool:
     return "nc_head" in parts or "skip_proj" in parts
 
 
-def build_classifier(backbone, num_classes: int, *, method: str, selection=None, skip_dim: int | None = None,
-                     wiring: str = "add", lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
-                     freeze_bn: bool = True, head: str = "linear", etf_scale: float = 1.0, head_seed: int = 0,
-                     rgn_batches: int = 5, lisa_interval: int = 20, lisa_seed: int = 0,
-                     copy_backbone: bool = True) -> AdaptedModel:
+def build_classifier(backbone, num_classes: int, *, method: str | None = None, selection=None,
+                     skip_dim: int | None = None, wiring: str = "add", lora_r: int = 8, lora_alpha: int = 16,
+                     lora_dropout: float = 0.0, freeze_bn: bool = True, head: str = "linear", etf_scale: float = 1.0,
+                     head_seed: int = 0, rgn_batches: int = 5, lisa_interval: int = 20, lisa_seed: int = 0,
+                     copy_backbone: bool = True, cfg: AdaptConfig | None = None) -> AdaptedModel:
     """Build the classifier for ``method`` and freeze everything that must not train.
 
     Call :func:`nc_finetune.utils.env.seed_everything` first: the head (and LoRA matrices) are initialised here.
@@ -219,11 +222,19 @@ def build_classifier(backbone, num_classes: int, *, method: str, selection=None,
         copy_backbone: Build on a deep copy of ``backbone.model`` so the backbone stays as it was (no frozen
             parameters, LoRA layers or skip hooks left behind) and can build another classifier. ``False`` uses the
             model in place (no second copy in memory) when the backbone is not used again.
+        cfg: A recipe's adapt section, taken whole, instead of ``method``: its ``method``, ``scl_wiring``,
+            ``lora_r``, ``lora_alpha``, ``lora_dropout``, ``freeze_bn``, ``head`` and ``etf_scale`` replace those
+            keyword arguments.
 
     Raises:
         ConfigError: unknown method or head, empty selection, a block name that matches no module, or a fixed head
             with nothing else to train (``linear_probe``).
     """
+    if cfg is not None:
+        if method is not None:
+            raise TypeError("build_classifier takes method= or cfg= (the adapt section holds the method), not both")
+        method, wiring, head, etf_scale = cfg.method, cfg.scl_wiring, cfg.head, cfg.etf_scale
+        lora_r, lora_alpha, lora_dropout, freeze_bn = cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.freeze_bn
     if method not in METHODS:
         raise ConfigError(f"adapt.method must be one of {', '.join(METHODS)}; got {method!r}")
     if head not in HEADS:

@@ -24,13 +24,10 @@ def build_recipe_classifier(recipe, backbone, num_classes: int, selection, probe
     from nc_finetune.rivals import classifier_options
     from nc_finetune.utils.env import seed_everything
 
-    a = recipe.adapt
     skip_dim = scl_skip_dim(recipe, backbone, selection, probe_result, split)
     seed_everything(recipe.train.seed)  # the head / LoRA init must not depend on what ran before
-    return build_classifier(backbone, num_classes, method=a.method, selection=selection, skip_dim=skip_dim,
-                            wiring=a.scl_wiring, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
-                            lora_dropout=a.lora_dropout, freeze_bn=a.freeze_bn, copy_backbone=False,
-                            **classifier_options(recipe))
+    return build_classifier(backbone, num_classes, cfg=recipe.adapt, selection=selection, skip_dim=skip_dim,
+                            copy_backbone=False, **classifier_options(recipe))
 
 
 def scl_skip_dim(recipe, backbone, selection, probe_result, split) -> int | None:

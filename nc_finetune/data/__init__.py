@@ -6,7 +6,7 @@ been sub-sampled (stratified, seeded) and validated, so that unusable data fails
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nc_finetune.data.base import (
     ClassificationData,
@@ -21,6 +21,9 @@ from nc_finetune.data.corrupt import CORRUPTIONS, check_corruption, corrupt_spli
 from nc_finetune.data.hf import LOCAL_BUILDERS, LazyImageColumn, is_hf_name, load_hf
 from nc_finetune.data.streaming import StreamSplit, load_streaming, per_class_sample
 from nc_finetune.errors import ConfigError, DataError, UserError
+
+if TYPE_CHECKING:
+    from nc_finetune.config import DataConfig
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -39,8 +42,14 @@ __all__ = [
 ]
 
 
+#: The arguments of :func:`load_data` that a recipe's data section holds under the same names.
+_SECTION_ARGUMENTS = ("name", "train_split", "test_split", "text_column", "image_column", "label_column", "data_files",
+                      "max_train_samples", "max_eval_samples", "seed", "test_size", "corruption",
+                      "corruption_severity", "streaming", "labels")
+
+
 def load_data(
-    name: str,
+    name: str | None = None,
     *,
     train_split: str = "train",
     test_split: str = "test",
@@ -56,6 +65,7 @@ def load_data(
     corruption_severity: int = 3,
     streaming: bool = False,
     labels: list[str] | None = None,
+    cfg: DataConfig | None = None,
 ) -> ClassificationData:
     """Load, sub-sample and validate a classification dataset.
 
@@ -79,6 +89,8 @@ def load_data(
         streaming: HF sources only: read as streams (:mod:`nc_finetune.data.streaming`); an unsampled split is then
             a :class:`StreamSplit`.
         labels: With ``streaming``: the class names, so that the label set needs no pass over the data.
+        cfg: A recipe's data section, taken whole, instead of ``name``: every argument above is its field of the
+            same name.
 
     Returns:
         The validated dataset; ``info`` records the source, sizes, seed and split rule.
@@ -88,6 +100,12 @@ def load_data(
         ConfigError: Arguments that do not apply or are out of range.
         DataError: A split, column or labels that cannot be used (one line naming the split).
     """
+    if cfg is not None:
+        if name is not None:
+            raise TypeError("load_data takes a name or cfg= (the data section holds the name), not both")
+        return load_data(**{key: getattr(cfg, key) for key in _SECTION_ARGUMENTS})
+    if name is None:
+        raise TypeError("load_data needs a dataset name (or cfg=, a recipe's data section)")
     for arg, value in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples)):
         if value is not None and value < 1:
             raise ConfigError(f"{arg} must be >= 1 or unset, got {value}")

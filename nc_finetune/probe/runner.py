@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from nc_finetune.probe.metrics import equi_separation_fit, linear_probe_accuracy
 from nc_finetune.probe.result import ProbeResult
 from nc_finetune.probe.stats import ClassStats, FeatureReservoir
 from nc_finetune.utils.env import library_versions, resolve_device
+
+if TYPE_CHECKING:
+    from nc_finetune.config import ProbeConfig
 
 LayerScorer = Callable[[ClassStats, torch.Tensor, torch.Tensor], Mapping[str, float]]
 """Extra per-layer scores: ``(stats, reservoir features (n, D), their labels (n,)) -> {name: value}``."""
@@ -124,6 +127,7 @@ def probe(
     progress: bool = True,
     meta: dict[str, Any] | None = None,
     scorers: Sequence[LayerScorer] = (),
+    cfg: ProbeConfig | None = None,
 ) -> ProbeResult:
     """Measure collapse at every tapped block in one pass over ``split``.
 
@@ -144,6 +148,9 @@ def probe(
             ``(nc_finetune.transfer.scores.scores_from_stats,)`` for LogME, H-score and the raw NCTI terms. Each
             gets the layer's global (all-reduced) statistics and its reservoir; under ``torch.distributed`` the
             reservoir is each rank's *local* one (not reduced), so scores computed from it differ by rank.
+        cfg: A recipe's probe section, taken whole: when given, its ``batch_size``, ``layers``, ``ncc_samples``,
+            ``linear_probe``, ``autocast``, ``device`` and ``seed`` replace those keyword arguments (change one with
+            ``dataclasses.replace(cfg, ...)``).
 
     Returns:
         The per-layer table.
@@ -151,6 +158,9 @@ def probe(
     Raises:
         DataError: empty split or labels out of range (checked before any forward pass).
     """
+    if cfg is not None:
+        batch_size, layers, ncc_samples, linear_probe = cfg.batch_size, cfg.layers, cfg.ncc_samples, cfg.linear_probe
+        autocast, device, seed = cfg.autocast, cfg.device, cfg.seed
     labels_all = np.asarray(split.labels)
     if len(split) == 0:
         raise DataError("probe: the training split is empty")

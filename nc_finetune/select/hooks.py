@@ -14,13 +14,17 @@ from typing import Any
 from nc_finetune.errors import ConfigError, DataError
 
 
-def reference_recipe(recipe):
+def reference_recipe(recipe, source_data=None):
     """The recipe whose data section is ``selection.reference`` (``source``: the ``backbone.init_from`` run's data;
     a mapping: ``data.*`` overrides of this recipe's data), and a label for it.
 
+    Args:
+        recipe: The recipe.
+        source_data: The data section of the ``backbone.init_from`` run, read by the caller from that run's
+            directory (needed for ``selection.reference=source``; selection reads no run directories).
+
     Raises:
         ConfigError: no reference, ``source`` without ``backbone.init_from``, or unknown data keys.
-        UserError: ``source`` names a directory that is not a finished run.
     """
     from nc_finetune.config import DataConfig, from_dict
 
@@ -32,9 +36,9 @@ def reference_recipe(recipe):
         if not recipe.backbone.init_from:
             raise ConfigError("selection.reference=source means the data of the backbone.init_from run, but "
                               "backbone.init_from is not set; give data overrides instead, e.g. {corruption: null}")
-        from nc_finetune.runs import RunDir
-
-        data = RunDir(recipe.backbone.init_from).read_finished_recipe("selection.reference=source").data
+        if source_data is None:
+            raise ValueError("selection.reference=source: pass the backbone.init_from run's data section")
+        data = source_data
         label = f"source (the data of {recipe.backbone.init_from})"
     else:
         raw = {**dataclasses.asdict(recipe.data), **ref}
@@ -43,33 +47,46 @@ def reference_recipe(recipe):
     return dataclasses.replace(recipe, data=data), label
 
 
-def check_selection_inputs(recipe) -> None:
+def check_selection_inputs(recipe, source_data=None) -> None:
     """Refuse a strategy whose inputs cannot be had, before any model compute (exit 2, one line).
 
+    Args:
+        recipe: The recipe.
+        source_data: As :func:`reference_recipe`.
+
     Raises:
-        ConfigError / UserError: as :func:`reference_recipe` (``shift``) or the trial options (``trial``).
+        ConfigError: as :func:`reference_recipe` (``shift``) or the trial options (``trial``).
     """
     s = recipe.selection
     if s.strategy == "shift":
-        reference_recipe(recipe)
+        reference_recipe(recipe, source_data)
     if s.strategy == "trial":
         from nc_finetune.select.trial import check_trial_options
 
         check_trial_options(s.trial_steps, s.trial_samples, s.trial_score)
 
 
-def selection_inputs(recipe, backbone, prepared, num_classes: int, *, progress: bool = False) -> dict[str, Any]:
-    """Keyword arguments of :func:`~nc_finetune.select.select_blocks` for ``recipe.selection``.
+def selection_inputs(recipe, backbone, prepared, num_classes: int, *, source_data=None,
+                     progress: bool = False) -> dict[str, Any]:
+    """The computed inputs of :func:`~nc_finetune.select.select_blocks` for ``recipe.selection`` (keyword
+    arguments beside ``cfg=recipe.selection``).
 
     Computes the relative gradient norms (``auto_rgn``), the trials (``trial``), the reference probe (``shift``)
     and the resampled probes (``bootstrap``).
+
+    Args:
+        recipe: The recipe.
+        backbone: The probed backbone.
+        prepared: The recipe's :class:`~nc_finetune.data.prepare.PreparedData`.
+        num_classes: K.
+        source_data: As :func:`reference_recipe`.
+        progress: tqdm bars.
 
     Raises:
         DataError: the reference data has a different number of classes.
     """
     s, t, p = recipe.selection, recipe.train, recipe.probe
-    kw: dict[str, Any] = {"fill": s.fill, "stall_reference": s.stall_reference, "knee_residual": s.knee_residual,
-                          "trial_score": s.trial_score, "shift_jump": s.shift_jump}
+    kw: dict[str, Any] = {}
     if s.strategy == "auto_rgn":
         kw["rgn_scores"] = auto_rgn_block_scores(backbone, prepared.data.train, num_classes, s, t)
     if s.strategy == "trial":
@@ -82,17 +99,16 @@ def selection_inputs(recipe, backbone, prepared, num_classes: int, *, progress: 
             cache_prefix=t.cache_prefix != "off" and not t.augment, freeze_bn=recipe.adapt.freeze_bn,
             score=s.trial_score)
     if s.strategy == "shift":
-        from nc_finetune.pipeline import prepare_data
+        from nc_finetune.data.prepare import prepare_data
         from nc_finetune.probe.runner import probe
 
-        ref_recipe, label = reference_recipe(recipe)
+        ref_recipe, label = reference_recipe(recipe, source_data)
         ref = prepare_data(ref_recipe)
         if ref.data.num_classes != num_classes:
             raise DataError(f"selection.reference has {ref.data.num_classes} classes, the target data "
                             f"{num_classes}: the shift rule compares collapse of the same classes")
-        kw["reference_probe"] = probe(backbone, ref.probe_split, num_classes, batch_size=p.batch_size,
-                                      layers=p.layers, ncc_samples=p.ncc_samples, autocast=p.autocast,
-                                      device=p.device, seed=p.seed, progress=progress,
+        kw["reference_probe"] = probe(backbone, ref.probe_split, num_classes,
+                                      cfg=dataclasses.replace(p, linear_probe=False), progress=progress,
                                       meta={"reference": label, "dataset": ref.data.name})
     if s.bootstrap:
         from nc_finetune.select.bootstrap import bootstrap_probes, collect_block_features

@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -24,6 +24,9 @@ from nc_finetune.errors import ConfigError
 from nc_finetune.probe.result import ProbeResult
 from nc_finetune.select.strategies import STRATEGIES, BlockLike, Ranking, rank_blocks
 from nc_finetune.utils.io import read_json_object, write_json_atomic
+
+if TYPE_CHECKING:
+    from nc_finetune.config import SelectionConfig
 
 #: Blocks tuned when no budget is given: one block, as in Li et al.'s Layer FT / SCL FT.
 DEFAULT_MAX_BLOCKS = 1
@@ -512,7 +515,7 @@ def select_blocks(
     probe_result: ProbeResult | None,
     blocks: Sequence[BlockLike],
     *,
-    strategy: str,
+    strategy: str | None = None,
     max_blocks: int | None = None,
     max_param_fraction: float | None = None,
     manual: Sequence[int | str] | int | str | None = None,
@@ -531,6 +534,7 @@ def select_blocks(
     reference_probe: ProbeResult | None = None,
     shift_jump: float = 0.5,
     bootstrap_probes: Sequence[ProbeResult] | None = None,
+    cfg: SelectionConfig | None = None,
 ) -> Selection:
     """Rank the blocks with ``strategy`` and cut the ranking to the budget.
 
@@ -559,6 +563,10 @@ def select_blocks(
         bootstrap_probes: For ``knee``/``stall``: probes of resampled probe subsets
             (:func:`nc_finetune.select.bootstrap.bootstrap_probes`); the rule is applied to each, and blocks are
             ranked by how often they are picked under the budget (the most stable pick first).
+        cfg: A recipe's selection section, taken whole, instead of ``strategy``: its ``strategy``, ``max_blocks``,
+            ``max_param_fraction``, ``blocks`` (as ``manual``), ``seed``, ``stall_fraction``, ``fill``,
+            ``stall_reference``, ``knee_residual``, ``trial_score`` and ``shift_jump`` replace those keyword
+            arguments; the computed inputs (``rgn_scores``, ``trial_results``, ...) and the sizes stay arguments.
 
     Returns:
         The selection, blocks in forward order.
@@ -567,6 +575,14 @@ def select_blocks(
         ConfigError: unknown strategy, missing input for a strategy, invalid or impossible budget, inconsistent
             parameter counts.
     """
+    if cfg is not None:
+        if strategy is not None:
+            raise TypeError("select_blocks takes strategy= or cfg= (the selection section holds the strategy), "
+                            "not both")
+        strategy, max_blocks, max_param_fraction = cfg.strategy, cfg.max_blocks, cfg.max_param_fraction
+        manual, seed, stall_fraction, fill = cfg.blocks, cfg.seed, cfg.stall_fraction, cfg.fill
+        stall_reference, knee_residual = cfg.stall_reference, cfg.knee_residual
+        trial_score, shift_jump = cfg.trial_score, cfg.shift_jump
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown selection strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
     _check_budget(max_blocks, max_param_fraction)

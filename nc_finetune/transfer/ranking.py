@@ -66,6 +66,71 @@ def layer_rows(result) -> list[dict[str, Any]]:
     return rows
 
 
+def check_rank_recipe(recipe) -> None:
+    """Refuse a ranking without candidates or without a ground truth, before anything loads.
+
+    Raises:
+        ConfigError: no ``rank.candidates`` (the section validates each one), or neither ``rank.finetune`` nor
+            ``probe.linear_probe``.
+    """
+    from nc_finetune.errors import ConfigError
+
+    if not recipe.rank.candidates:
+        raise ConfigError("rank.candidates needs at least 2 backbone sections, e.g. "
+                          "[{name: efficientnet-lite0}, {name: efficientnet-lite0, pretrained: false}]")
+    if not recipe.rank.finetune and not recipe.probe.linear_probe:
+        raise ConfigError("rank needs a ground truth: set rank.finetune=true or probe.linear_probe=true")
+
+
+def truth_key(recipe) -> str:
+    """The ground truth of the backbone ranking: fine-tuned test accuracy or the probe's linear-probe accuracy."""
+    return "finetune_accuracy" if recipe.rank.finetune else "lp_accuracy"
+
+
+def probe_candidate(backbone, probe_split, num_classes: int, cfg, *, dataset: str, title: str,
+                    progress: bool = True):
+    """Probe one candidate on every block with the transfer scorers on (NC1, trace ratio, CDNV, LogME, H-score
+    and NCTI's terms from one pass).
+
+    Args:
+        backbone: The candidate's :class:`~nc_finetune.backbones.Backbone`.
+        probe_split: The probe subset every candidate shares.
+        num_classes: K.
+        cfg: The recipe's probe section (its ``layers`` do not apply: a candidate's layers are all ranked).
+        dataset: Recorded in the result's meta.
+        title: The candidate's title, recorded in the result's meta.
+        progress: tqdm bar.
+
+    Returns:
+        The :class:`~nc_finetune.probe.result.ProbeResult`.
+    """
+    import dataclasses
+
+    from nc_finetune.probe.runner import probe
+    from nc_finetune.transfer.scores import scores_from_stats
+
+    return probe(backbone, probe_split, num_classes, cfg=dataclasses.replace(cfg, layers="all"), progress=progress,
+                 scorers=(scores_from_stats,), meta={"dataset": dataset, "candidate": title})
+
+
+def candidate_layers(result, linear_probe: bool) -> dict[str, Any]:
+    """One candidate's layer ranking: its :func:`layer_rows` and their :func:`rank_table` (against the
+    linear-probe accuracy when the probe fitted one)."""
+    rows = layer_rows(result)
+    return {"rows": rows, **rank_table(rows, "lp_accuracy" if linear_probe else None)}
+
+
+def rank_report(rows: Sequence[Mapping[str, Any]], layers: Mapping[str, Any], truth: str, *, dataset: str,
+                num_classes: int, probe_samples: int, recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """The content of ``rank.json``: the backbone ranking against ``truth``, each candidate's layer ranking and
+    the provenance (recipe, library versions)."""
+    from nc_finetune.utils.env import library_versions
+
+    return {"dataset": dataset, "num_classes": num_classes, "probe_samples": probe_samples,
+            **rank_table(rows, truth), "truth_key": truth, "rows": list(rows), "layers": dict(layers),
+            "recipe": dict(recipe), "versions": library_versions()}
+
+
 def _num(v: Any) -> float:
     try:
         return float(v) if v is not None else _NAN

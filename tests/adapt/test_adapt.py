@@ -307,3 +307,21 @@ def test_copy_backbone_false_builds_in_place(bert_dir) -> None:
     bb = load_bert(bert_dir)
     adapted = build_classifier(bb, K, method="finetune", selection=_select(bb), copy_backbone=False)
     assert adapted.model.backbone is bb.model
+
+
+def test_an_adapt_section_taken_whole_is_the_keywords_it_holds(bert_dir) -> None:
+    """``build_classifier(..., cfg=recipe.adapt)``: LoRA of the section's rank, alpha and dropout, same weights."""
+    from nc_finetune.config import AdaptConfig
+
+    cfg = AdaptConfig(method="lora", lora_r=LORA_R + 1, lora_alpha=5, lora_dropout=0.25)
+    torch.manual_seed(0)
+    by_cfg = build_classifier(load_bert(bert_dir), K, cfg=cfg, selection=_select(load_bert(bert_dir)))
+    torch.manual_seed(0)
+    by_kw = build_classifier(load_bert(bert_dir), K, method="lora", selection=_select(load_bert(bert_dir)),
+                             lora_r=LORA_R + 1, lora_alpha=5, lora_dropout=0.25)
+    a, b = by_cfg.model.state_dict(), by_kw.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    peft_cfg = by_cfg.model.peft_config["default"]
+    assert (peft_cfg.r, peft_cfg.lora_alpha, peft_cfg.lora_dropout) == (LORA_R + 1, 5, 0.25)
+    with pytest.raises(TypeError, match="not both"):
+        build_classifier(load_bert(bert_dir), K, method="lora", cfg=cfg)

@@ -416,3 +416,17 @@ def test_reprs_are_short():
                               info={"files": ["x" * 100] * 50})
     assert repr(data) == ("ClassificationData(name='csv', modality='text', num_classes=7, train=400, test=10, "
                           "class_names=['c0', 'c1', 'c2', 'c3', 'c4', ...])")
+
+
+def test_a_data_section_taken_whole_is_the_keywords_it_holds(tmp_path):
+    from nc_finetune.config import DataConfig
+
+    path = _write_csv(tmp_path / "a.csv", _text_rows({"pos": 20, "neg": 10, "mid": 10}))
+    cfg = DataConfig(name="csv", data_files=str(path), seed=3, test_size=0.25, max_train_samples=12)
+    by_cfg = load_data(cfg=cfg)
+    by_kw = load_data("csv", data_files=str(path), seed=3, test_size=0.25, max_train_samples=12)
+    default_share = load_data("csv", data_files=str(path), seed=3, max_train_samples=12)
+    assert len(by_cfg.train) == 12 and len(by_cfg.test) != len(default_share.test)  # the section's cap and share
+    assert by_cfg.train.inputs == by_kw.train.inputs and by_cfg.test.inputs == by_kw.test.inputs
+    with pytest.raises(TypeError, match="not both"):
+        load_data("csv", cfg=cfg)

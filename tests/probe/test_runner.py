@@ -155,3 +155,20 @@ def test_scorers_see_each_layers_statistics_and_reservoir():
         assert rec["n_stats"] == 30 and rec["n_reservoir"] == 20 and shape == (20, rec["dim"])
     plain = runner.probe(backbone, Split(images, labels), 3, layers=[0], progress=False)
     assert "n_stats" not in plain.layers[0]
+
+
+def test_a_probe_section_taken_whole_is_the_keywords_it_holds():
+    """``probe(..., cfg=recipe.probe)`` measures as the keywords would (layers, reservoir, seed, linear probe)."""
+    from nc_finetune.config import ProbeConfig
+
+    images, labels = make_images(30, 3, seed=2)
+    split = Split(images, labels)
+    cfg = ProbeConfig(batch_size=5, layers=[0, 2], ncc_samples=11, linear_probe=True, seed=4, device="cpu")
+    by_cfg = runner.probe(load_cnn(), split, 3, cfg=cfg, progress=False)
+    by_kw = runner.probe(load_cnn(), split, 3, batch_size=5, layers=[0, 2], ncc_samples=11, linear_probe=True,
+                         seed=4, device="cpu", progress=False)
+    default = runner.probe(load_cnn(), split, 3, progress=False)
+    assert [r["name"] for r in by_cfg.layers] == [r["name"] for r in by_kw.layers]
+    assert len(by_cfg.layers) < len(default.layers)  # the section's layers, not the default "all"
+    for a, b in zip(by_cfg.layers, by_kw.layers, strict=True):
+        assert {k: a[k] for k in (*KEYS, "lp_accuracy")} == {k: b[k] for k in (*KEYS, "lp_accuracy")}

@@ -113,3 +113,26 @@ def test_auto_rgn_batches_follow_the_selection_section() -> None:
     assert all(torch.equal(a[1], b[1]) for a, b in zip(batches, again, strict=True))
     small = auto_rgn_batches(Prepares(), Split(inputs=np.arange(5), labels=np.arange(5)), cfg)
     assert [len(b[1]) for b in small] == [5, 5, 5]  # never more than the split holds
+
+
+def test_reference_source_reaches_selection_as_an_argument(tmp_path, bert_dir, text_csv):
+    """``selection.reference=source``: the pipeline reads the init_from run's data section (refusing a directory
+    that is not a finished run), selection only uses the section it is given."""
+    import dataclasses
+
+    from nc_finetune.errors import UserError
+    from nc_finetune.pipeline import reference_source_data
+    from nc_finetune.select.hooks import reference_recipe
+
+    not_a_run = tmp_path / "empty"
+    not_a_run.mkdir()
+    recipe = make_recipe(bert_dir, text_csv, **{"selection.strategy": "shift", "selection.reference": "source",
+                                                "selection.blocks": "null", "selection.max_blocks": 1,
+                                                "backbone.init_from": str(not_a_run)})
+    with pytest.raises(UserError, match="selection.reference=source"):
+        reference_source_data(recipe)
+    source = dataclasses.replace(recipe.data, max_train_samples=7)
+    ref, label = reference_recipe(recipe, source)
+    assert ref.data is source and ref.backbone == recipe.backbone and label.startswith("source (the data of ")
+    assert reference_source_data(dataclasses.replace(recipe, selection=dataclasses.replace(
+        recipe.selection, reference={"seed": 3}))) is None  # data overrides: no run directory is read

@@ -263,3 +263,22 @@ def test_lora_kwargs_default_head_is_the_classifier_head():
     model = Classifier(backbone, 2, 3)  # build_classifier's head is `nc_head`
     sel = select_blocks(None, _blocks_of(Clf(n=3)), strategy="manual", manual=[1])
     assert sel.lora_kwargs(model)["modules_to_save"] == ["nc_head"]
+
+
+def test_a_selection_section_taken_whole_is_the_keywords_it_holds():
+    """``select_blocks(..., cfg=recipe.selection)`` picks what the keywords it holds pick; not both at once."""
+    from nc_finetune.config import SelectionConfig
+
+    blocks = make_blocks(6)
+    cfg = SelectionConfig(strategy="random_k", max_blocks=None, max_param_fraction=0.5, fill="skip", seed=7)
+    by_cfg = select_blocks(None, blocks, cfg=cfg, head_params=10)
+    by_kw = select_blocks(None, blocks, strategy="random_k", max_param_fraction=0.5, fill="skip", seed=7,
+                          head_params=10)
+    assert by_cfg.to_dict() == by_kw.to_dict()
+    other_seed = select_blocks(None, blocks, strategy="random_k", max_param_fraction=0.5, fill="skip", seed=8,
+                               head_params=10)
+    assert other_seed.indices != by_cfg.indices  # the section's seed was used, not the default
+    manual = select_blocks(None, blocks, cfg=SelectionConfig(strategy="manual", blocks=[1, 4], max_blocks=None))
+    assert manual.indices == [1, 4]
+    with pytest.raises(TypeError, match="not both"):
+        select_blocks(None, blocks, strategy="last_k", cfg=cfg)
