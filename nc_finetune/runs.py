@@ -92,7 +92,7 @@ class RunDir:
             raise UserError(f"{self.path} already holds {', '.join(existing)}; choose another --out or pass "
                             "--overwrite")
         if existing and recipe is not None and self.is_finished_run():
-            diff = first_difference(self._recorded_recipe(), recipe_to_dict(recipe))
+            diff = first_difference(self.recorded_recipe(), recipe_to_dict(recipe))
             if diff is not None:
                 raise UserError(f"{self.path} holds a finished run trained with another recipe ({diff}); "
                                 "--overwrite would no longer describe its weights; choose another --out")
@@ -267,7 +267,7 @@ class RunDir:
     def read_summary(self) -> dict[str, Any]:
         return self.read_json(SUMMARY)
 
-    def _recorded_recipe(self) -> Any:
+    def recorded_recipe(self) -> Any:
         """The run's ``resolved.yaml`` as the schema reads it now, for comparison with a recipe.
 
         A key added to the schema after the file was written reads as its default (a new field's default keeps the

@@ -332,6 +332,19 @@ def summarize(
     return {"cells": rows, "oracle": oracle, "regret": regret, "references": refs}
 
 
+def _selection_as_now(recipe: Recipe, recorded: Any) -> Any:
+    """A recorded ``selection`` section read through today's schema (fields added since take their defaults)."""
+    from nc_finetune.config import SelectionConfig, from_dict
+
+    if not isinstance(recorded, dict):
+        return recorded
+    try:
+        section = from_dict(SelectionConfig, recorded, "selection")
+    except ConfigError:
+        return recorded
+    return recipe_to_dict(dataclasses.replace(recipe, selection=section))["selection"]
+
+
 def _rows(split: Any) -> int | None:
     """Rows of a split; ``None`` for a stream never counted (``data.streaming`` without a sample size)."""
     try:
@@ -392,7 +405,8 @@ def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print)
     if run.has(runs.RESOLVED):
         # The sweep and selection sections may grow (more seeds, rates, candidates, strategies, budgets): the
         # finished cells stay valid. Everything that decides what a cell trains must match.
-        before, now = run._read_yaml(runs.RESOLVED), recipe_to_dict(recipe)
+        # read through today's schema: a key added since the sweep began reads as its default, not as a change
+        before, now = run.recorded_recipe(), recipe_to_dict(recipe)
         diff = runs.first_difference({k: v for k, v in (before or {}).items() if k not in _GROWABLE},
                                      {k: v for k, v in now.items() if k not in _GROWABLE})
         if diff is not None:
@@ -431,7 +445,7 @@ def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print)
         # Picks already made (a resumed sweep) are kept; strategies added since are picked now.
         saved = seed_dir.read_json("picks.json") if seed_dir.has("picks.json") else {}
         selection_now = recipe_to_dict(srecipe)["selection"]
-        if saved.get("selection") != selection_now:  # picks made with other strategy options are stale
+        if _selection_as_now(srecipe, saved.get("selection")) != selection_now:  # other options: stale picks
             saved = {}
         picks: dict[str, dict[str, list[int]]] = saved.get("picks", {})
         scores: dict[str, dict[int, float]] = {s: {int(k): (math.nan if v is None else v) for k, v in d.items()}

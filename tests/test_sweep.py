@@ -274,3 +274,29 @@ def test_sweep_on_the_default_recipes_with_a_handful_of_steps(tmp_path, recipe) 
         (0,), (len(report["blocks"]) - 1,)}
     assert report["regret"]["1_block"]["last_k"]["mean"] is not None
     assert (out / runs.SWEEP_PLOT).stat().st_size > 0
+
+
+def test_a_sweep_recorded_before_a_new_config_field_resumes_without_redoing_anything(tmp_path, bert_dir, text_csv,
+                                                                                        monkeypatch) -> None:
+    import yaml
+
+    import nc_finetune.pipeline as pipeline
+    from nc_finetune.sweep import sweep_stage
+
+    recipe = load_recipe(None, recipe_overrides(bert_dir, text_csv, **{
+        "train.epochs": 1, "sweep.seeds": "[0]", "sweep.strategies": "[knee, last_k]"}))
+    out = tmp_path / "sweep"
+    first = sweep_stage(recipe, out, progress=False, echo=lambda line: None)
+    # as if written by an earlier version: a selection and a data field it did not have yet
+    resolved = yaml.safe_load((out / runs.RESOLVED).read_text())
+    del resolved["selection"]["rgn_batch_size"], resolved["data"]["streaming"]
+    (out / runs.RESOLVED).write_text(yaml.safe_dump(resolved))
+    picks_path = out / "seeds" / "seed0" / "picks.json"
+    picks = json.loads(picks_path.read_text())
+    del picks["selection"]["rgn_batch_size"]
+    picks_path.write_text(json.dumps(picks))
+    calls: list[str] = []
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda *a, **k: calls.append("train"))
+    monkeypatch.setattr(pipeline, "choose_blocks", lambda *a, **k: calls.append("pick"))
+    again = sweep_stage(recipe, out, progress=False, echo=lambda line: None)
+    assert calls == [] and again["regret"] == first["regret"]
