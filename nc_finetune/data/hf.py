@@ -151,24 +151,31 @@ def _local_checksums(data_files: dict | str | None) -> dict[str, str]:
     return out
 
 
+def load_dataset_args(name: str, data_files: dict | str | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``datasets.load_dataset`` arguments for ``hf:<id>[:<config>]`` or a local builder (in memory or streamed).
+
+    Raises:
+        ConfigError: a local builder without ``data_files``, or ``hf:`` without an id.
+    """
+    if name in LOCAL_BUILDERS:
+        if data_files is None:
+            raise ConfigError(f"data {name!r} needs data_files (a path, or {{split: path}})")
+        kwargs: dict[str, Any] = {"data_files": _normalise_data_files(data_files)}
+        if name == "csv":  # texts such as "NA", "None" or "null" are texts; only an empty cell is missing
+            kwargs.update(keep_default_na=False, na_values=[""])
+        return (name,), kwargs
+    hub_id, _, config = name[len("hf:") :].partition(":")
+    if not hub_id:
+        raise ConfigError("data 'hf:' needs a hub id, e.g. hf:stanfordnlp/imdb or hf:nyu-mll/glue:sst2")
+    return ((hub_id, config) if config else (hub_id,)), ({"data_files": data_files} if data_files is not None else {})
+
+
 def _load_dict(name: str, data_files: dict | str | None) -> Any:
     """``datasets.load_dataset`` for ``hf:<id>[:<config>]`` or a local builder, as a ``DatasetDict``."""
     import datasets
     from datasets.exceptions import DatasetGenerationError
 
-    if name in LOCAL_BUILDERS:
-        if data_files is None:
-            raise ConfigError(f"data {name!r} needs data_files (a path, or {{split: path}})")
-        args: tuple[Any, ...] = (name,)
-        kwargs: dict[str, Any] = {"data_files": _normalise_data_files(data_files)}
-        if name == "csv":  # texts such as "NA", "None" or "null" are texts; only an empty cell is missing
-            kwargs.update(keep_default_na=False, na_values=[""])
-    else:
-        hub_id, _, config = name[len("hf:") :].partition(":")
-        if not hub_id:
-            raise ConfigError("data 'hf:' needs a hub id, e.g. hf:stanfordnlp/imdb or hf:nyu-mll/glue:sst2")
-        args = (hub_id, config) if config else (hub_id,)
-        kwargs = {"data_files": data_files} if data_files is not None else {}
+    args, kwargs = load_dataset_args(name, data_files)
     try:
         loaded = datasets.load_dataset(*args, **kwargs)
     except DatasetGenerationError as err:  # the builder failed on the files' content (empty, binary, malformed)

@@ -38,8 +38,8 @@ from nc_finetune.data.hf import (
     LOCAL_BUILDERS,
     _first_line,
     _jsonable,
-    _normalise_data_files,
     _pick_input_column,
+    load_dataset_args,
     to_uint8_image,
 )
 from nc_finetune.errors import ConfigError, DataError
@@ -434,19 +434,7 @@ def _load_stream_dict(name: str, data_files: dict | str | None) -> Any:
     """``datasets.load_dataset(..., streaming=True)`` for ``hf:<id>[:<config>]`` or a local builder."""
     import datasets
 
-    if name in LOCAL_BUILDERS:
-        if data_files is None:
-            raise ConfigError(f"data {name!r} needs data_files (a path, or {{split: path}})")
-        args: tuple[Any, ...] = (name,)
-        kwargs: dict[str, Any] = {"data_files": _normalise_data_files(data_files)}
-        if name == "csv":  # as in memory: only an empty cell is missing
-            kwargs.update(keep_default_na=False, na_values=[""])
-    else:
-        hub_id, _, config = name[len("hf:"):].partition(":")
-        if not hub_id:
-            raise ConfigError("data 'hf:' needs a hub id, e.g. hf:stanfordnlp/imdb or hf:nyu-mll/glue:sst2")
-        args = (hub_id, config) if config else (hub_id,)
-        kwargs = {"data_files": data_files} if data_files is not None else {}
+    args, kwargs = load_dataset_args(name, data_files)  # as in memory (CSV: only an empty cell is missing)
     try:
         loaded = datasets.load_dataset(*args, streaming=True, **kwargs)
     except (OSError, ValueError, ConnectionError) as err:
