@@ -115,20 +115,39 @@ def check_selection_feasible(recipe: Recipe, backbone, num_classes: int) -> None
                   head_params=head, total_params=backbone.num_params() + head, fill=s.fill if free else "skip")
 
 
-def choose_blocks(recipe: Recipe, backbone, probe_result, prepared: PreparedData, num_classes: int):
+#: Selection keys that only cut a ranking: the computed inputs (trials, gradients, probes) do not depend on them.
+_BUDGET_KEYS = ("max_blocks", "max_param_fraction", "fill", "blocks")
+
+
+def choose_blocks(recipe: Recipe, backbone, probe_result, prepared: PreparedData, num_classes: int,
+                  inputs_cache: dict | None = None):
     """The blocks ``recipe.selection`` picks on a probed backbone (computing the strategy's own inputs first).
+
+    Args:
+        inputs_cache: Computed inputs kept by everything but the budget (``sweep``: one per seed, so ``trial``
+            trains its blocks once for all budgets).
 
     Returns:
         The :class:`~nc_finetune.select.Selection`.
     """
+    import json
+
     from nc_finetune.adapt.recipe import head_param_count
     from nc_finetune.rivals import selection_inputs as rival_inputs
     from nc_finetune.select import select_blocks
     from nc_finetune.select.hooks import selection_inputs
 
     head = head_param_count(backbone.feature_dim, num_classes, recipe.adapt.head)
-    extra = {**selection_inputs(recipe, backbone, prepared, num_classes, source_data=reference_source_data(recipe)),
-             **rival_inputs(recipe, backbone, prepared)}
+    as_dict = recipe_to_dict(recipe)
+    as_dict["selection"] = {k: v for k, v in as_dict["selection"].items() if k not in _BUDGET_KEYS}
+    key = json.dumps(as_dict, sort_keys=True, default=str)
+    extra = None if inputs_cache is None else inputs_cache.get(key)
+    if extra is None:
+        extra = {**selection_inputs(recipe, backbone, prepared, num_classes,
+                                    source_data=reference_source_data(recipe)),
+                 **rival_inputs(recipe, backbone, prepared)}
+        if inputs_cache is not None:
+            inputs_cache[key] = extra
     return select_blocks(probe_result, backbone.blocks, cfg=recipe.selection, head_params=head,
                          total_params=backbone.num_params() + head, **extra)
 

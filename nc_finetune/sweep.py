@@ -453,13 +453,14 @@ def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print)
         seed_costs: dict[str, float] = dict(saved.get("costs", {}))
         unpicked: dict[str, dict[str, str]] = saved.get("unpicked", {})
         stable: dict[str, dict[str, float]] = saved.get("stability", {})
+        inputs_cache: dict = {}  # trials, gradients and resampled probes: computed once for every budget
         todo = [(b, s) for b in cfg.budgets for s in strategies
                 if s not in picks.get(b.label, {}) and s not in unpicked.get(b.label, {})]
         for budget, strategy in todo:
             start = time.perf_counter()
             try:
                 sel = choose_blocks(_strategy_recipe(srecipe, strategy, budget), backbone, probe_result,
-                                    prepared, prepared.data.num_classes)
+                                    prepared, prepared.data.num_classes, inputs_cache=inputs_cache)
             except (ConfigError, DataError) as e:
                 # It cannot run on this recipe (e.g. shift without reference data) or pick under this budget
                 # (e.g. fill=stop and its first block is larger than the budget): recorded, not scored.
@@ -468,7 +469,8 @@ def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print)
             spent = time.perf_counter() - start
             if strategy_needs_probe(parse_strategy(strategy)[0]):
                 spent += float(probe_result.meta.get("seconds", 0.0))
-            seed_costs[strategy] = seed_costs.get(strategy, 0.0) + spent
+            # what choosing costs once (its inputs are shared by every budget), not the sum over budgets
+            seed_costs[strategy] = max(seed_costs.get(strategy, 0.0), spent)
             picks.setdefault(budget.label, {})[strategy] = sel.indices
             if "bootstrap" in sel.details:
                 stable.setdefault(budget.label, {})[strategy] = float(sel.details["bootstrap"]["stability"])

@@ -300,3 +300,18 @@ def test_a_sweep_recorded_before_a_new_config_field_resumes_without_redoing_anyt
     monkeypatch.setattr(pipeline, "choose_blocks", lambda *a, **k: calls.append("pick"))
     again = sweep_stage(recipe, out, progress=False, echo=lambda line: None)
     assert calls == [] and again["regret"] == first["regret"]
+
+
+def test_trials_run_once_per_seed_for_every_budget(tmp_path, bert_dir, text_csv, monkeypatch) -> None:
+    import nc_finetune.select.trial as trial
+    from nc_finetune.sweep import sweep_stage
+
+    real, calls = trial.run_trials, []
+    monkeypatch.setattr(trial, "run_trials", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    recipe = load_recipe(None, recipe_overrides(bert_dir, text_csv, **{
+        "train.epochs": 1, "sweep.seeds": "[0]", "sweep.strategies": "[trial]", "selection.trial_steps": 2,
+        "selection.trial_samples": 2, "sweep.budgets": "[{max_blocks: 1}, {max_blocks: 2}]"}))
+    report = sweep_stage(recipe, tmp_path / "sweep", progress=False, echo=lambda line: None)
+    assert len(calls) == 1
+    one, two = (report["regret"][b]["trial"]["picks"]["0"] for b in ("1_block", "2_blocks"))
+    assert len(one) == 1 and len(two) == 2 and one[0] in two  # the same ranking, cut twice
