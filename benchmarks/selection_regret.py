@@ -148,7 +148,7 @@ def pack_setting(sweep_dir: Path, dest: Path) -> int:
         rel = path.relative_to(sweep_dir)
         if not path.is_file() or path.name not in _PACKED or "checkpoint" in rel.parts:
             continue
-        if rel.parts[0] == "cells" and path.name != "summary.json":
+        if rel.parts[0] in ("cells", "references") and path.name != "summary.json":
             continue
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, dest / rel)
