@@ -693,7 +693,9 @@ def plot_sweep(report: Mapping[str, Any], path: str | Path) -> Path:
     h2, l2 = ax2.get_legend_handles_labels()
     # beside the axes, not over the curve
     ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left", bbox_to_anchor=(1.09, 1.0), framealpha=0.9)
-    ax.set_title(f"{report['backbone']} on {report['dataset']}: one block set tuned at a time "
+    data = (report.get("recipe") or {}).get("data") or {}
+    shifted = f" ({data['corruption']}, severity {data.get('corruption_severity')})" if data.get("corruption") else ""
+    ax.set_title(f"{report['backbone']} on {report['dataset']}{shifted}: one block set tuned at a time "
                  f"({len(report['seeds'])} seeds)", fontsize=10)
     fig.tight_layout()
 
