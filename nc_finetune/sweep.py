@@ -6,7 +6,9 @@ test accuracy is the *oracle* (the best by mean validation accuracy is reported 
 then picks blocks under each budget of ``sweep.budgets`` from the same seed's probe; a pick that is not a candidate
 is trained as an extra cell. A strategy's *regret* is the oracle's test accuracy minus its pick's, paired per seed, in
 accuracy points, with a 95% t-interval over seeds; Kendall τ and weighted τ compare its block scores with the
-per-block accuracy. ``sweep.json`` holds all of it, ``sweep.png`` the per-block curve beside the collapse metrics.
+per-block accuracy. Methods that need no block choice (``sweep.references``: linear probe, full fine-tuning, Auto-RGN)
+train beside the cells, and each pick is compared with them, paired per seed. ``sweep.json`` holds all of it,
+``sweep.png`` the per-block curve beside the collapse metrics.
 
 Seeds resample everything a user's data would: ``data.seed`` (training and test subsets, corruption noise),
 ``probe.seed`` (the probe subset), ``train.seed`` (validation split, head init, data order) and ``selection.seed``.
