@@ -111,8 +111,9 @@ def run_setting(name: str, workdir: Path, extra: list[str], log, budgets: str = 
 
 
 #: Where each setting's resume pack is committed: the sweep's recipe, per-seed probes and picks, and every finished
-#: cell's and reference run's summary.json (the weights stay in the workdir). A sweep reads a cell with a summary as finished, so copying
-#: a pack into an empty workdir lets a later session continue or grow the study without retraining those cells.
+#: cell's and reference run's summary.json (the weights stay in the workdir). A sweep reads a cell with a summary as
+#: finished, so copying a pack into an empty workdir lets a later session continue or grow the study without
+#: retraining those cells.
 PACKS = REPO_ROOT / "benchmarks" / "results" / "cpu" / NAME
 _PACKED = ("resolved.yaml", "probe.json", "picks.json", "summary.json", "sweep.json")
 
