@@ -60,11 +60,7 @@ def test_every_stage_runs_on_the_device(device, strategy, method, cache, bert_di
     if method == "scl":
         extra["probe.layers"] = "[0]"  # the skip block's width then comes from a forward outside the probe
     recipe = make_recipe(bert_dir, text_csv, **extra)
-    guard = DeviceGuard()
-    with guard:
-        summary = run_pipeline(recipe, tmp_path / "run", progress=False)
-        scored = eval_stage(tmp_path / "run")
-    assert not guard.offenders, sorted(guard.offenders)
+    summary, scored = _run_and_eval_guarded(recipe, tmp_path / "run")
     assert summary["device"].startswith(device)
     assert summary["prefix_cache"]["enabled"] == (cache == "on" and method != "full"), summary["prefix_cache"]
     # eval runs uncached; on CUDA the cached run's bf16 kernels see other batch sizes
@@ -112,11 +108,17 @@ def test_image_pipeline_runs_on_the_device(device, augment, cache, tmp_path) -> 
         "adapt.method=finetune", "train.epochs=2", "train.batch_size=8", "train.eval_batch_size=16",
         f"train.augment={str(augment).lower()}", f"train.cache_prefix={cache}", f"train.device={device}",
         "train.checkpoint_every=100"])
-    guard = DeviceGuard()
-    with guard:
-        summary = run_pipeline(recipe, tmp_path / "run", progress=False)
-        scored = eval_stage(tmp_path / "run")
-    assert not guard.offenders, sorted(guard.offenders)
+    summary, scored = _run_and_eval_guarded(recipe, tmp_path / "run")
     assert summary["device"].startswith(device)
     assert summary["prefix_cache"]["enabled"] == (cache == "on"), summary["prefix_cache"]
     assert scored["loss"] == pytest.approx(summary["test_loss"], abs=1e-4 if device == "cpu" else 2e-2)
+
+
+def _run_and_eval_guarded(recipe, out):
+    """``run`` then ``eval`` under the device guard; fails on any tensor created without a device."""
+    guard = DeviceGuard()
+    with guard:
+        summary = run_pipeline(recipe, out, progress=False)
+        scored = eval_stage(out)
+    assert not guard.offenders, sorted(guard.offenders)
+    return summary, scored
