@@ -14,6 +14,10 @@ NC selection is drawn from the same subsample (``probe.samples_per_class`` caps 
 * ``nc-lora``      -- LoRA on the NC-selected blocks.
 * ``full``         -- every parameter trains.
 * ``linear_probe`` -- head only.
+* ``nc-etf``       -- ``nc-finetune`` with a fixed simplex-ETF classifier (``adapt.head=etf``) the tuned blocks
+                      must collapse onto (Li et al.'s principle: induce collapse while tuning).
+* ``nc-penalty``   -- ``nc-finetune`` plus ``train.nc1_penalty``: λ·NC1 of the deepest tuned block's pooled
+                      features, within each mini-batch, added to the loss.
 
 Step-matching rule (every size sees about the same number of optimizer steps, so a small set is not simply
 under-trained): with ``T`` = ``--steps-target`` (default: the recipe's own step count at full size, i.e.
@@ -33,15 +37,19 @@ size); the rule's keys then replace ``data.max_train_samples``, ``train.epochs``
 Each seed sets ``train.seed`` and ``selection.seed``; the subsample stays the same for every seed unless
 ``--resample-data`` (then ``data.seed`` = the seed too, which also redraws the test subsample).
 
-Reported per task: accuracy (mean ± std over seeds) of every mode at every size, its difference from ``full``
-fine-tuning at the same size and from the same mode at full size (both paired per seed), and the PNG of accuracy
-against samples per class (log x), one line per mode.
+Reported per task: accuracy (mean ± std over seeds) of every mode at every size, its difference from the
+``--reference`` mode at the same size (default ``full`` fine-tuning; mean, 95% t-interval and a win/tie/loss verdict:
+a tie when the interval holds zero) and from the same mode at full size (both paired per seed), and the PNG of
+accuracy against samples per class (log x), one line per mode.
 
 Examples:
     # the real CPU run (EfficientNet-Lite0 on Fashion-MNIST; runs kept, an interrupted run continues)
     python benchmarks/run.py data_scarce --seeds 0 1 2 --workdir runs/bench-data-scarce
     # also MiniLM on Rotten Tomatoes
     python benchmarks/run.py data_scarce --tasks effnet-fm minilm-rt --seeds 0 1 2 --workdir runs/bench-data-scarce
+    # the ETF head and the NC1 penalty against the linear head, 10 and 100 per class, data resampled per seed
+    python benchmarks/run.py data_scarce --modes nc-finetune nc-etf nc-penalty --reference nc-finetune \
+        --sizes 10 100 --seeds 0 1 2 --resample-data --workdir runs/bench-data-scarce-heads
     # a smoke run (seconds): the experiment file's smoke preset
     python benchmarks/run.py data_scarce --smoke
 """
@@ -57,6 +65,8 @@ from typing import Any
 import harness
 from common import accuracies, finish_figure, fmt_stat, markdown_table, mean_std, paired, start_study
 from comparison import blocks_label
+
+from nc_finetune.sweep import mean_ci95, verdict
 
 NAME = "data_scarce"
 FULL = "full"  # the size that keeps the recipe's data.max_train_samples
@@ -121,18 +131,19 @@ def schedule(n_train: int, train: dict[str, Any], target: int, max_epochs: int) 
 
 
 def size_rows(runs_by: dict[tuple[Any, str], dict[int, dict[str, Any]]], sizes: list[Any], modes: list[str],
-              plan_info: dict[Any, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (size, mode): accuracy over seeds and the paired differences to full FT and to the full-size run.
+              plan_info: dict[Any, dict[str, Any]], reference: str = REFERENCE) -> list[dict[str, Any]]:
+    """Per (size, mode): accuracy over seeds and the paired differences to the reference mode and the full size.
 
     Args:
         runs_by: ``{(size, mode): {seed: slim summary}}`` of one task (failed runs absent).
         sizes: Sizes in the order to report.
         modes: Modes in the order to report.
         plan_info: Per size the planned ``n_train``, ``per_class``, ``epochs``, ``steps`` ...
+        reference: The mode every other one is compared with, paired per seed at the same size.
     """
     rows = []
     for size in sizes:
-        ref = accuracies(runs_by.get((size, REFERENCE), {}))
+        ref = accuracies(runs_by.get((size, reference), {}))
         for mode in modes:
             runs = runs_by.get((size, mode), {})
             if not runs:
@@ -144,7 +155,8 @@ def size_rows(runs_by: dict[tuple[Any, str], dict[int, dict[str, Any]]], sizes: 
                 "seeds": sorted(runs),
                 "blocks": blocks_label(list(runs.values())),
                 "accuracy_pct": [acc[s] for s in sorted(acc)],
-                "delta_vs_full_ft_points": paired(acc, ref) if mode != REFERENCE else [],
+                "delta_vs_reference_points": (delta := paired(acc, ref) if mode != reference else []),
+                "delta_vs_reference": {**(stat := mean_ci95(delta)), "verdict": verdict(stat)} if delta else None,
                 "delta_vs_full_data_points": paired(acc, at_full) if size != FULL and at_full else [],
                 "steps_run": [r["steps"] for r in runs.values()],
                 "epochs_run": [r["epochs_run"] for r in runs.values()],
@@ -171,22 +183,31 @@ def pivot_table(rows: list[dict[str, Any]], sizes: list[Any], modes: list[str],
     return markdown_table(headers, out)
 
 
-def detail_table(rows: list[dict[str, Any]], failures: list[str], target: int) -> str:
+def detail_table(rows: list[dict[str, Any]], failures: list[str], target: int, reference: str = REFERENCE) -> str:
     out = []
     for r in rows:
         steps = fmt_stat(r["steps_run"], ".0f")
         if mean_std(r["steps_run"])[0] < target:
             steps += " (cap)"
-        d_ft = "(ref)" if r["mode"] == REFERENCE else fmt_stat(r["delta_vs_full_ft_points"], "+.2f")
+        d_ref = "(ref)" if r["mode"] == reference else _fmt_delta(r["delta_vs_reference"])
         d_data = "(ref)" if r["size"] == FULL else fmt_stat(r["delta_vs_full_data_points"], "+.2f")
         out.append([_size_name(r["size"], r), str(r["n_train"]), r["mode"], r["blocks"],
-                    fmt_stat(r["epochs_run"], ".0f"), steps, fmt_stat(r["accuracy_pct"], ".2f"), d_ft, d_data,
+                    fmt_stat(r["epochs_run"], ".0f"), steps, fmt_stat(r["accuracy_pct"], ".2f"), d_ref, d_data,
                     fmt_stat(r["trainable_pct"], ".3g")])
     for f in failures:
         out.append(["", "", f"FAILED {f[:100]}"] + [""] * 7)
-    headers = ["size", "N train", "mode", "blocks", "epochs", "steps", "test acc %", "Δ vs full FT (pts)",
-               "Δ vs full data (pts)", "trainable %"]
+    headers = ["size", "N train", "mode", "blocks", "epochs", "steps", "test acc %",
+               f"Δ vs {reference} (pts, 95% CI)", "Δ vs full data (pts)", "trainable %"]
     return markdown_table(headers, out, align=["l", "r", "l", "l"] + ["r"] * 6)
+
+
+def _fmt_delta(stat: dict[str, Any] | None) -> str:
+    if not stat:
+        return "n/a"
+    if stat["ci95"] is None:
+        return f"{stat['mean']:+.2f}"
+    lo, hi = stat["ci95"]
+    return f"{stat['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}] {stat['verdict']}"
 
 
 def plot_tasks(tables: dict[str, list[dict[str, Any]]], modes: list[str], path: Path) -> Path | None:
@@ -199,7 +220,8 @@ def plot_tasks(tables: dict[str, list[dict[str, Any]]], modes: list[str], path: 
     fig = Figure(figsize=(max(6.5, 5.4 * len(tasks)), 4.3))
     axes = fig.subplots(1, len(tasks), squeeze=False)
     styles = {"scl": ("tab:red", "*"), "nc-finetune": ("tab:orange", "o"), "nc-lora": ("tab:purple", "s"),
-              "full": ("black", "D"), "linear_probe": ("tab:gray", "v")}
+              "full": ("black", "D"), "linear_probe": ("tab:gray", "v"), "nc-etf": ("tab:green", "^"),
+              "nc-penalty": ("tab:blue", "P")}
     for ax, task in zip(axes[0], tasks, strict=True):
         for mode in modes:
             pts = sorted((r["per_class"], *mean_std(r["accuracy_pct"])) for r in tables[task] if r["mode"] == mode)
@@ -227,7 +249,7 @@ def plot_tasks(tables: dict[str, list[dict[str, Any]]], modes: list[str], path: 
 def build_parser() -> argparse.ArgumentParser:
     p = harness.study_parser(
         EXPERIMENT, __doc__, settings_alias="--tasks",
-        helps={"modes": f"modes, of {', '.join(MODES)} (default: all; Δ vs full FT needs {REFERENCE})",
+        helps={"modes": f"modes, of {', '.join(MODES)} (default: all; Δ needs the --reference mode)",
                "set": "recipe override shared by every run, after the task defaults, repeatable "
                       "(e.g. --set data.max_eval_samples=500)",
                "cache_prefix": "train.cache_prefix of every run (default 'recipe', i.e. auto)",
@@ -237,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", nargs="+", type=parse_size, default=EXPERIMENT.params["sizes"], metavar="N",
                    help="training samples per class, or 'full' for the recipe's data.max_train_samples "
                         f"(default: {' '.join(map(str, EXPERIMENT.params['sizes']))})")
+    p.add_argument("--reference", choices=list(MODES), default=REFERENCE,
+                   help=f"the mode every other one is compared with, paired per seed (default: {REFERENCE})")
     p.add_argument("--resample-data", action="store_true",
                    help="also set data.seed to the seed: each seed draws its own training (and test) subsample")
     p.add_argument("--steps-target", type=int, default=None,
@@ -302,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         runs_by, failed = harness.by_mode(mine, [], key=lambda r: (r["size"], r["mode"]),
                                           label=lambda r: f"{size_label(r['size'])} {r['mode']} (seed {r['seed']})")
         failures = [f"{k}: {v}" for k, v in failed.items()]
-        tables[task] = size_rows(runs_by, args.sizes, args.modes, schedules[task])
+        tables[task] = size_rows(runs_by, args.sizes, args.modes, schedules[task], args.reference)
         resolved = next(p["resolved"] for p in plan if p["task"] == task)
         sel = resolved["selection"]
         print(f"### {task}: {TASKS[task]['about']}\n")
@@ -316,15 +340,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"- step matching, T = {targets[task]}: {sched}\n")
         print(pivot_table(tables[task], args.sizes, args.modes, schedules[task]))
         print()
-        print(detail_table(tables[task], failures, targets[task]))
+        print(detail_table(tables[task], failures, targets[task], args.reference))
         print()
 
-    print("Δ vs full FT = accuracy minus full fine-tuning's at the same size; Δ vs full data = accuracy minus the "
-          "same mode's at full size; both paired per seed (mean ± std). steps (cap) = the max_epochs cap held the "
-          "run below T steps.\n")
+    print(f"Δ vs {args.reference} = accuracy minus {args.reference}'s at the same size, paired per seed (mean, 95% "
+          "t-interval, verdict: a tie when the interval holds zero); Δ vs full data = accuracy minus the same mode's "
+          "at full size, paired per seed (mean ± std). steps (cap) = the max_epochs cap held the run below T steps.\n")
     png = plot_tasks(tables, args.modes, args.out.with_suffix(".png"))
     harness.report(NAME, args, cmd, info, tasks={t: TASKS[t] for t in args.tasks},
-                   modes={m: MODES[m] for m in args.modes},
+                   modes={m: MODES[m] for m in args.modes}, reference=args.reference,
                    rule="epochs = clamp(ceil(T / steps_per_epoch), 1, max_epochs); train.max_steps = T",
                    steps_target=targets,
                    schedules={t: {size_label(s): v for s, v in d.items()} for t, d in schedules.items()},
