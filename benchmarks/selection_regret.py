@@ -38,6 +38,7 @@ import harness
 import yaml
 from common import REPO_ROOT, markdown_table, start_study, write_results
 
+from nc_finetune.sweep import floors as sweep_floors
 from nc_finetune.sweep import mean_ci95, verdict
 
 NAME = "selection_regret"
@@ -167,53 +168,74 @@ def restore_setting(pack: Path, sweep_dir: Path) -> bool:
     return True
 
 
+def floors_of(rep: dict[str, Any]) -> dict[str, Any]:
+    """A sweep's hindsight floors, computed from its cells (and kept in ``rep``) when the sweep predates them."""
+    if "floors" not in rep:
+        rep["floors"] = sweep_floors(rep)
+    return rep["floors"]
+
+
+def _pool_entry(sweeps: dict[str, dict[str, Any]], budget: str, name: str, table_of) -> dict[str, Any] | None:
+    """Pool one strategy (or floor) over (setting, seed): regret, paired differences, bootstrap stability.
+
+    ``table_of(rep)`` returns a setting's ``{budget: {name: entry}}`` (``regret`` or the floors).
+    """
+    regrets, vs = [], {"random_k": [], "last_k": []}
+    vs_refs: dict[str, list[float]] = {}
+    shares: list[float] = []
+    per_setting = {}
+    for setting, rep in sweeps.items():
+        r = table_of(rep).get(budget, {}).get(name)
+        if r is None:
+            continue
+        regrets += list(r["per_seed"].values())
+        per_setting[setting] = r["mean"]
+        shares += (r.get("bootstrap_stability") or {}).get("per_seed", [])
+        for method, ref in (rep.get("references") or {}).items():
+            for seed, acc in r["test_accuracy"].items():
+                other = ref["test_accuracy"].get(seed)
+                if other is not None:
+                    vs_refs.setdefault(method, []).append(100.0 * (acc - other))
+        for rival in vs:
+            other = rep["regret"][budget].get(rival)
+            if other is None or rival == name:
+                continue
+            for seed, acc in r["test_accuracy"].items():
+                if seed in other["test_accuracy"]:
+                    vs[rival].append(100.0 * (acc - other["test_accuracy"][seed]))
+    if not per_setting:
+        return None
+    entry = {**mean_ci95(regrets), "per_setting": per_setting}
+    entry["mean_regret"] = entry.pop("mean")
+    for rival, diffs in vs.items():
+        if rival != name and diffs:
+            stat = mean_ci95(diffs)
+            entry[f"vs_{rival}"] = {**stat, "verdict": verdict(stat)}
+    if vs_refs:
+        entry["vs_references"] = {m: {**(stat := mean_ci95(d)), "verdict": verdict(stat)} for m, d in vs_refs.items()}
+    if shares:
+        entry["bootstrap_stability"] = {"mean": float(sum(shares) / len(shares)), "n": len(shares),
+                                        f"share_at_least_{STABLE_SHARE:g}":
+                                            sum(x >= STABLE_SHARE for x in shares) / len(shares)}
+    return entry
+
+
 def pool(sweeps: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Pool per-setting sweeps: per budget and strategy, regret and paired differences over (setting, seed)."""
     budgets = sorted({b for rep in sweeps.values() for b in rep["regret"]})
     out: dict[str, Any] = {}
     for budget in budgets:
         strategies = sorted({s for rep in sweeps.values() for s in rep["regret"].get(budget, {})})
-        table = {}
-        for strategy in strategies:
-            regrets, vs = [], {"random_k": [], "last_k": []}
-            vs_refs: dict[str, list[float]] = {}
-            shares: list[float] = []
-            per_setting = {}
-            for name, rep in sweeps.items():
-                r = rep["regret"].get(budget, {}).get(strategy)
-                if r is None:
-                    continue
-                regrets += list(r["per_seed"].values())
-                per_setting[name] = r["mean"]
-                shares += (r.get("bootstrap_stability") or {}).get("per_seed", [])
-                refs = rep.get("references") or {}
-                for method, ref in refs.items():
-                    for seed, acc in r["test_accuracy"].items():
-                        other = ref["test_accuracy"].get(seed)
-                        if other is not None:
-                            vs_refs.setdefault(method, []).append(100.0 * (acc - other))
-                for rival in vs:
-                    other = rep["regret"][budget].get(rival)
-                    if other is None or rival == strategy:
-                        continue
-                    for seed, acc in r["test_accuracy"].items():
-                        if seed in other["test_accuracy"]:
-                            vs[rival].append(100.0 * (acc - other["test_accuracy"][seed]))
-            entry = {**mean_ci95(regrets), "per_setting": per_setting}
-            entry["mean_regret"] = entry.pop("mean")
-            for rival, diffs in vs.items():
-                if rival != strategy and diffs:
-                    stat = mean_ci95(diffs)
-                    entry[f"vs_{rival}"] = {**stat, "verdict": verdict(stat)}
-            if vs_refs:
-                entry["vs_references"] = {m: {**(stat := mean_ci95(d)), "verdict": verdict(stat)}
-                                          for m, d in vs_refs.items()}
-            if shares:
-                entry["bootstrap_stability"] = {"mean": float(sum(shares) / len(shares)), "n": len(shares),
-                                                f"share_at_least_{STABLE_SHARE:g}":
-                                                    sum(x >= STABLE_SHARE for x in shares) / len(shares)}
-            table[strategy] = entry
-        out[budget] = table
+        out[budget] = {s: _pool_entry(sweeps, budget, s, lambda rep: rep["regret"]) for s in strategies}
+    return out
+
+
+def pool_floors(sweeps: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Pool the hindsight floors (:func:`nc_finetune.sweep.floors`) as :func:`pool` pools strategies."""
+    out: dict[str, Any] = {}
+    for budget in sorted({b for rep in sweeps.values() for b in floors_of(rep)}):
+        names = sorted({n for rep in sweeps.values() for n in floors_of(rep).get(budget, {})})
+        out[budget] = {n: e for n in names if (e := _pool_entry(sweeps, budget, n, floors_of)) is not None}
     return out
 
 
@@ -246,7 +268,8 @@ def tables(payload: dict[str, Any]) -> str:
     for budget, table in payload["pooled"].items():
         rows = []
         refs = sorted({m for r in table.values() for m in r.get("vs_references", {})})
-        for strategy, r in sorted(table.items(), key=lambda kv: kv[1]["mean_regret"] or 0.0):
+        floors = [(f"floor: {n}", r) for n, r in payload.get("floors", {}).get(budget, {}).items()]
+        for strategy, r in [*floors, *sorted(table.items(), key=lambda kv: kv[1]["mean_regret"] or 0.0)]:
             stab = r.get("bootstrap_stability")
             rows.append([strategy, _fmt_ci(r, "mean_regret"), r["n"],
                          *(_fmt_verdict(r.get(f"vs_{rival}")) for rival in ("random_k", "last_k")),
@@ -256,7 +279,10 @@ def tables(payload: dict[str, Any]) -> str:
         parts.append(f"**Budget {budget}** (pooled over {len(payload['settings'])} settings; unit: (setting, seed))\n\n"
                      + markdown_table(["strategy", "regret, points [95% CI]", "n", "vs random_k", "vs last_k",
                                        *(f"vs {m}" for m in refs), "bootstrap stability"],
-                                      rows, ["l", "r", "r", "r", "r", *("r" for _ in refs), "r"]))
+                                      rows, ["l", "r", "r", "r", "r", *("r" for _ in refs), "r"])
+                     + ("\n\nfloor: = a hindsight choice, not a rule (exhaustive_val: each seed's best block set by "
+                        "validation after training them all; other_seeds: the best by the other seeds' test "
+                        "accuracy): the regret a perfect rule could still show here." if floors else ""))
     rows = []
     for name, s in payload["settings"].items():
         for budget, o in s["oracle"].items():
@@ -349,6 +375,7 @@ def _write(args, sweeps: dict[str, dict[str, Any]], info: dict[str, Any], cmd: s
             "overrides": SETTINGS[name]["overrides"], "sweep_dir": str(args.workdir / name),
             "seeds": rep["seeds"], "lr_grid": rep["lr_grid"], "train_samples": rep.get("train_samples"),
             "test_samples": rep.get("test_samples"), "oracle": rep["oracle"], "regret": rep["regret"],
+            "floors": floors_of(rep),
             "cells": [{k: c[k] for k in ("names", "kind", "block_params", "lr", "mean_test", "sd_test", "mean_val",
                                          "test_accuracy", "val_accuracy")} for c in rep["cells"]],
             "probe": rep.get("probe"), "unpicked": rep.get("unpicked"),
@@ -358,7 +385,8 @@ def _write(args, sweeps: dict[str, dict[str, Any]], info: dict[str, Any], cmd: s
     payload = {"benchmark": NAME, "command": cmd, "machine": info, "budgets": args.budgets,
                "unit_of_replication": "(setting, seed) pair: regret and paired differences per seed, pooled over "
                                       "settings; a 95% t-interval that contains 0 is a tie",
-               "settings": settings, "pooled": pooled, "default_strategy": default_strategy(pooled)}
+               "settings": settings, "pooled": pooled, "floors": pool_floors(sweeps),
+               "default_strategy": default_strategy(pooled)}
     write_results(args.out, payload)
     return payload
 

@@ -107,7 +107,7 @@ def check_selection_feasible(recipe: Recipe, backbone, num_classes: int) -> None
     check_selection_inputs(recipe, reference_source_data(recipe))
     if s.strategy == "all":  # budgets do not apply
         return
-    head = head_param_count(backbone.feature_dim, num_classes)
+    head = head_param_count(backbone.feature_dim, num_classes, recipe.adapt.head)
     # Rank-free strategies are checked as they will run; for the others only that some block fits can be known.
     free = s.strategy in ("manual", "last_k", "first_k", "random_k")
     select_blocks(None, backbone.blocks, strategy=s.strategy if free else "last_k",

@@ -190,6 +190,80 @@ def _fits(cell: Mapping[str, Any], budget: SweepBudget, backbone_params: int) ->
     return budget.max_param_fraction is None or cell["block_params"] <= budget.max_param_fraction * backbone_params
 
 
+def _paired_vs(acc: Mapping[str, float], rival: Mapping[str, float]) -> dict[str, Any]:
+    """Mean and 95% interval of ``acc - rival`` in points over the seeds both have, with its verdict."""
+    stat = mean_ci95([100.0 * (a - rival[s]) for s, a in acc.items() if rival.get(s) is not None])
+    return {**stat, "verdict": verdict(stat)}
+
+
+def floors(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The regret of two hindsight choices: how finely the sweep can tell a good rule from a lucky one.
+
+    The test oracle is the best of many noisy means, so its accuracy is biased upwards and even a perfect rule has a
+    positive regret against it. Two choices no selection rule can be expected to beat measure that floor:
+
+    * ``exhaustive_val``: train every candidate and keep, on each seed, the one with that seed's best validation
+      accuracy (what a user with the budget for the whole sweep would do; ties go to the smaller set);
+    * ``other_seeds``: on each seed, the candidate with the best mean test accuracy over the *other* seeds (the best
+      fixed choice, known in hindsight but not fitted to this seed's test noise; needs two seeds or more).
+
+    A rule whose regret is at the floor is as good as the sweep can measure; rules that tie ``random_k`` while the
+    floor beats it are worse than they could be, and a floor that ties ``random_k`` says the blocks hardly differ.
+
+    Args:
+        report: A sweep report (``summarize``'s output with ``budgets``, ``backbone_params`` and ``seeds`` added, or
+            a ``sweep.json`` read back): seeds may be ints or strings.
+
+    Returns:
+        ``{budget_label: {choice: {"picks", "test_accuracy", "per_seed", "mean", "ci95", "n", "vs_random_k",
+        "vs_last_k"}}}`` (regret in points, paired per seed, as for a strategy).
+    """
+    from types import SimpleNamespace
+
+    seeds = [str(s) for s in report["seeds"]]
+
+    def by_seed(values: Mapping[Any, Any]) -> dict[str, Any]:
+        return {str(k): v for k, v in values.items() if v is not None}
+
+    out: dict[str, Any] = {}
+    for b in report.get("budgets", []):
+        budget = SimpleNamespace(max_blocks=b.get("max_blocks"), max_param_fraction=b.get("max_param_fraction"))
+        label = b["label"]
+        oracle = (report.get("oracle") or {}).get(label)
+        if oracle is None:
+            continue
+        eligible = [(c, by_seed(c["test_accuracy"]), by_seed(c["val_accuracy"])) for c in report["cells"]
+                    if c.get("mean_test") is not None and _fits(c, budget, report["backbone_params"])]
+        best = next(test for c, test, _ in eligible if list(c["indices"]) == list(oracle["by_test"]["indices"]))
+        choices: dict[str, dict[str, Any]] = {"exhaustive_val": {}, "other_seeds": {}}
+        for s in seeds:
+            with_val = [(c, test) for c, test, val in eligible if s in val and s in test]
+            if with_val:
+                choices["exhaustive_val"][s] = max(
+                    with_val, key=lambda ct: (by_seed(ct[0]["val_accuracy"])[s], -ct[0]["block_params"]))
+            others = [(float(np.mean([test[t] for t in seeds if t != s and t in test])), c, test)
+                      for c, test, _ in eligible if s in test and any(t in test for t in seeds if t != s)]
+            if others:
+                _, c, test = max(others, key=lambda mct: (mct[0], -mct[1]["block_params"]))
+                choices["other_seeds"][s] = (c, test)
+        rivals = {r: by_seed(report["regret"].get(label, {}).get(r, {}).get("test_accuracy", {}))
+                  for r in ("random_k", "last_k")}
+        table = {}
+        for name, chosen in choices.items():
+            if not chosen:
+                continue
+            acc = {s: test[s] for s, (_, test) in chosen.items()}
+            per_seed = {s: 100.0 * (best[s] - a) for s, a in acc.items() if s in best}
+            entry = {"picks": {s: c["names"] for s, (c, _) in chosen.items()}, "test_accuracy": acc,
+                     "per_seed": per_seed, **mean_ci95(list(per_seed.values()))}
+            for rival, rival_acc in rivals.items():
+                if rival_acc:
+                    entry[f"vs_{rival}"] = _paired_vs(acc, rival_acc)
+            table[name] = entry
+        out[label] = table
+    return out
+
+
 def choose_lr(per_lr: Mapping[float, Mapping[str, Mapping[int, float | None]]]) -> float:
     """The learning rate with the best mean validation accuracy over seeds (the only one if there is one).
 
@@ -595,6 +669,7 @@ def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print)
         "recipe": recipe_to_dict(recipe),
         "versions": library_versions(),
     })
+    report["floors"] = floors(report)
     write_json_atomic(run / runs.SWEEP, report)
     plot_sweep(report, run / runs.SWEEP_PLOT)
     return report
@@ -621,6 +696,11 @@ def format_sweep(report: Mapping[str, Any]) -> str:
             mean = r["mean"]
             lines.append(f"  {strategy:<10} regret {mean:+.2f}{ci_text} points; picks {pick}"
                          if mean is not None else f"  {strategy:<10} regret n/a")
+        for name, f in (report.get("floors") or {}).get(label, {}).items():
+            if f["mean"] is not None:
+                ci = f.get("ci95")
+                lines.append(f"  floor {name}: regret {f['mean']:+.2f}"
+                             + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "") + " points (hindsight, not a rule)")
     for method, ref in report.get("references", {}).items():
         if ref["mean_test"] is not None:
             lines.append(f"reference {method}: {100 * ref['mean_test']:.2f}% ({ref['trainable_params']:,} trainable "

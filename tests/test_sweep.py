@@ -14,7 +14,7 @@ from nc_finetune import runs
 from nc_finetune.cli import main
 from nc_finetune.config import SweepBudget, load_recipe
 from nc_finetune.errors import ConfigError
-from nc_finetune.sweep import choose_lr, mean_ci95, resolve_candidates, summarize, verdict
+from nc_finetune.sweep import choose_lr, floors, mean_ci95, resolve_candidates, summarize, verdict
 from tests.conftest import recipe_overrides, tree_bytes
 
 BLOCKS = [SimpleNamespace(index=i, name=f"layer.{i}", num_params=p) for i, p in enumerate([10, 20, 30, 40])]
@@ -90,6 +90,41 @@ def test_regret_is_paired_per_seed_against_the_oracle() -> None:
 
 
 
+def test_floors_are_the_hindsight_choices_computed_by_hand() -> None:
+    """exhaustive_val keeps each seed's best block by that seed's validation accuracy; other_seeds the best mean test
+    accuracy of the other seeds; both are scored like a strategy, also from a sweep.json read back (string seeds)."""
+    test = {0: {0: 0.70, 1: 0.75, 2: 0.72}, 1: {0: 0.80, 1: 0.78, 2: 0.82},
+            2: {0: 0.91, 1: 0.88, 2: 0.91}, 3: {0: 0.85, 1: 0.86, 2: 0.81}}
+    val = {0: {0: 0.9, 1: 0.1, 2: 0.1}, 1: {0: 0.1, 1: 0.1, 2: 0.9},   # seed 0 -> block 0, seed 2 -> block 1
+           2: {0: 0.5, 1: 0.5, 2: 0.5}, 3: {0: 0.1, 1: 0.9, 2: 0.1}}   # seed 1 -> block 3
+    cells = [_cell((i,), test[i], val[i]) for i in range(4)]
+    picks = {s: {"1_block": {"random_k": [0], "last_k": [3]}} for s in range(3)}
+    rep = summarize(cells, picks, {}, [SweepBudget(max_blocks=1)], [0, 1, 2], backbone_params=100)
+    rep.update({"budgets": [{"max_blocks": 1, "max_param_fraction": None, "label": "1_block"}],
+                "backbone_params": 100, "seeds": [0, 1, 2]})
+    got = floors(rep)["1_block"]
+    oracle = test[2]  # block 2: best mean test accuracy
+    ev = got["exhaustive_val"]
+    assert ev["picks"] == {"0": ["layer.0"], "1": ["layer.3"], "2": ["layer.1"]}
+    hand = [100 * (oracle[0] - 0.70), 100 * (oracle[1] - 0.86), 100 * (oracle[2] - 0.82)]
+    assert [ev["per_seed"][str(s)] for s in range(3)] == pytest.approx(hand)
+    assert ev["mean"] == pytest.approx(np.mean(hand))
+    half = stats.t.ppf(0.975, 2) * np.std(hand, ddof=1) / np.sqrt(3)
+    assert ev["ci95"] == pytest.approx([np.mean(hand) - half, np.mean(hand) + half])
+    assert ev["vs_last_k"]["mean"] == pytest.approx(100 * np.mean([0.70 - 0.85, 0.86 - 0.86, 0.82 - 0.81]))
+    # other seeds: for seed 0, blocks' means over seeds 1, 2 are 0.735, 0.80, 0.895, 0.835 -> block 2, and so on
+    other = got["other_seeds"]
+    assert other["picks"] == {str(s): ["layer.2"] for s in range(3)} and other["mean"] == pytest.approx(0.0)
+    assert other["vs_random_k"]["mean"] == pytest.approx(100 * np.mean([0.91 - 0.70, 0.88 - 0.75, 0.91 - 0.72]))
+    assert other["vs_random_k"]["verdict"] == "win"
+    # the same from the JSON a finished sweep wrote (seeds become strings)
+    again = floors(json.loads(json.dumps(rep)))["1_block"]
+    for name in ("exhaustive_val", "other_seeds"):
+        assert again[name]["picks"] == got[name]["picks"]
+        assert again[name]["mean"] == pytest.approx(got[name]["mean"])
+        assert again[name]["vs_last_k"]["ci95"] == pytest.approx(got[name]["vs_last_k"]["ci95"])
+
+
 def test_references_are_compared_paired_per_seed_after_choosing_their_rate_on_validation() -> None:
     cells = [_cell((0,), {0: 0.70, 1: 0.80}), _cell((1,), {0: 0.90, 1: 0.84})]
     picks = {s: {"1_block": {"rule": [1]}} for s in (0, 1)}
@@ -136,6 +171,7 @@ def test_sweep_end_to_end_resumes_and_writes_run_directories(tmp_path, bert_dir,
     assert len(calls) == 3 + 1 + (total - 3)  # the three finished cells were not trained again
     saved = json.loads((out / runs.SWEEP).read_text())
     assert saved["oracle"] == json.loads(json.dumps(report["oracle"]))
+    assert set(saved["floors"]["1_block"]) == {"exhaustive_val", "other_seeds"}
     assert (out / runs.SWEEP_PLOT).stat().st_size > 0
     singles = [c for c in report["cells"] if c["kind"] == "candidate"]
     assert [c["names"] for c in singles] == [["hf.encoder.layer.0"], ["hf.encoder.layer.1"], ["hf.encoder.layer.2"]]
@@ -244,18 +280,23 @@ def test_report_renders_a_sweep(tmp_path) -> None:
     picks = {s: {"1_block": {"knee": [2], "last_k": [3]}} for s in (0, 1)}
     scores = {s: {"knee": {0: 0.0, 1: 1.0, 2: 3.0, 3: 2.0}, "last_k": {i: float(i) for i in range(4)}} for s in (0, 1)}
     rep = summarize(cells, picks, scores, [SweepBudget(max_blocks=1)], [0, 1], backbone_params=100)
-    rep.update({"backbone": "tiny", "dataset": "toy", "seeds": [0, 1], "lr_grid": [1e-3],
+    rep.update({"backbone": "tiny", "dataset": "toy", "seeds": [0, 1], "lr_grid": [1e-3], "backbone_params": 100,
+                "budgets": [{"max_blocks": 1, "max_param_fraction": None, "label": "1_block"}],
                 "blocks": [{"index": b.index, "name": b.name, "num_params": b.num_params} for b in BLOCKS],
                 "probe": {"0": [{"index": i, "name": f"layer.{i}", "nc1": 4.0 / (i + 1), "nc1_trace": 1.0,
                                  "cdnv": 0.5} for i in range(4)]}})
     out = tmp_path / "sweep"
     out.mkdir()
+    rep["floors"] = floors(rep)
     (out / runs.SWEEP).write_text(json.dumps(rep))
     plot_sweep(rep, out / runs.SWEEP_PLOT)
     text = render_report(out).read_text()
     assert "- kind: sweep" in text and "![per-block accuracy and collapse](sweep.png)" in text
     assert "oracle (best mean test accuracy of 4 block sets): `layer.2`" in text
     assert "| knee | +0.00 |" in text and "| last_k | +4.00 |" in text
+    # block 2 is best on both seeds, so the other seeds' choice is the oracle: regret 0, 4 points over last_k
+    assert "| other_seeds | +0.00 | [+0.00, +0.00] | — | +4.00 (tie) |" in text  # no random_k in this sweep
+    assert "| exhaustive_val |" not in text  # no validation accuracy, so no such floor
 
 
 @pytest.mark.slow

@@ -394,6 +394,17 @@ def _sweep_section(page: _Page, sweep: Mapping[str, Any]) -> list[str]:
         if rows:
             lines += [*_table(["strategy", "regret (points)", "95% CI", "τ", "τ_w", "cost (s)",
                                *(f"vs {m} (points)" for m in refs), "bootstrap stability", "picks"], rows), ""]
+        floor_rows = []
+        for name, f in ((sweep.get("floors") or {}).get(label) or {}).items():
+            ci = f.get("ci95")
+            vs = [f.get(k) or {} for k in ("vs_random_k", "vs_last_k")]
+            floor_rows.append([name, _fmt(f.get("mean"), "+.2f"), f"[{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "—",
+                               *(f"{_fmt(v['mean'], '+.2f')} ({v['verdict']})" if v else "—" for v in vs)])
+        if floor_rows:
+            lines += ["Floors (hindsight choices, not rules: the regret a perfect rule could still show here): "
+                      "`exhaustive_val` keeps each seed's best block set by validation, `other_seeds` the best by "
+                      "the other seeds' test accuracy.", "",
+                      *_table(["floor", "regret (points)", "95% CI", "vs random_k", "vs last_k"], floor_rows), ""]
     return lines
 
 
