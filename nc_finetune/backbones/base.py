@@ -129,6 +129,13 @@ class Backbone:
         finish = getattr(self.preprocess, "finish", None)
         return finish(batch, train=train) if finish is not None else batch
 
+    def prepare_on(self, raw: Sequence[Any], device: Any, train: bool = False) -> dict[str, Tensor]:
+        """:meth:`prepare` with its device half on ``device``: collate on the CPU, move the small uint8 batch (or
+        token ids), then resize and normalise there (what a probe, train or select loop without a prefetch thread
+        should call)."""
+        batch = {k: v.to(device) for k, v in self.collate(raw).items()}
+        return self.finish(batch, train=train)
+
     def pool(self, output: Any, inputs: Mapping[str, Tensor]) -> Tensor:
         """Pool any block's raw forward output to one float32 vector per sample.
 

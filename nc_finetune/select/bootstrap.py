@@ -60,7 +60,7 @@ def collect_block_features(backbone, split, *, layers: str | Sequence[int] = "al
     try:
         with tapped(backbone, taps, store, inputs_ref) as stop, torch.no_grad():
             for raw, _ in iter_batches(split, batch_size):
-                inputs = {k: v.to(dev) for k, v in backbone.prepare(raw).items()}
+                inputs = backbone.prepare_on(raw, dev)
                 inputs_ref["inputs"] = inputs
                 store.clear()
                 with stop:

@@ -143,7 +143,7 @@ def block_cka(
                 hooks.on_output(module, post)
             for start in range(0, len(subset), batch_size):
                 raw = subset.inputs[start:start + batch_size]
-                current["inputs"] = {k: v.to(dev) for k, v in backbone.prepare(raw).items()}
+                current["inputs"] = backbone.prepare_on(raw, dev)
                 with stop:
                     model(**current["inputs"])
     finally:

@@ -175,7 +175,8 @@ def _prefix_cache(adapted, backbone, pool, held, dev: torch.device, bs: int):
     cache = PrefixCache(adapted.model, target, adapted.backbone_prefix)
     with eval_mode(adapted.model):
         for name, part in (("pool", pool), ("held", held)):
-            cache.build(name, (backbone.prepare(part.inputs[s:s + bs]) for s in range(0, len(part), bs)), dev)
+            cache.build(name, (backbone.collate(part.inputs[s:s + bs]) for s in range(0, len(part), bs)), dev,
+                        finish=backbone.finish)
     idx = list(range(min(len(pool), 8)))
     ok = cache.verify("pool", backbone.prepare(pool.subset(idx).inputs), idx, dev)
     return cache if ok else None
@@ -184,7 +185,7 @@ def _prefix_cache(adapted, backbone, pool, held, dev: torch.device, bs: int):
 def _inputs(backbone, part, name: str, idx: np.ndarray, dev: torch.device, cache) -> dict[str, torch.Tensor]:
     if cache is not None:
         return cache.batch(name, idx.tolist(), dev)
-    return {k: v.to(dev) for k, v in backbone.prepare(part.subset(idx).inputs).items()}
+    return backbone.prepare_on(part.subset(idx).inputs, dev)
 
 
 def _train(adapted, backbone, pool, pool_y, batches, cfg, max_grad_norm, dev, cache, cost) -> None:

@@ -93,6 +93,10 @@ def test_device_path_equals_the_old_cpu_path_for_every_family(device, vit_dir) -
                 torch.testing.assert_close(got.cpu(), expected, **tol, msg=f"{family} / {what} / train={train}")
                 torch.manual_seed(3)
                 torch.testing.assert_close(bb.prepare(raw, train=train)[key], expected, atol=1e-6, rtol=1e-6)
+                torch.manual_seed(3)  # the one-call form the select hooks use: the same numbers, on the device
+                on = bb.prepare_on(raw, dev, train=train)[key]
+                assert on.device.type == dev.type
+                torch.testing.assert_close(on.cpu(), expected, **tol)
 
 
 def test_text_collate_is_the_whole_preparation(bert_dir) -> None:
