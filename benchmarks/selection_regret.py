@@ -8,7 +8,8 @@ reruns the same command and continues cell by cell), then pools the per-setting 
   differences of test accuracy ``vs_random_k`` and ``vs_last_k``; the **unit of replication is one (setting, seed)
   pair** (seeds resample the training, validation, test and probe subsets); an interval that contains zero is a tie;
 * ``default_strategy``: the strategy with the lowest pooled mean regret at the one-block budget, among those that
-  need no trained model (the zero-cost and probe-based rules and the baselines) and among all.
+  need no trained model (the zero-cost and probe-based rules and the baselines) and among all, counting only the
+  strategies measured on every pooled (setting, seed) unit.
 
 Shifted settings start from a model fine-tuned on the clean source (``backbone.init_from``, a full fine-tune trained
 once per source into ``<workdir>/sources/``) and corrupt both splits (``data.corruption``), as surgical fine-tuning.
@@ -240,15 +241,24 @@ def pool_floors(sweeps: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def default_strategy(pooled: dict[str, Any], budget: str = "1_block") -> dict[str, Any]:
-    """The lowest pooled mean regret at ``budget``, overall and among the strategies that train nothing first."""
+    """The lowest pooled mean regret at ``budget``, overall and among the strategies that train nothing first.
+
+    Only strategies measured on every pooled (setting, seed) unit compete: a mean over fewer settings is not
+    comparable. ``same_picks`` lists the strategies with exactly the same regret as the lowest (e.g. ``lisa`` and
+    ``random_k``, one seeded draw).
+    """
     table = {s: r for s, r in pooled.get(budget, {}).items() if r["mean_regret"] is not None}
     if not table:
         return {}
-    best = min(table, key=lambda s: table[s]["mean_regret"])
-    cheap = [s for s in table if s in _CHEAP]
-    best_cheap = min(cheap, key=lambda s: table[s]["mean_regret"]) if cheap else None
-    return {"budget": budget, "lowest_regret": best, "lowest_regret_training_free": best_cheap,
-            "mean_regret": table[best]["mean_regret"], "ci95": table[best]["ci95"]}
+    units = max(r["n"] for r in table.values())
+    full = {s: r for s, r in table.items() if r["n"] == units}
+    best = min(full, key=lambda s: (full[s]["mean_regret"], s))
+    cheap = [s for s in full if s in _CHEAP]
+    best_cheap = min(cheap, key=lambda s: (full[s]["mean_regret"], s)) if cheap else None
+    return {"budget": budget, "units": units, "lowest_regret": best, "lowest_regret_training_free": best_cheap,
+            "mean_regret": full[best]["mean_regret"], "ci95": full[best]["ci95"],
+            "same_picks": sorted(s for s in full if s != best and full[s]["mean_regret"] == full[best]["mean_regret"]),
+            "not_on_every_unit": sorted(set(table) - set(full))}
 
 
 def _fmt_ci(stat: dict[str, Any] | None, key: str = "mean") -> str:

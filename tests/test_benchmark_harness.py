@@ -257,3 +257,33 @@ def test_selection_regret_pools_references_and_bootstrap_stability_per_setting_s
     assert stab["share_at_least_0.8"] == pytest.approx(2 / 3)
     text = sr.tables({"pooled": sr.pool({"a": sweep([0.8], [0.7], [0.9], [1.0])}), "settings": {}})
     assert "vs full" in text and "bootstrap stability" in text
+
+
+def test_selection_regret_default_counts_only_strategies_measured_on_every_unit(bench) -> None:
+    sr = importlib.import_module("selection_regret")
+
+    def entry(per_seed: dict[str, float], acc: dict[str, float]) -> dict:
+        return {"per_seed": per_seed, "mean": sum(per_seed.values()) / len(per_seed), "test_accuracy": acc}
+
+    two = {"0": 0.8, "1": 0.7}
+    sweeps = {
+        "a": {"regret": {"1_block": {"knee": entry({"0": 2.0, "1": 2.0}, two),
+                                     "random_k": entry({"0": 1.0, "1": 3.0}, two),
+                                     "lisa": entry({"0": 1.0, "1": 3.0}, two),
+                                     "trial": entry({"0": 0.0, "1": 0.0}, two)}},
+              "floors": {"1_block": {"other_seeds": entry({"0": 0.5, "1": 0.0}, {"0": 0.9, "1": 0.8})}}},
+        "b": {"regret": {"1_block": {"knee": entry({"0": 4.0}, {"0": 0.5}), "random_k": entry({"0": 1.0}, {"0": 0.6}),
+                                     "lisa": entry({"0": 1.0}, {"0": 0.6})}},
+              "floors": {"1_block": {"other_seeds": entry({"0": 1.0}, {"0": 0.7})}}},
+    }
+    pooled = sr.pool(sweeps)
+    best = sr.default_strategy(pooled)
+    # trial has the lowest mean (0.0) but only on setting a's two seeds: it does not compete with the 3-unit means
+    assert best["units"] == 3 and best["not_on_every_unit"] == ["trial"]
+    assert best["lowest_regret"] == "lisa" and best["same_picks"] == ["random_k"]  # 5/3 each, ties go by name
+    assert best["mean_regret"] == pytest.approx(5 / 3)
+    floors = sr.pool_floors(sweeps)["1_block"]["other_seeds"]
+    assert floors["mean_regret"] == pytest.approx(0.5) and floors["n"] == 3
+    assert floors["vs_random_k"]["mean"] == pytest.approx(100 * (0.1 + 0.1 + 0.1) / 3)
+    assert "floor: other_seeds" in sr.tables({"pooled": pooled, "floors": sr.pool_floors(sweeps),
+                                             "settings": {}})
