@@ -26,13 +26,15 @@ under-trained): with ``T`` = ``--steps-target`` (default: the recipe's own step 
 
     epochs = clamp(ceil(T / steps_per_epoch), 1, max_epochs),   train.max_steps = T,
 
-so a run makes ``min(T, epochs · steps_per_epoch)`` steps and the full size runs exactly as the recipe does. The
+so a run makes ``min(T, epochs · steps_per_epoch)`` steps and the full size runs exactly as the recipe does. Each run
+evaluates about 10 times, the last epoch included (``train.eval_every_epochs = ceil(epochs / 10)``): at 10 images
+per class EfficientNet runs 157 epochs of 2 steps, and a test pass after each would cost more than the training. The
 cap ``max_epochs`` (``--max-epochs``; per-task default: EfficientNet 160, never binding at 10 per class; MiniLM
-40, binding only at 10 per class: 20 reviews = 1 step per epoch, so 40 of 250 steps) bounds the cost of the test
-evaluation that the trainer runs after every epoch; where it binds the run makes fewer than ``T`` steps, and the
-table marks it. The learning-rate schedule (warm-up + cosine) spans the run's own steps. A ``--set`` of
-``train.epochs``, ``train.max_steps`` or ``train.batch_size`` changes the default ``T`` (the recipe's steps at full
-size); the rule's keys then replace ``data.max_train_samples``, ``train.epochs`` and ``train.max_steps``.
+40, binding only at 10 per class: 20 reviews = 1 step per epoch, so 40 of 250 steps) bounds the number of epochs;
+where it binds the run makes fewer than ``T`` steps, and the table marks it. The learning-rate schedule (warm-up +
+cosine) spans the run's own steps. A ``--set`` of ``train.epochs``, ``train.max_steps`` or ``train.batch_size``
+changes the default ``T`` (the recipe's steps at full size); the rule's keys then replace ``data.max_train_samples``,
+``train.epochs``, ``train.max_steps`` and ``train.eval_every_epochs``.
 
 Each seed sets ``train.seed`` and ``selection.seed``; the subsample stays the same for every seed unless
 ``--resample-data`` (then ``data.seed`` = the seed too, which also redraws the test subsample).
@@ -70,6 +72,7 @@ from nc_finetune.sweep import mean_ci95, verdict
 
 NAME = "data_scarce"
 FULL = "full"  # the size that keeps the recipe's data.max_train_samples
+EVALUATIONS = 10  # about this many validation/test evaluations per run (train.eval_every_epochs), the last included
 EXPERIMENT = harness.load_experiment(NAME)
 TASKS = EXPERIMENT.settings
 MODES = EXPERIMENT.modes
@@ -124,7 +127,8 @@ def schedule(n_train: int, train: dict[str, Any], target: int, max_epochs: int) 
     """The step-matching rule: ``epochs = clamp(ceil(T / steps_per_epoch), 1, max_epochs)``, ``max_steps = T``."""
     spe = steps_per_epoch(n_train, train)
     epochs = min(max_epochs, max(1, math.ceil(target / spe)))
-    return {"steps_per_epoch": spe, "epochs": epochs, "max_steps": target, "steps": min(target, epochs * spe)}
+    return {"steps_per_epoch": spe, "epochs": epochs, "max_steps": target, "steps": min(target, epochs * spe),
+            "eval_every_epochs": math.ceil(epochs / EVALUATIONS)}
 
 
 # --------------------------------------------------------------------------------------------------- statistics
@@ -299,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             sch = schedule(n_train, base["train"], target, max_epochs)
             schedules[task][size] = {"n_train": n_train, "per_class": n_train / k, **sch}
             size_over = [f"data.max_train_samples={n_train}", f"train.epochs={sch['epochs']}",
-                         f"train.max_steps={target}", f"data.num_classes={k}"]
+                         f"train.max_steps={target}", f"data.num_classes={k}",
+                         f"train.eval_every_epochs={sch['eval_every_epochs']}"]
             for seed in args.seeds:
                 seeded = [f"train.seed={seed}", f"selection.seed={seed}"]
                 if args.resample_data:

@@ -381,6 +381,9 @@ class TrainConfig:
     """Held-out share of the training split for early stopping (0: no validation split)."""
     early_stopping_patience: Annotated[int, POSITIVE] | None = None
     """Evaluations without validation improvement before stopping (needs ``val_fraction`` > 0)."""
+    eval_every_epochs: Annotated[int, POSITIVE] = 1
+    """Evaluate the validation and test splits every N epochs (and always after the last one): with a tiny training
+    set and many epochs, a per-epoch test pass can cost more than the training itself."""
     augment: bool = False
     """Random horizontal flips for images (disables the prefix cache)."""
     cache_prefix: Literal["auto", "on", "off"] = "auto"

@@ -553,7 +553,9 @@ class Trainer:
                                 raise StopTraining
                 pos["train_seconds"] += time.perf_counter() - t0
                 pos["epoch_seconds"].append(time.perf_counter() - t0)
-                stopped_early = pos["stopped_early"] = self._end_of_epoch(epoch, pos)
+                last = epoch + 1 >= num_epochs or pos["step"] >= total_steps
+                if last or (epoch + 1) % cfg.eval_every_epochs == 0:
+                    stopped_early = pos["stopped_early"] = self._end_of_epoch(epoch, pos)
                 pos["epoch"] += 1
                 pos["micro"] = 0
                 checkpoint()

@@ -56,7 +56,23 @@ RESUME_CASES = {
     # Issue 12, resume corner: max_steps ends mid-epoch (step 6 of 8) and the kill comes right after its checkpoint;
     # the resumed run still owes that epoch's evaluation (val/test lines, epochs_run, best.safetensors).
     "max_steps-mid-epoch-killed-after-last-checkpoint": (6, True, {"epochs": 2, "max_steps": 6}),
+    # evaluations every 2 epochs: the kill lands in an epoch without one (step 10 of epoch 2)
+    "eval-every-2+val": (10, True, {"epochs": 4, "eval_every_epochs": 2}),
 }
+
+
+def test_eval_every_epochs_evaluates_every_nth_and_the_last_epoch_without_changing_training(
+        bert_dir, text_data, tmp_path) -> None:
+    data = {k: v for k, v in text_data.items() if k != "val"}
+    s_every = _trainer(bert_dir, data, tmp_path / "every", epochs=5)[0].fit()  # built and run one after the other:
+    s_sparse = _trainer(bert_dir, data, tmp_path / "sparse", epochs=5, eval_every_epochs=2)[0].fit()  # one RNG
+    tested = [r["epoch"] for r in _metrics(tmp_path / "sparse") if r.get("split") == "test"]
+    assert tested == [1, 3, 4]  # after epochs 2 and 4, and after the last one (0-based epoch numbers)
+    assert [r["epoch"] for r in _metrics(tmp_path / "every") if r.get("split") == "test"] == [0, 1, 2, 3, 4]
+    # evaluating is read-only: the same weights and the same final test numbers
+    assert s_sparse["test_accuracy"] == s_every["test_accuracy"]
+    assert s_sparse["test_loss"] == pytest.approx(s_every["test_loss"], abs=1e-9)
+    assert s_sparse["epochs_run"] == s_every["epochs_run"] == 5
 
 
 @pytest.mark.parametrize("case", list(RESUME_CASES))
