@@ -202,8 +202,9 @@ def floors(report: Mapping[str, Any]) -> dict[str, Any]:
     The test oracle is the best of many noisy means, so its accuracy is biased upwards and even a perfect rule has a
     positive regret against it. Two choices no selection rule can be expected to beat measure that floor:
 
-    * ``exhaustive_val``: train every candidate and keep, on each seed, the one with that seed's best validation
-      accuracy (what a user with the budget for the whole sweep would do; ties go to the smaller set);
+    * ``exhaustive_val``: train every candidate and keep, on each seed, the block set with that seed's best
+      validation accuracy among those trained on it (what a user with the budget for the whole sweep would do; ties
+      go to the smaller set);
     * ``other_seeds``: on each seed, the candidate with the best mean test accuracy over the *other* seeds (the best
       fixed choice, known in hindsight but not fitted to this seed's test noise; needs two seeds or more).
 
@@ -343,7 +344,10 @@ def summarize(
     regret: dict[str, Any] = {}
     for budget in budgets:
         label = budget.label
-        eligible = [r for r in rows if _fits(r, budget, backbone_params) and r["mean_test"] is not None]
+        # the oracle is searched among block sets trained on every seed: a pick trained for one seed only is not
+        # comparable (its mean is one draw, and the other seeds' regret would be undefined)
+        eligible = [r for r in rows if _fits(r, budget, backbone_params)
+                    and all(r["test_accuracy"].get(s) is not None for s in seeds)]
         if not eligible:
             continue
         best = max(eligible, key=lambda r: (r["mean_test"], -r["block_params"]))

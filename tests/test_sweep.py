@@ -90,6 +90,17 @@ def test_regret_is_paired_per_seed_against_the_oracle() -> None:
 
 
 
+def test_the_oracle_is_searched_among_block_sets_trained_on_every_seed() -> None:
+    """A pick trained for one seed only (a lucky 0.99) cannot be the oracle: its other seeds' regret is undefined."""
+    cells = [_cell((0,), {0: 0.70, 1: 0.72}), _cell((1,), {0: 0.80, 1: 0.78}),
+             _cell((0, 1), {0: 0.99}, kind="pick")]
+    picks = {0: {"50pct": {"rule": [0, 1]}}, 1: {"50pct": {"rule": [1]}}}
+    rep = summarize(cells, picks, {}, [SweepBudget(max_blocks=None, max_param_fraction=0.5)], [0, 1],
+                    backbone_params=100)
+    assert rep["oracle"]["50pct"]["by_test"]["indices"] == [1] and rep["oracle"]["50pct"]["searched"] == 2
+    assert rep["regret"]["50pct"]["rule"]["per_seed"] == pytest.approx({"0": 100 * (0.80 - 0.99), "1": 0.0})
+
+
 def test_floors_are_the_hindsight_choices_computed_by_hand() -> None:
     """exhaustive_val keeps each seed's best block by that seed's validation accuracy; other_seeds the best mean test
     accuracy of the other seeds; both are scored like a strategy, also from a sweep.json read back (string seeds)."""
