@@ -286,7 +286,8 @@ def tables(payload: dict[str, Any]) -> str:
                          *(_fmt_verdict(r.get("vs_references", {}).get(m)) for m in refs),
                          f"{100 * stab['mean']:.0f}% ({100 * stab[f'share_at_least_{STABLE_SHARE:g}']:.0f}% ≥ "
                          f"{100 * STABLE_SHARE:.0f}%)" if stab else "—"])
-        parts.append(f"**Budget {budget}** (pooled over {len(payload['settings'])} settings; unit: (setting, seed))\n\n"
+        measured = {name for r in table.values() for name in r.get("per_setting", {})}
+        parts.append(f"**Budget {budget}** (pooled over {len(measured)} settings; unit: (setting, seed))\n\n"
                      + markdown_table(["strategy", "regret, points [95% CI]", "n", "vs random_k", "vs last_k",
                                        *(f"vs {m}" for m in refs), "bootstrap stability"],
                                       rows, ["l", "r", "r", "r", "r", *("r" for _ in refs), "r"])
