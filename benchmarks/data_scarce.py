@@ -154,13 +154,15 @@ def size_rows(runs_by: dict[tuple[Any, str], dict[int, dict[str, Any]]], sizes: 
                 continue
             acc = accuracies(runs)
             at_full = accuracies(runs_by.get((FULL, mode), {}))
+            delta = paired(acc, ref) if mode != reference else []
+            stat = mean_ci95(delta)
             rows.append({
                 "size": size, "mode": mode, **plan_info[size],
                 "seeds": sorted(runs),
                 "blocks": blocks_label(list(runs.values())),
                 "accuracy_pct": [acc[s] for s in sorted(acc)],
-                "delta_vs_reference_points": (delta := paired(acc, ref) if mode != reference else []),
-                "delta_vs_reference": {**(stat := mean_ci95(delta)), "verdict": verdict(stat)} if delta else None,
+                "delta_vs_reference_points": delta,
+                "delta_vs_reference": {**stat, "verdict": verdict(stat)} if delta else None,
                 "delta_vs_full_data_points": paired(acc, at_full) if size != FULL and at_full else [],
                 "steps_run": [r["steps"] for r in runs.values()],
                 "epochs_run": [r["epochs_run"] for r in runs.values()],

@@ -238,10 +238,10 @@ def floors(report: Mapping[str, Any]) -> dict[str, Any]:
         best = next(test for c, test, _ in eligible if list(c["indices"]) == list(oracle["by_test"]["indices"]))
         choices: dict[str, dict[str, Any]] = {"exhaustive_val": {}, "other_seeds": {}}
         for s in seeds:
-            with_val = [(c, test) for c, test, val in eligible if s in val and s in test]
+            with_val = [(val[s], c, test) for c, test, val in eligible if s in val and s in test]
             if with_val:
-                choices["exhaustive_val"][s] = max(
-                    with_val, key=lambda ct: (by_seed(ct[0]["val_accuracy"])[s], -ct[0]["block_params"]))
+                _, c, test = max(with_val, key=lambda vct: (vct[0], -vct[1]["block_params"]))
+                choices["exhaustive_val"][s] = (c, test)
             others = [(float(np.mean([test[t] for t in seeds if t != s and t in test])), c, test)
                       for c, test, _ in eligible if s in test and any(t in test for t in seeds if t != s)]
             if others:
@@ -397,16 +397,9 @@ def summarize(
                 entry["bootstrap_stability"] = {"mean": float(np.mean(shares)), "per_seed": shares}
             for rival in ("random_k", "last_k"):
                 if rival in pick_acc and rival != strategy:
-                    diffs = [100.0 * (acc[s] - pick_acc[rival][s]) for s in acc if s in pick_acc[rival]]
-                    stat = mean_ci95(diffs)
-                    entry[f"vs_{rival}"] = {**stat, "verdict": verdict(stat)}
+                    entry[f"vs_{rival}"] = _paired_vs(acc, pick_acc[rival])
             if refs:
-                entry["vs_references"] = {}
-                for method, ref in refs.items():
-                    diffs = [100.0 * (acc[s] - ref["test_accuracy"][s]) for s in acc
-                             if ref["test_accuracy"].get(s) is not None]
-                    stat = mean_ci95(diffs)
-                    entry["vs_references"][method] = {**stat, "verdict": verdict(stat)}
+                entry["vs_references"] = {method: _paired_vs(acc, ref["test_accuracy"]) for method, ref in refs.items()}
             table[strategy] = entry
         regret[label] = table
     return {"cells": rows, "oracle": oracle, "regret": regret, "references": refs}

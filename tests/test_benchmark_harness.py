@@ -8,6 +8,7 @@ import importlib
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -287,3 +288,25 @@ def test_selection_regret_default_counts_only_strategies_measured_on_every_unit(
     assert floors["vs_random_k"]["mean"] == pytest.approx(100 * (0.1 + 0.1 + 0.1) / 3)
     assert "floor: other_seeds" in sr.tables({"pooled": pooled, "floors": sr.pool_floors(sweeps),
                                              "settings": {}})
+
+
+def test_data_scarce_compares_every_mode_with_the_reference_mode_paired_per_seed(bench) -> None:
+    from scipy import stats
+
+    ds = importlib.import_module("data_scarce")
+
+    def run(acc: float) -> dict:
+        return {"test_accuracy": acc, "steps": 4, "epochs_run": 2, "train_samples": 20, "trainable_params": 1,
+                "total_params": 10, "train_seconds": 1.0, "selected_blocks": ["b"]}
+
+    runs_by = {(10, "linear"): {0: run(0.70), 1: run(0.80), 2: run(0.75)},
+               (10, "etf"): {0: run(0.72), 1: run(0.81), 2: run(0.79)}}
+    info = {10: {"n_train": 20, "per_class": 10.0, "epochs": 2, "steps": 4}}
+    rows = {r["mode"]: r for r in ds.size_rows(runs_by, [10], ["linear", "etf"], info, reference="linear")}
+    diffs = [2.0, 1.0, 4.0]  # points, seed by seed
+    assert rows["etf"]["delta_vs_reference_points"] == pytest.approx(diffs)
+    half = stats.t.ppf(0.975, 2) * np.std(diffs, ddof=1) / np.sqrt(3)
+    d = rows["etf"]["delta_vs_reference"]
+    assert d["ci95"] == pytest.approx([7 / 3 - half, 7 / 3 + half]) and d["verdict"] == "tie"  # the interval holds 0
+    assert rows["linear"]["delta_vs_reference"] is None  # the reference itself
+    assert "+2.33 [" in ds.detail_table(list(rows.values()), [], 4, reference="linear")

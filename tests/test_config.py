@@ -143,6 +143,7 @@ VALUE_ERRORS = [
     ("train.early_stopping_patience=0", "train.early_stopping_patience", ">= 1 or null"),
     ("train.early_stopping_patience=2", "train.early_stopping_patience", "val_fraction > 0"),
     ("train.log_every=0", "train.log_every", ">= 1"),
+    ("train.eval_every_epochs=0", "train.eval_every_epochs", ">= 1"),
     ("train.checkpoint_every=0", "train.checkpoint_every", ">= 1"),
     ("train.seed=-1", "train.seed", "in [0, 4294967296)"),
     ("train.device=cuda7", "train.device", "auto, cpu, cuda, cuda:N or mps"),
