@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -45,6 +46,11 @@ from nc_finetune.sweep import mean_ci95, verdict
 NAME = "selection_regret"
 EXPERIMENT = harness.load_experiment(NAME)
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "cpu" / f"{NAME}.json"
+#: Where each setting's resume pack is committed: the sweep's recipe, per-seed probes and picks, and every finished
+#: cell's and reference run's summary.json (the weights stay in the workdir). A sweep reads a cell with a summary as
+#: finished, so copying a pack into an empty workdir lets a later session continue or grow the study without
+#: retraining those cells.
+PACKS = REPO_ROOT / "benchmarks" / "results" / "cpu" / NAME
 _PARAMS = EXPERIMENT.params
 BUDGETS = _PARAMS["budgets"]
 #: Every rule and its variants (``name@selection.key=value``), the rivals and the baselines.
@@ -86,8 +92,13 @@ def _yaml_list(items: list[str]) -> str:
 
 
 def run_setting(name: str, workdir: Path, extra: list[str], log, budgets: str = BUDGETS,
-                skip_trained: bool = False, references: list[str] | None = None) -> Path:
-    """Run (or resume) one setting's sweep; return its directory."""
+                skip_trained: bool = False, references: list[str] | None = None, lr_grid: list[float] | None = None,
+                packs: Path | None = PACKS) -> Path:
+    """Run (or resume) one setting's sweep; return its directory.
+
+    ``lr_grid`` (``sweep.lr_grid``) trains every cell and reference at each rate and keeps, per cell, the rate with
+    the best mean validation accuracy; ``packs`` is where the study's resume packs live (None: none).
+    """
     s = SETTINGS[name]
     overrides = list(s["overrides"])
     if "source" in s:
@@ -98,26 +109,31 @@ def run_setting(name: str, workdir: Path, extra: list[str], log, budgets: str = 
                                                                               "train.val_fraction"))]
             _run(_cli("run", src["recipe"], *src_overrides, *_SOURCE, *extra, "--out", str(src_dir), "--quiet",
                       *(["--resume"] if (src_dir / "resolved.yaml").exists() else [])), log)
-        check_source(src_dir, PACKS / "sources" / f"{s['source']}.json")
+        if packs is not None:
+            check_source(src_dir, packs / "sources" / f"{s['source']}.json")
         overrides.append(f"backbone.init_from={src_dir.resolve()}")
         overrides.append("selection.reference=source")  # for shift: the clean data the source model saw
     chosen = [x for x in [*STRATEGIES, *s.get("strategies", [])] if not (skip_trained and x in _TRAINED_RULES)]
     strategies = _yaml_list(chosen)
     out = workdir / name
-    if restore_setting(PACKS / name, out):
-        log.write(f"restored {out} from {PACKS / name}\n")
+    if packs is not None and restore_setting(packs / name, out):
+        log.write(f"restored {out} from {packs / name}\n")
     refs = _yaml_list(REFERENCES if references is None else references)
+    grid = [f"sweep.lr_grid=[{', '.join(f'{x:g}' for x in lr_grid)}]"] if lr_grid else []
     _run(_cli("sweep", s["recipe"], *overrides, *_COMMON, f"sweep.budgets={budgets}", f"sweep.strategies={strategies}",
-              f"sweep.references={refs}", *extra, "--out", str(out), "--quiet"), log)
+              f"sweep.references={refs}", *grid, *extra, "--out", str(out), "--quiet"), log)
     return out
 
 
-#: Where each setting's resume pack is committed: the sweep's recipe, per-seed probes and picks, and every finished
-#: cell's and reference run's summary.json (the weights stay in the workdir). A sweep reads a cell with a summary as
-#: finished, so copying a pack into an empty workdir lets a later session continue or grow the study without
-#: retraining those cells.
-PACKS = REPO_ROOT / "benchmarks" / "results" / "cpu" / NAME
 _PACKED = ("resolved.yaml", "probe.json", "picks.json", "summary.json", "sweep.json")
+
+
+def packs_for(out: Path, workdir: Path) -> Path | None:
+    """The resume packs of the study pooled into ``out``: ``<out without .json>/`` beside it (``selection_regret.json``
+    -> ``selection_regret/``), so a second study (another ``--out``, e.g. with ``--lr-grid``) keeps its own; None
+    when that is the workdir itself (the smoke run), which needs no copy of itself."""
+    packs = out.parent / out.stem
+    return None if packs.resolve() == workdir.resolve() else packs
 
 
 def check_source(src_dir: Path, record: Path) -> None:
@@ -324,12 +340,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--references", type=_references, default=None, metavar="YAML_LIST",
                    help=f"sweep.references: adapt methods trained on every block beside the cells (default "
                         f"{_yaml_list(REFERENCES)}; '[]' for none)")
+    p.add_argument("--lr-grid", type=_lr_grid, default=None, metavar="YAML_LIST",
+                   help="sweep.lr_grid: train every cell and reference at each rate and keep, per cell, the rate with "
+                        "the best mean validation accuracy (e.g. '[3e-4, 1e-3, 3e-3]'; default: the recipe's "
+                        "train.lr only). Pool it into its own --out and --workdir: the packs follow --out")
     p.add_argument("--skip-trained-rules", action="store_true",
                    help=f"leave out {', '.join(_TRAINED_RULES)} (they train every block briefly before choosing)")
     p.add_argument("--pool-only", action="store_true", help="pool the finished sweeps under --workdir, run nothing")
     p.add_argument("--pack-only", action="store_true",
-                   help=f"copy each setting's resume pack (finished cells included) to "
-                        f"{PACKS.relative_to(REPO_ROOT)}, run nothing")
+                   help=f"copy each setting's resume pack (finished cells included) to <--out without .json>/ "
+                        f"(default {PACKS.relative_to(REPO_ROOT)}), run nothing")
     return p
 
 
@@ -340,15 +360,33 @@ def _references(text: str) -> list[str]:
     return value
 
 
+def _lr_grid(text: str) -> list[float]:
+    value = yaml.safe_load(text)
+    rates = []
+    for x in value if isinstance(value, list) else [None]:
+        try:  # YAML 1.1 reads 3e-4 (no dot) as a string
+            rates.append(float(x) if not isinstance(x, bool) else math.nan)
+        except (TypeError, ValueError):
+            rates.append(math.nan)
+    if not rates or not all(r > 0 for r in rates):  # nan fails too
+        raise argparse.ArgumentTypeError(f"a YAML list of positive learning rates, e.g. '[3e-4, 1e-3, 3e-3]'; "
+                                         f"got {text!r}")
+    return rates
+
+
 def main(argv: list[str] | None = None) -> int:
     args = harness.parse_args(build_parser(), EXPERIMENT, argv)
     extra = [f"sweep.seeds=[{', '.join(map(str, args.seeds))}]", *args.overrides]
     info, cmd = start_study("Selection regret: each strategy's pick against the best block set")
     args.workdir.mkdir(parents=True, exist_ok=True)
+    packs = packs_for(args.out, args.workdir)
     if args.pack_only:
+        if packs is None:
+            print("--pack-only: the packs would be the workdir itself; give another --out")
+            return 2
         for name in args.settings:
             if (args.workdir / name / "resolved.yaml").is_file():
-                print(f"{name}: {pack_setting(args.workdir / name, PACKS / name)} finished cells packed")
+                print(f"{name}: {pack_setting(args.workdir / name, packs / name)} finished cells packed")
         return 0
     sweeps: dict[str, dict[str, Any]] = {}
     with open(args.workdir / "benchmark.log", "a", encoding="utf-8") as log:
@@ -359,11 +397,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{name}] {SETTINGS[name]['about']} ...", flush=True)
                 try:
                     run_setting(name, args.workdir, extra, log, args.budgets, args.skip_trained_rules,
-                                args.references)
+                                args.references, args.lr_grid, packs)
                 except RuntimeError as e:
                     print(f"    failed: {e}", flush=True)
                     continue
-                packed = pack_setting(out, PACKS / name)
+                packed = pack_setting(out, packs / name) if packs is not None else 0
                 print(f"    done in {time.perf_counter() - start:.0f} s; {packed} cells packed", flush=True)
             if (out / "sweep.json").exists():
                 sweeps[name] = json.loads((out / "sweep.json").read_text(encoding="utf-8"))

@@ -234,6 +234,29 @@ def test_selection_regret_strategies_and_references_parse_as_a_sweep_section(ben
     from_dict(SweepConfig, {"strategies": strategies, "references": sr.REFERENCES}, "sweep")
 
 
+def test_selection_regret_lr_grid_reaches_the_sweep_and_packs_follow_out(bench, tmp_path, monkeypatch) -> None:
+    sr = importlib.import_module("selection_regret")
+    args = sr.build_parser().parse_args(["--lr-grid", "[3e-4, 0.001, 3e-3]"])
+    assert args.lr_grid == [3e-4, 1e-3, 3e-3]
+    for bad in ("[]", "3e-4", "[0.001, -1]", "[true]", "[a]"):
+        with pytest.raises(SystemExit) as e:
+            sr.build_parser().parse_args(["--lr-grid", bad])
+        assert e.value.code == 2
+    # the default study packs beside its JSON; another --out keeps its own packs; the smoke run none
+    assert sr.packs_for(sr.RESULTS, tmp_path) == sr.PACKS
+    assert sr.packs_for(tmp_path / "lr.json", tmp_path / "work") == tmp_path / "lr"
+    assert sr.packs_for(tmp_path / "study.json", tmp_path / "study") is None
+    # the grid goes into the sweep command, before --set overrides (which may replace it)
+    calls = []
+    monkeypatch.setattr(sr, "_run", lambda cmd, log: calls.append(cmd))
+    sr.run_setting("effnet-fm", tmp_path / "work", ["x.y=1"], None, lr_grid=[3e-4, 1e-3], packs=None)
+    cmd = calls[-1]
+    assert cmd[3] == "sweep" and "sweep.lr_grid=[0.0003, 0.001]" in cmd
+    assert cmd.index("sweep.lr_grid=[0.0003, 0.001]") < cmd.index("x.y=1")
+    sr.run_setting("effnet-fm", tmp_path / "work", [], None, packs=None)
+    assert not any(a.startswith("sweep.lr_grid") for a in calls[-1])
+
+
 def test_selection_regret_pools_references_and_bootstrap_stability_per_setting_seed(bench) -> None:
     sr = importlib.import_module("selection_regret")
 
