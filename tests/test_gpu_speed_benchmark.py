@@ -28,6 +28,7 @@ def test_smoke_run_writes_every_measurement(gpu_speed, tmp_path, capsys) -> None
                            "--workdir", str(tmp_path / "work")]) == 0
     r = json.loads(out.read_text())
     assert r["device"] == "cpu" and r["smoke"] and r["targets_met"] is False
+    assert r["sizes"]["preset"] == "smoke_sizes" and r["sizes"]["image_size"] == 32
     res = r["results"]["resnet"]
     assert set(res["inference_samples_per_s"]) == {"fp32", "bf16", "gpu_resident", "probe"}
     assert all(v > 0 for v in res["inference_samples_per_s"].values())
@@ -45,3 +46,9 @@ def test_unknown_model_label_is_refused(gpu_speed, tmp_path) -> None:
     with pytest.raises(SystemExit):
         gpu_speed.main(["--smoke", "--models", "nope", "--out", str(tmp_path / "x.json")])
     assert not (tmp_path / "x.json").exists()
+
+
+def test_presets_cover_the_same_measurements(gpu_speed) -> None:
+    # the CPU preset (no --smoke, no GPU) sets every size the GPU preset sets, nothing else
+    params = gpu_speed.EXPERIMENT.params
+    assert set(params["cpu_sizes"]) == set(params["sizes"]) == set(params["smoke_sizes"])
