@@ -34,7 +34,8 @@ cap ``max_epochs`` (``--max-epochs``; per-task default: EfficientNet 160, never 
 where it binds the run makes fewer than ``T`` steps, and the table marks it. The learning-rate schedule (warm-up +
 cosine) spans the run's own steps. A ``--set`` of ``train.epochs``, ``train.max_steps`` or ``train.batch_size``
 changes the default ``T`` (the recipe's steps at full size); the rule's keys then replace ``data.max_train_samples``,
-``train.epochs``, ``train.max_steps`` and ``train.eval_every_epochs``.
+``train.epochs`` and ``train.max_steps``. A ``--set train.eval_every_epochs=N`` is kept (e.g. 1 for a test pass after
+every epoch).
 
 Each seed sets ``train.seed`` and ``selection.seed``; the subsample stays the same for every seed unless
 ``--resample-data`` (then ``data.seed`` = the seed too, which also redraws the test subsample).
@@ -305,8 +306,9 @@ def main(argv: list[str] | None = None) -> int:
             sch = schedule(n_train, base["train"], target, max_epochs)
             schedules[task][size] = {"n_train": n_train, "per_class": n_train / k, **sch}
             size_over = [f"data.max_train_samples={n_train}", f"train.epochs={sch['epochs']}",
-                         f"train.max_steps={target}", f"data.num_classes={k}",
-                         f"train.eval_every_epochs={sch['eval_every_epochs']}"]
+                         f"train.max_steps={target}", f"data.num_classes={k}"]
+            if not any(o.startswith("train.eval_every_epochs=") for o in extra):  # a user's choice stays
+                size_over.append(f"train.eval_every_epochs={sch['eval_every_epochs']}")
             for seed in args.seeds:
                 seeded = [f"train.seed={seed}", f"selection.seed={seed}"]
                 if args.resample_data:

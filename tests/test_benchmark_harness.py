@@ -333,3 +333,19 @@ def test_data_scarce_compares_every_mode_with_the_reference_mode_paired_per_seed
     assert d["ci95"] == pytest.approx([7 / 3 - half, 7 / 3 + half]) and d["verdict"] == "tie"  # the interval holds 0
     assert rows["linear"]["delta_vs_reference"] is None  # the reference itself
     assert "+2.33 [" in ds.detail_table(list(rows.values()), [], 4, reference="linear")
+
+
+def test_data_scarce_keeps_a_users_eval_every_epochs(bench, monkeypatch) -> None:
+    ds = importlib.import_module("data_scarce")
+    monkeypatch.setattr(ds, "available_train", lambda resolved: 60000)  # no dataset read
+    plans = []
+    monkeypatch.setattr(ds.harness, "print_plan", lambda plan: plans.append(plan))
+
+    def evals(*extra: str) -> set[str]:
+        assert ds.main(["--dry-run", "--tasks", "effnet-fm", "--sizes", "10", "--seeds", "0", "--modes", "linear_probe",
+                        *extra]) == 0
+        return {o for p in plans[-1] for o in p["overrides"] if o.startswith("train.eval_every_epochs=")}
+
+    # 10 per class: 100 images, 2 steps per epoch -> 157 epochs, a test pass every 16th (about 10 in all)
+    assert evals() == {"train.eval_every_epochs=16"}
+    assert evals("--set", "train.eval_every_epochs=1") == {"train.eval_every_epochs=1"}
