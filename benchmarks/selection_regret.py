@@ -310,18 +310,32 @@ def tables(payload: dict[str, Any]) -> str:
                      + ("\n\nfloor: = a hindsight choice, not a rule (exhaustive_val: each seed's best block set by "
                         "validation after training them all; other_seeds: the best by the other seeds' test "
                         "accuracy): the regret a perfect rule could still show here." if floors else ""))
+    grid = any(len(s.get("lr_grid") or []) > 1 for s in payload["settings"].values())
+
+    def rate(entry: dict[str, Any] | None) -> list[str]:  # the chosen rate, a column only when a grid was searched
+        return [f"{entry['lr']:g}" if entry and entry.get("lr") is not None else "—"] if grid else []
+
     rows = []
     for name, s in payload["settings"].items():
         for budget, o in s["oracle"].items():
             rows.append([name, budget, " + ".join(o["by_test"]["blocks"]), f"{100 * o['by_test']['mean_test']:.2f}",
-                         " + ".join(o["by_val"]["blocks"]) if o.get("by_val") else "—", o["searched"]])
-    parts.append(markdown_table(["setting", "budget", "oracle (test)", "acc %", "best by validation", "searched"],
-                                rows))
-    rows = [[name, m, f"{r['trainable_params']:,}", f"{100 * r['mean_test']:.2f}"]
+                         *rate(o["by_test"]), " + ".join(o["by_val"]["blocks"]) if o.get("by_val") else "—",
+                         o["searched"]])
+    parts.append(markdown_table(["setting", "budget", "oracle (test)", "acc %", *(["lr"] if grid else []),
+                                 "best by validation", "searched"], rows))
+    rows = [[name, m, f"{r['trainable_params']:,}", f"{100 * r['mean_test']:.2f}", *rate(r)]
             for name, s in payload["settings"].items() for m, r in (s.get("references") or {}).items()
             if r.get("mean_test") is not None]
     if rows:
-        parts.append(markdown_table(["setting", "reference (every block)", "trainable", "acc %"], rows))
+        parts.append(markdown_table(["setting", "reference (every block)", "trainable", "acc %",
+                                     *(["lr"] if grid else [])], rows))
+    if grid:
+        rows = []
+        for name, s in payload["settings"].items():
+            chosen = [c["lr"] for c in s["cells"] if c["kind"] == "candidate"]
+            rows.append([name, ", ".join(f"{x:g}" for x in s["lr_grid"]),
+                         ", ".join(f"{x:g} ×{chosen.count(x)}" for x in s["lr_grid"])])
+        parts.append(markdown_table(["setting", "lr grid", "rate chosen by validation (candidates)"], rows))
     return "\n\n".join(parts)
 
 

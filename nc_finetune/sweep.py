@@ -354,10 +354,11 @@ def summarize(
         with_val = [r for r in eligible if r["mean_val"] is not None]
         best_val = max(with_val, key=lambda r: (r["mean_val"], -r["block_params"])) if with_val else None
         oracle[label] = {
-            "by_test": {"blocks": best["names"], "indices": best["indices"], "mean_test": best["mean_test"]},
+            "by_test": {"blocks": best["names"], "indices": best["indices"], "mean_test": best["mean_test"],
+                        "lr": best["lr"]},
             "by_val": None if best_val is None else {"blocks": best_val["names"], "indices": best_val["indices"],
                                                      "mean_test": best_val["mean_test"],
-                                                     "mean_val": best_val["mean_val"]},
+                                                     "mean_val": best_val["mean_val"], "lr": best_val["lr"]},
             "searched": len(eligible),
         }
         strategies = sorted({s for seed in seeds for s in picks.get(seed, {}).get(label, {})})

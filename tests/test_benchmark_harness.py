@@ -257,6 +257,21 @@ def test_selection_regret_lr_grid_reaches_the_sweep_and_packs_follow_out(bench, 
     assert not any(a.startswith("sweep.lr_grid") for a in calls[-1])
 
 
+def test_selection_regret_tables_show_the_chosen_rates_only_for_a_grid(bench) -> None:
+    sr = importlib.import_module("selection_regret")
+    setting = {"lr_grid": [1e-3, 3e-3],
+               "oracle": {"1_block": {"by_test": {"blocks": ["b1"], "mean_test": 0.9, "lr": 3e-3}, "by_val": None,
+                                      "searched": 2}},
+               "references": {"full": {"trainable_params": 10, "mean_test": 0.8, "lr": 1e-3}},
+               "cells": [{"kind": "candidate", "lr": 3e-3}, {"kind": "candidate", "lr": 1e-3},
+                         {"kind": "candidate", "lr": 3e-3}, {"kind": "pick", "lr": 1e-3}]}
+    text = " ".join(sr.tables({"pooled": {}, "settings": {"s": setting}}).split())  # columns are padded
+    assert "| s | 1_block | b1 | 90.00 | 0.003 |" in text and "| s | full | 10 | 80.00 | 0.001 |" in text
+    assert "0.001 ×1, 0.003 ×2" in text  # candidates only, not the picks
+    one_rate = " ".join(sr.tables({"pooled": {}, "settings": {"s": {**setting, "lr_grid": [1e-3]}}}).split())
+    assert "| lr |" not in one_rate and "rate chosen" not in one_rate
+
+
 def test_selection_regret_pools_references_and_bootstrap_stability_per_setting_seed(bench) -> None:
     sr = importlib.import_module("selection_regret")
 

@@ -57,6 +57,21 @@ def _cell(indices, test, val=None, kind="candidate"):
             "per_lr": {1e-3: {"test": test, "val": val or {s: None for s in seeds}}}}
 
 
+def test_oracle_scores_each_cell_at_the_rate_validation_chose() -> None:
+    # block 1 is best on test at lr 1e-2, but validation prefers 1e-3 for it: the oracle sees only 1e-3's accuracy
+    def cell(i, by_rate):
+        return {**_cell((i,), {0: 0.0}), "per_lr": {lr: {"val": {0: v}, "test": {0: t}} for lr, (v, t) in
+                                                    by_rate.items()}}
+
+    cells = [cell(0, {1e-3: (0.80, 0.80), 1e-2: (0.70, 0.70)}), cell(1, {1e-3: (0.90, 0.75), 1e-2: (0.85, 0.99)})]
+    rep = summarize(cells, {0: {"1_block": {"rule": [1]}}}, {}, [SweepBudget(max_blocks=1)], [0], backbone_params=100)
+    assert [c["lr"] for c in rep["cells"]] == [1e-3, 1e-3]
+    oracle = rep["oracle"]["1_block"]
+    assert oracle["by_test"] == {"blocks": ["layer.0"], "indices": [0], "mean_test": 0.80, "lr": 1e-3}
+    assert oracle["by_val"]["blocks"] == ["layer.1"] and oracle["by_val"]["lr"] == 1e-3
+    assert rep["regret"]["1_block"]["rule"]["mean"] == pytest.approx(100 * (0.80 - 0.75))
+
+
 def test_regret_is_paired_per_seed_against_the_oracle() -> None:
     # per-block test accuracy for seeds 0, 1, 2; block 2 is the oracle (mean 0.90)
     acc = {0: [0.70, 0.75, 0.72], 1: [0.80, 0.78, 0.82], 2: [0.91, 0.88, 0.91], 3: [0.85, 0.86, 0.81]}
