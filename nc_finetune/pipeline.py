@@ -7,6 +7,7 @@ the stage packages; the rules of a run directory in :mod:`nc_finetune.runs`.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import numpy as np
 from nc_finetune import runs
 from nc_finetune.adapt.recipe import build_recipe_classifier
 from nc_finetune.config import Recipe, recipe_to_dict
-from nc_finetune.data.prepare import PreparedData, prepare_data  # benchmarks and tests import them from here too
+from nc_finetune.data.prepare import PreparedData, load_recipe_data, prepare_data  # also imported from here
 from nc_finetune.runs import RunDir
 from nc_finetune.utils.dist import is_main_process
 from nc_finetune.utils.env import check_recipe_devices
@@ -305,7 +306,9 @@ def eval_stage(run_dir: Path, split: str = "test", batch_size: int | None = None
     recipe = eval_recipe(run, data_overrides, batch_size)
     # Every artefact is read (and a damaged one refused) before any data or model loads.
     probe_result, selection, weights = run.read_probe(), run.read_selection(), run.read_final_weights()
-    data = trained_classes_of(run, probe_result, prepare_data(recipe).data)  # head outputs are the run's classes
+    if recipe.data.streaming and split == "test":  # nothing reads the train stream: no per-class sample of it
+        recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, max_train_samples=None))
+    data = trained_classes_of(run, probe_result, load_recipe_data(recipe))  # head outputs are the run's classes
     seed_everything(recipe.train.seed)  # as run_pipeline: a randomly initialised backbone is drawn right after seeding
     backbone = load_recipe_backbone(recipe)
     adapted = build_recipe_classifier(recipe, backbone, data.num_classes, selection, probe_result, data.train)

@@ -32,6 +32,29 @@ def test_streamed_eval_equals_in_memory_eval(finished_run) -> None:
     assert eval_stage(out, split="train", data_overrides=["data.streaming=true"])["samples"] == 24
 
 
+def test_streamed_test_eval_never_samples_the_train_stream(finished_run, monkeypatch) -> None:
+    """Scoring the test split needs no per-class sample of the (possibly huge) train stream: neither the probe
+    subset nor data.max_train_samples' draw is made; scoring the train split still draws the run's sample."""
+    from nc_finetune.data import streaming
+
+    purposes = []
+    original = streaming.StreamSplit.sample
+
+    def sample(self, quota, seed, purpose):
+        purposes.append(purpose)
+        return original(self, quota, seed, purpose)
+
+    monkeypatch.setattr(streaming.StreamSplit, "sample", sample)
+    out = finished_run["out"]
+    memory = eval_stage(out)
+    over = ["data.streaming=true", "data.max_train_samples=20", "data.labels=['0', '1']"]
+    streamed = eval_stage(out, data_overrides=over)
+    assert streamed["accuracy"] == memory["accuracy"] and streamed["samples"] == memory["samples"]
+    assert streaming.KEY_TRAIN_SAMPLE not in purposes and streaming.KEY_PROBE_SAMPLE not in purposes
+    assert eval_stage(out, split="train", data_overrides=over)["samples"] == 20
+    assert streaming.KEY_TRAIN_SAMPLE in purposes
+
+
 def test_streaming_probe_and_run(bert_dir, tmp_path) -> None:
     texts, labels = make_texts(60, 2, seed=7)
     csv = {"train": write_text_csv(tmp_path / "train.csv", texts[:48], labels[:48]),
