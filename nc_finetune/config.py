@@ -538,7 +538,9 @@ class SweepConfig:
     training subset, the validation split and the probe subset, not only the training noise."""
     lr_grid: list[float] | None = None
     """Learning rates tried for every candidate (``null``: ``train.lr`` only). With more than one, each candidate's
-    rate is chosen by its mean validation accuracy (``train.val_fraction`` > 0), never on test."""
+    rate is chosen by its mean validation accuracy (``train.val_fraction`` > 0), never on test. Each rate replaces
+    ``train.lr`` (the blocks' rate; the head keeps ``train.head_lr``), except for the ``linear_probe`` reference,
+    which trains only the head: there the grid scales ``train.head_lr`` by ``rate / train.lr``."""
     strategies: list[str] | None = None
     """Selection strategies to score (``null``: every strategy that applies to the recipe)."""
     budgets: list[SweepBudget] = field(default_factory=lambda: [SweepBudget(max_blocks=1)])

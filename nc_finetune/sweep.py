@@ -129,9 +129,18 @@ def cell_recipe(recipe: Recipe, seed: int, names: Sequence[str], lr: float) -> R
 
 
 def reference_recipe(recipe: Recipe, seed: int, names: Sequence[str], lr: float, method: str) -> Recipe:
-    """The ``run`` recipe of a reference cell: :func:`cell_recipe` on every block, trained by ``method``."""
+    """The ``run`` recipe of a reference cell: :func:`cell_recipe` on every block, trained by ``method``.
+
+    A linear probe trains only the head, so the grid has to move the head's rate to tune it: ``train.head_lr`` is
+    scaled by ``lr / train.lr`` (the recipe's rate is the grid's ×1 point); without a ``head_lr`` the head already
+    trains at ``lr``.
+    """
     r = cell_recipe(recipe, seed, names, lr)
-    return dataclasses.replace(r, adapt=dataclasses.replace(r.adapt, method=method))
+    r = dataclasses.replace(r, adapt=dataclasses.replace(r.adapt, method=method))
+    if method == "linear_probe" and recipe.train.head_lr is not None and recipe.train.lr > 0:
+        head_lr = recipe.train.head_lr * float(lr) / recipe.train.lr
+        r = dataclasses.replace(r, train=dataclasses.replace(r.train, head_lr=head_lr))
+    return r
 
 
 def parse_strategy(spec: str) -> tuple[str, dict[str, Any]]:

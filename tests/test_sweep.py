@@ -14,7 +14,15 @@ from nc_finetune import runs
 from nc_finetune.cli import main
 from nc_finetune.config import SweepBudget, load_recipe
 from nc_finetune.errors import ConfigError
-from nc_finetune.sweep import choose_lr, floors, mean_ci95, resolve_candidates, summarize, verdict
+from nc_finetune.sweep import (
+    choose_lr,
+    floors,
+    mean_ci95,
+    reference_recipe,
+    resolve_candidates,
+    summarize,
+    verdict,
+)
 from tests.conftest import recipe_overrides, tree_bytes
 
 BLOCKS = [SimpleNamespace(index=i, name=f"layer.{i}", num_params=p) for i, p in enumerate([10, 20, 30, 40])]
@@ -48,6 +56,17 @@ def test_learning_rate_is_chosen_on_validation_never_on_test() -> None:
               1e-2: {"val": {0: 0.7, 1: 0.7}, "test": {0: 0.99, 1: 0.99}}}
     assert choose_lr(per_lr) == 1e-3
     assert choose_lr({5e-4: per_lr[1e-2]}) == 5e-4
+
+
+def test_the_grid_tunes_the_head_of_a_linear_probe_and_the_blocks_of_the_rest() -> None:
+    recipe = load_recipe(None, ["train.lr=1e-3", "train.head_lr=3e-3"])
+    for method in ("full", "auto_rgn", "linear_probe"):
+        r = reference_recipe(recipe, 0, ["layer.0"], 1e-2, method)
+        assert r.train.lr == 1e-2 and r.adapt.method == method
+        # the linear probe trains only its head: the grid moves the head's rate (x10 here), the others keep it
+        assert r.train.head_lr == pytest.approx(3e-2 if method == "linear_probe" else 3e-3)
+    same = load_recipe(None, ["train.lr=1e-3", "train.head_lr=null"])
+    assert reference_recipe(same, 0, ["layer.0"], 1e-2, "linear_probe").train.head_lr is None  # head at lr already
 
 
 def _cell(indices, test, val=None, kind="candidate"):
