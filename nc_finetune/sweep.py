@@ -452,6 +452,19 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
+def cells_to_train(candidates: Sequence[tuple[int, ...]], picks: Sequence[Mapping[str, Mapping[str, Sequence[int]]]],
+                   strategies: Sequence[str], budgets: Sequence[str]) -> list[tuple[tuple[int, ...], str]]:
+    """Every candidate, then every block set picked under one of these budgets by one of these strategies that is not
+    a candidate, as ``(indices, "candidate" | "pick")``.
+
+    ``picks`` holds each seed's ``{budget: {strategy: indices}}``. A resumed sweep keeps the picks of budgets and
+    strategies it no longer asks for; their block sets are not trained.
+    """
+    extra = sorted({tuple(sorted(idx)) for by_budget in picks for label, by_s in by_budget.items() if label in budgets
+                    for strategy, idx in by_s.items() if strategy in strategies} - set(candidates))
+    return [(c, "candidate") for c in candidates] + [(c, "pick") for c in extra]
+
+
 def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print) -> dict[str, Any]:
     """Run (or resume) a sweep into ``out``; write ``sweep.json`` and ``sweep.png``.
 
@@ -575,9 +588,8 @@ def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print)
 
     # Phase 2: every candidate and every pick that is not one, for every seed and rate.
     assert blocks is not None
-    extra = sorted({tuple(sorted(idx)) for st in state.values() for by_s in st["picks"].values()
-                    for strategy, idx in by_s.items() if strategy in strategies} - set(candidates))
-    cell_keys = [(c, "candidate") for c in candidates] + [(c, "pick") for c in extra]
+    cell_keys = cells_to_train(candidates, [st["picks"] for st in state.values()], strategies,
+                               [b.label for b in cfg.budgets])
     by_index = {b.index: b for b in blocks}
     backbone_params = state[seeds[0]]["backbone_params"]
     total = (len(cell_keys) + len(cfg.references)) * len(seeds) * len(lrs)

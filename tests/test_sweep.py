@@ -15,6 +15,7 @@ from nc_finetune.cli import main
 from nc_finetune.config import SweepBudget, load_recipe
 from nc_finetune.errors import ConfigError
 from nc_finetune.sweep import (
+    cells_to_train,
     choose_lr,
     floors,
     mean_ci95,
@@ -67,6 +68,18 @@ def test_the_grid_tunes_the_head_of_a_linear_probe_and_the_blocks_of_the_rest() 
         assert r.train.head_lr == pytest.approx(3e-2 if method == "linear_probe" else 3e-3)
     same = load_recipe(None, ["train.lr=1e-3", "train.head_lr=null"])
     assert reference_recipe(same, 0, ["layer.0"], 1e-2, "linear_probe").train.head_lr is None  # head at lr already
+
+
+def test_only_the_picks_of_the_budgets_and_strategies_asked_for_are_trained() -> None:
+    # a sweep resumed with fewer budgets (or strategies) keeps the old picks but trains none of their block sets
+    picks = [{"1_block": {"knee": [2]}, "10pct": {"knee": [3, 1], "stall": [0, 2]}},
+             {"1_block": {"knee": [1]}, "10pct": {"knee": [1, 3], "lisa": [0, 3]}}]
+    candidates = [(0,), (1,), (2,), (3,)]
+    singles = [(c, "candidate") for c in candidates]
+    assert cells_to_train(candidates, picks, ["knee", "stall"], ["1_block"]) == singles
+    assert cells_to_train(candidates, picks, ["knee", "stall"], ["1_block", "10pct"]) == [
+        *singles, ((0, 2), "pick"), ((1, 3), "pick")]  # sorted, once each, lisa's not asked for
+    assert cells_to_train(candidates, picks, ["knee"], ["10pct"]) == [*singles, ((1, 3), "pick")]
 
 
 def _cell(indices, test, val=None, kind="candidate"):
