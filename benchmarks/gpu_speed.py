@@ -259,6 +259,11 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def size_preset(smoke: bool, device: torch.device) -> str:
+    """The experiment's sizes to run: tiny with ``--smoke``, the issue's 224 px on a GPU, ``cpu_sizes`` elsewhere."""
+    return "smoke_sizes" if smoke else "sizes" if device.type == "cuda" else "cpu_sizes"
+
+
 def build_parser() -> argparse.ArgumentParser:
     return harness.study_parser(
         EXPERIMENT, __doc__, flags=("settings", "workdir", "out", "smoke", "device"), settings_alias="--models",
@@ -279,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = resolve_device(args.device)
     models = SMOKE_MODELS if args.smoke else MODELS
-    preset = "smoke_sizes" if args.smoke else "sizes" if device.type == "cuda" else "cpu_sizes"
+    preset = size_preset(args.smoke, device)
     sizes = EXPERIMENT.params[preset]
     for key, value in sizes.items():
         setattr(args, key, value)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -375,17 +374,21 @@ def _references(text: str) -> list[str]:
 
 
 def _lr_grid(text: str) -> list[float]:
-    value = yaml.safe_load(text)
-    rates = []
-    for x in value if isinstance(value, list) else [None]:
-        try:  # YAML 1.1 reads 3e-4 (no dot) as a string
-            rates.append(float(x) if not isinstance(x, bool) else math.nan)
-        except (TypeError, ValueError):
-            rates.append(math.nan)
-    if not rates or not all(r > 0 for r in rates):  # nan fails too
-        raise argparse.ArgumentTypeError(f"a YAML list of positive learning rates, e.g. '[3e-4, 1e-3, 3e-3]'; "
-                                         f"got {text!r}")
-    return rates
+    """``sweep.lr_grid`` parsed and checked by the recipe schema itself (YAML 1.1's ``3e-4`` string included)."""
+    from nc_finetune.config import SweepConfig, from_dict
+    from nc_finetune.errors import ConfigError
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text  # refused below as not a list, in one line
+    try:
+        rates = from_dict(SweepConfig, {"lr_grid": value}, "sweep").lr_grid
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(f"{e} (e.g. '[3e-4, 1e-3, 3e-3]')") from None
+    if rates is None:
+        raise argparse.ArgumentTypeError(f"a YAML list of learning rates, e.g. '[3e-4, 1e-3, 3e-3]'; got {text!r}")
+    return [float(x) for x in rates]
 
 
 def main(argv: list[str] | None = None) -> int:

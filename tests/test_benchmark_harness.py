@@ -238,7 +238,7 @@ def test_selection_regret_lr_grid_reaches_the_sweep_and_packs_follow_out(bench, 
     sr = importlib.import_module("selection_regret")
     args = sr.build_parser().parse_args(["--lr-grid", "[3e-4, 0.001, 3e-3]"])
     assert args.lr_grid == [3e-4, 1e-3, 3e-3]
-    for bad in ("[]", "3e-4", "[0.001, -1]", "[true]", "[a]"):
+    for bad in ("[]", "3e-4", "[0.001, -1]", "[true]", "[a]", "[0.001", "null"):
         with pytest.raises(SystemExit) as e:
             sr.build_parser().parse_args(["--lr-grid", bad])
         assert e.value.code == 2

@@ -52,3 +52,6 @@ def test_presets_cover_the_same_measurements(gpu_speed) -> None:
     # the CPU preset (no --smoke, no GPU) sets every size the GPU preset sets, nothing else
     params = gpu_speed.EXPERIMENT.params
     assert set(params["cpu_sizes"]) == set(params["sizes"]) == set(params["smoke_sizes"])
+    cpu, cuda = gpu_speed.torch.device("cpu"), gpu_speed.torch.device("cuda")
+    assert gpu_speed.size_preset(False, cpu) == "cpu_sizes" and gpu_speed.size_preset(False, cuda) == "sizes"
+    assert gpu_speed.size_preset(True, cpu) == gpu_speed.size_preset(True, cuda) == "smoke_sizes"
