@@ -349,11 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
                "out": f"pooled JSON (default {RESULTS.relative_to(REPO_ROOT)})",
                "workdir": "one sweep directory per setting (and sources/); rerunning continues cell by cell "
                           "(default runs/bench-regret)"})
-    p.add_argument("--budgets", default=BUDGETS, help=f"sweep.budgets (YAML list; default {BUDGETS})")
-    p.add_argument("--references", type=_references, default=None, metavar="YAML_LIST",
+    p.add_argument("--budgets", type=_sweep_key("budgets", "[{max_blocks: 1}]"), default=BUDGETS, metavar="YAML_LIST",
+                   help=f"sweep.budgets (default {BUDGETS})")
+    p.add_argument("--references", type=_sweep_key("references", "[full, auto_rgn]"), default=None, metavar="YAML_LIST",
                    help=f"sweep.references: adapt methods trained on every block beside the cells (default "
                         f"{_yaml_list(REFERENCES)}; '[]' for none)")
-    p.add_argument("--lr-grid", type=_lr_grid, default=None, metavar="YAML_LIST",
+    p.add_argument("--lr-grid", type=_sweep_key("lr_grid", "[3e-4, 1e-3, 3e-3]"), default=None, metavar="YAML_LIST",
                    help="sweep.lr_grid: train every cell and reference at each rate and keep, per cell, the rate with "
                         "the best mean validation accuracy (e.g. '[3e-4, 1e-3, 3e-3]'; default: the recipe's "
                         "train.lr only). Pool it into its own --out and --workdir: the packs follow --out")
@@ -366,29 +367,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _references(text: str) -> list[str]:
-    value = yaml.safe_load(text)
-    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
-        raise argparse.ArgumentTypeError(f"a YAML list of adapt methods, e.g. [full, auto_rgn]; got {text!r}")
-    return value
-
-
-def _lr_grid(text: str) -> list[float]:
-    """``sweep.lr_grid`` parsed and checked by the recipe schema itself (YAML 1.1's ``3e-4`` string included)."""
+def _sweep_key(key: str, example: str):
+    """An argparse type for ``sweep.<key>``: the YAML value parsed and checked by the recipe schema itself
+    (:class:`~nc_finetune.config.SweepConfig`), so a typo gives one line before any setting runs."""
     from nc_finetune.config import SweepConfig, from_dict
     from nc_finetune.errors import ConfigError
 
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = text  # refused below as not a list, in one line
-    try:
-        rates = from_dict(SweepConfig, {"lr_grid": value}, "sweep").lr_grid
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(f"{e} (e.g. '[3e-4, 1e-3, 3e-3]')") from None
-    if rates is None:
-        raise argparse.ArgumentTypeError(f"a YAML list of learning rates, e.g. '[3e-4, 1e-3, 3e-3]'; got {text!r}")
-    return [float(x) for x in rates]
+    def parse(text: str) -> Any:
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text  # refused by the schema as not a list, in one line
+        if value is None:
+            raise argparse.ArgumentTypeError(f"a YAML list, e.g. {example!r}; got {text!r}")
+        try:
+            parsed = getattr(from_dict(SweepConfig, {key: value}, "sweep"), key)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(f"{e} (e.g. {example!r})") from None
+        # budgets travel to the sweep as the text given (it is also recorded in the pooled JSON)
+        return text if key == "budgets" else [float(x) for x in parsed] if key == "lr_grid" else parsed
+
+    parse.__name__ = f"sweep.{key}"  # argparse names the type in its error line
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "validation, train.val_fraction > 0), each cell an ordinary run directory under "
                                    "DIR/cells/. Every selection strategy picks blocks under each of sweep.budgets "
                                    "from the same seed's probe; its regret is the oracle's test accuracy minus its "
-                                   "pick's, paired per seed, with a 95%% interval. Writes DIR/sweep.json and "
+                                   "pick's, paired per seed, with a 95% interval. Writes DIR/sweep.json and "
                                    "DIR/sweep.png. Rerun the same command to resume a killed sweep: finished cells "
                                    "are kept, an interrupted one continues from its checkpoint.")
     _add_recipe_args(p)

@@ -238,10 +238,16 @@ def test_selection_regret_lr_grid_reaches_the_sweep_and_packs_follow_out(bench, 
     sr = importlib.import_module("selection_regret")
     args = sr.build_parser().parse_args(["--lr-grid", "[3e-4, 0.001, 3e-3]"])
     assert args.lr_grid == [3e-4, 1e-3, 3e-3]
-    for bad in ("[]", "3e-4", "[0.001, -1]", "[true]", "[a]", "[0.001", "null"):
+    for flag, bad in [*(("--lr-grid", x) for x in ("[]", "3e-4", "[0.001, -1]", "[true]", "[a]", "[0.001", "null")),
+                      ("--references", "[full, ful]"), ("--references", "full"), ("--references", "[full, full]"),
+                      ("--budgets", "[{max_blocks: 1}, {max_blocks: 1}]"), ("--budgets", "[{max_blok: 1}]"),
+                      ("--budgets", "[]")]:
         with pytest.raises(SystemExit) as e:
-            sr.build_parser().parse_args(["--lr-grid", bad])
-        assert e.value.code == 2
+            sr.build_parser().parse_args([flag, bad])
+        assert e.value.code == 2, (flag, bad)
+    good = sr.build_parser().parse_args(["--references", "[]", "--budgets", "[{max_param_fraction: 0.1}]"])
+    assert good.references == [] and good.budgets == "[{max_param_fraction: 0.1}]"
+    assert sr.build_parser().parse_args([]).budgets == sr.BUDGETS and sr.build_parser().parse_args([]).lr_grid is None
     # the default study packs beside its JSON; another --out keeps its own packs; the smoke run none
     assert sr.packs_for(sr.RESULTS, tmp_path) == sr.PACKS
     assert sr.packs_for(tmp_path / "lr.json", tmp_path / "work") == tmp_path / "lr"

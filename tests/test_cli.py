@@ -207,7 +207,9 @@ def test_help_exits_zero(capsys, argv) -> None:
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 0
-    assert "usage: nc-finetune" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "usage: nc-finetune" in out
+    assert "%%" not in out  # argparse formats only help=, not description=: a doubled % shows as typed
 
 
 def test_core_subcommands_exist_and_no_command_is_an_error(capsys) -> None:
