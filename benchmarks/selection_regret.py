@@ -124,7 +124,8 @@ def run_setting(name: str, workdir: Path, extra: list[str], log, budgets: str = 
     return out
 
 
-_PACKED = ("resolved.yaml", "probe.json", "picks.json", "summary.json", "sweep.json")
+#: init_from.json holds the source model's digest: a pack restored beside a retrained identical source resumes.
+_PACKED = ("resolved.yaml", "init_from.json", "probe.json", "picks.json", "summary.json", "sweep.json")
 
 
 def packs_for(out: Path, workdir: Path) -> Path | None:

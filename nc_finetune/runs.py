@@ -35,13 +35,16 @@ SWEEP_PLOT = "sweep.png"
 UFM = "ufm.json"
 UFM_PLOT = "ufm.png"
 LOCK = ".nc-finetune.lock"
+#: The ``backbone.init_from`` run a directory started from, as path and weights digest: a source moved or copied
+#: elsewhere (another workdir, another machine) is still recognised as the same model.
+SOURCE = "init_from.json"
 
 #: What a training run writes; one of these present means the directory already holds a run.
 RUN_ARTEFACTS = (SUMMARY, CHECKPOINT, METRICS, SELECTION, PROBE)
 #: What a finished training run must hold to be evaluated, restored (``backbone.init_from``) or exported.
 FINISHED_RUN = (RESOLVED, SELECTION, PROBE, WEIGHTS, SUMMARY)
 #: Every name a ``run`` writes (or appends to); none may be a symbolic link, for a fresh run or a resumed one.
-RUN_WRITES = (*RUN_ARTEFACTS, RESOLVED, PROBE_PLOT, WEIGHTS, ADAPTER, BEST_WEIGHTS)
+RUN_WRITES = (*RUN_ARTEFACTS, RESOLVED, SOURCE, PROBE_PLOT, WEIGHTS, ADAPTER, BEST_WEIGHTS)
 
 
 class RunDir:
@@ -92,7 +95,7 @@ class RunDir:
             raise UserError(f"{self.path} already holds {', '.join(existing)}; choose another --out or pass "
                             "--overwrite")
         if existing and recipe is not None and self.is_finished_run():
-            diff = first_difference(self.recorded_recipe(), recipe_to_dict(recipe))
+            diff = self.recipe_difference(recipe_to_dict(recipe))
             if diff is not None:
                 raise UserError(f"{self.path} holds a finished run trained with another recipe ({diff}); "
                                 "--overwrite would no longer describe its weights; choose another --out")
@@ -128,8 +131,8 @@ class RunDir:
         if not (self.path / RESOLVED).is_file():
             raise UserError(f"--resume: {self.path} holds no run (no {RESOLVED})")
         self._refuse_links(RUN_WRITES)
-        before = recipe_to_dict(self.read_recipe())  # a file cut short is refused as damaged, not as another recipe
-        diff = first_difference(before, recipe_to_dict(recipe))
+        self.read_recipe()  # a file cut short is refused as damaged, not as another recipe
+        diff = self.recipe_difference(recipe_to_dict(recipe))
         if diff is not None:
             raise UserError(f"--resume: {self.path} was started with a different recipe ({diff}); "
                             f"resume with the same recipe and overrides, or use another --out")
@@ -282,6 +285,47 @@ class RunDir:
         except ConfigError:
             return self._read_yaml(RESOLVED)
 
+    def recipe_difference(self, now: dict[str, Any], ignore: tuple[str, ...] = ()) -> str | None:
+        """How ``now`` (a recipe as :func:`~nc_finetune.config.recipe_to_dict` gives it) differs from the recorded one.
+
+        ``backbone.init_from`` naming another directory is no difference when that directory holds the same weights
+        as the source the run began from (the sha256 of its ``trainable.safetensors``, kept in ``init_from.json``):
+        a study moved to another folder or machine, with its source model beside it, resumes.
+
+        Args:
+            now: The recipe to compare with ``resolved.yaml``.
+            ignore: Top-level sections left out of the comparison (e.g. those a resumed sweep may grow).
+
+        Returns:
+            The first difference as ``key: old then, new now``; None when the recipes are the same.
+        """
+        before = {k: v for k, v in (self.recorded_recipe() or {}).items() if k not in ignore}
+        now = {k: v for k, v in now.items() if k not in ignore}
+        diff = first_difference(before, now)
+        old_src, new_src = (before.get("backbone") or {}).get("init_from"), (now.get("backbone") or {}).get("init_from")
+        if diff is None or not diff.startswith("backbone.init_from:") or not (old_src and new_src):
+            return diff
+        if not self._same_source(old_src, new_src):
+            return diff
+        return first_difference({**before, "backbone": {**before["backbone"], "init_from": new_src}}, now)
+
+    def _same_source(self, old: str, new: str) -> bool:
+        """Whether ``new`` holds the weights the run's source ``old`` held (recorded, or read at ``old``)."""
+        recorded = self.read_json(SOURCE) if self.has(SOURCE) else {}
+        old_digest = recorded.get("sha256") if recorded.get("path") == old else _weights_digest(old)
+        return old_digest is not None and old_digest == _weights_digest(new)
+
+    def _record_source(self, source: str) -> None:
+        """Write ``init_from.json`` for ``source`` unless it already describes that path."""
+        from nc_finetune.utils.io import write_json_atomic
+
+        if self.has(SOURCE) and self.read_json(SOURCE).get("path") == source:
+            return
+        digest = _weights_digest(source)
+        if digest is not None:  # no weights there: loading the backbone says so, in one line
+            self._refuse_links((SOURCE,))
+            write_json_atomic(self.path / SOURCE, {"path": source, "sha256": digest})
+
     def _read_yaml(self, name: str) -> Any:
         from nc_finetune.config import read_yaml
 
@@ -290,11 +334,14 @@ class RunDir:
     # -------------------------------------------------------------------------------------------------- writing
 
     def write_recipe(self, recipe) -> Path:
-        """Write ``resolved.yaml`` atomically."""
+        """Write ``resolved.yaml`` atomically (and ``init_from.json`` for a run that starts from another run)."""
         from nc_finetune.config import dump_recipe
         from nc_finetune.utils.io import write_text_atomic
 
-        return write_text_atomic(self.path / RESOLVED, dump_recipe(recipe))
+        path = write_text_atomic(self.path / RESOLVED, dump_recipe(recipe))
+        if recipe.backbone.init_from:
+            self._record_source(str(recipe.backbone.init_from))
+        return path
 
     def save_final_weights(self, adapted) -> None:
         """The trained weights: peft adapter format for LoRA (loads with plain peft), safetensors otherwise.
@@ -319,6 +366,14 @@ class RunDir:
                 final.unlink()
             tmp.rename(final)
         save_weights(self.path / WEIGHTS, adapted.trainable_state_dict())
+
+
+def _weights_digest(run_dir: str | os.PathLike) -> str | None:
+    """sha256 of a run's ``trainable.safetensors`` (what ``backbone.init_from`` loads); None when it is absent."""
+    from nc_finetune.utils.io import sha256_file
+
+    path = Path(run_dir) / WEIGHTS
+    return sha256_file(path) if path.is_file() else None
 
 
 def first_difference(a: object, b: object, prefix: str = "") -> str | None:

@@ -502,9 +502,7 @@ def sweep_stage(recipe: Recipe, out: Path, *, progress: bool = True, echo=print)
         # The sweep and selection sections may grow (more seeds, rates, candidates, strategies, budgets): the
         # finished cells stay valid. Everything that decides what a cell trains must match.
         # read through today's schema: a key added since the sweep began reads as its default, not as a change
-        before, now = run.recorded_recipe(), recipe_to_dict(recipe)
-        diff = runs.first_difference({k: v for k, v in (before or {}).items() if k not in _GROWABLE},
-                                     {k: v for k, v in now.items() if k not in _GROWABLE})
+        diff = run.recipe_difference(recipe_to_dict(recipe), ignore=_GROWABLE)
         if diff is not None:
             raise UserError(f"{run.path} holds a sweep of another recipe ({diff}); rerun it with the same recipe "
                             "to resume, or choose another --out")

@@ -370,3 +370,22 @@ def test_data_scarce_keeps_a_users_eval_every_epochs(bench, monkeypatch) -> None
     # 10 per class: 100 images, 2 steps per epoch -> 157 epochs, a test pass every 16th (about 10 in all)
     assert evals() == {"train.eval_every_epochs=16"}
     assert evals("--set", "train.eval_every_epochs=1") == {"train.eval_every_epochs=1"}
+
+
+def test_selection_regret_packs_small_files_and_restores_only_into_an_absent_sweep(bench, tmp_path) -> None:
+    sr = importlib.import_module("selection_regret")
+    sweep, pack = tmp_path / "sweep", tmp_path / "pack"
+    files = {"resolved.yaml": "a", "init_from.json": "{}", "sweep.json": "{}", "seeds/seed0/probe.json": "{}",
+             "seeds/seed0/picks.json": "{}", "cells/b0/seed0/lr0.001/summary.json": "{}",
+             "references/full/seed0/lr0.001/summary.json": "{}"}
+    left_out = ["cells/b0/seed0/lr0.001/resolved.yaml", "cells/b0/seed0/lr0.001/trainable.safetensors",
+                "cells/b1/seed0/lr0.001/checkpoint/summary.json", "sweep.png"]
+    for rel in [*files, *left_out]:
+        (sweep / rel).parent.mkdir(parents=True, exist_ok=True)
+        (sweep / rel).write_text(files.get(rel, "x"))
+    assert sr.pack_setting(sweep, pack) == 1  # one finished cell
+    assert sorted(str(p.relative_to(pack)) for p in pack.rglob("*") if p.is_file()) == sorted(files)
+    assert not sr.restore_setting(pack, sweep)  # a sweep there already: untouched
+    assert sr.restore_setting(pack, tmp_path / "fresh")
+    assert (tmp_path / "fresh" / "init_from.json").is_file()
+    assert not sr.restore_setting(tmp_path / "no-pack", tmp_path / "other")

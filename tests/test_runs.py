@@ -138,3 +138,40 @@ def test_resume_accepts_a_run_recorded_before_a_config_key_existed(tmp_path: Pat
     changed = load_recipe(None, [*finished_run["overrides"], "selection.rgn_batch_size=8"])
     with pytest.raises(UserError, match=r"selection\.rgn_batch_size: 64 then, 8 now"):
         RunDir(out).check_resume(changed)
+
+
+def test_a_moved_source_model_is_the_same_recipe_and_other_weights_are_not(tmp_path: Path, finished_run) -> None:
+    """``backbone.init_from`` naming another folder resumes when that folder holds the source's weights (sha256
+    recorded in init_from.json when the run began, so the old folder may be gone); other weights are refused."""
+    import dataclasses
+
+    from nc_finetune.config import recipe_to_dict
+
+    src_a, src_b, src_c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for src in (src_a, src_b, src_c):
+        shutil.copytree(finished_run["out"], src)
+    weights = (src_c / runs.WEIGHTS).read_bytes()
+    (src_c / runs.WEIGHTS).write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))  # one bit of the last tensor
+
+    def from_source(src: Path, **changes):
+        recipe = finished_run["recipe"]
+        return dataclasses.replace(recipe, backbone=dataclasses.replace(recipe.backbone, init_from=str(src)),
+                                   **changes)
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.write_recipe(from_source(src_a))
+    assert run.read_json(runs.SOURCE)["path"] == str(src_a)
+    run.check_resume(from_source(src_b))
+    with pytest.raises(UserError, match=r"different recipe \(backbone\.init_from: .*/a' then, .*/c' now"):
+        run.check_resume(from_source(src_c))
+    shutil.rmtree(src_a)  # the old folder gone: the recorded digest still identifies the source
+    run.check_resume(from_source(src_b))
+    changed = from_source(src_b, train=dataclasses.replace(finished_run["recipe"].train, epochs=9))
+    assert run.recipe_difference(recipe_to_dict(changed)) == "train.epochs: 2 then, 9 now"
+    assert run.recipe_difference(recipe_to_dict(changed), ignore=("train",)) is None
+    (run / runs.SOURCE).unlink()  # no record and no old folder: nothing proves the weights are the same
+    with pytest.raises(UserError, match=r"backbone\.init_from"):
+        run.check_resume(from_source(src_b))
+    run.write_recipe(from_source(src_b))  # the accepted resume records the new folder
+    assert run.read_json(runs.SOURCE)["path"] == str(src_b)

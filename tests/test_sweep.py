@@ -401,6 +401,42 @@ def test_a_sweep_recorded_before_a_new_config_field_resumes_without_redoing_anyt
     assert calls == [] and again["regret"] == first["regret"]
 
 
+def test_a_sweep_moved_with_its_source_model_resumes_and_other_weights_are_refused(tmp_path, bert_dir, text_csv,
+                                                                                     finished_run, monkeypatch) -> None:
+    """A study copied to another folder with its ``backbone.init_from`` run beside it resumes without retraining (the
+    source is recognised by its weights, not its path); a source with other weights is another recipe."""
+    import shutil
+
+    import nc_finetune.pipeline as pipeline
+    from nc_finetune.errors import UserError
+    from nc_finetune.sweep import sweep_stage
+
+    def recipe_from(root):
+        return load_recipe(None, recipe_overrides(bert_dir, text_csv, **{
+            "train.epochs": 1, "sweep.seeds": "[0]", "sweep.strategies": "[last_k]",
+            "backbone.init_from": str(root / "source")}))
+
+    first_root, moved_root = tmp_path / "first", tmp_path / "moved"
+    shutil.copytree(finished_run["out"], first_root / "source")
+    first = sweep_stage(recipe_from(first_root), first_root / "sweep", progress=False, echo=lambda line: None)
+    shutil.copytree(first_root, moved_root)
+    shutil.rmtree(first_root)
+    calls: list[str] = []
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda *a, **k: calls.append("train"))
+    again = sweep_stage(recipe_from(moved_root), moved_root / "sweep", progress=False, echo=lambda line: None)
+    assert calls == [] and again["regret"] == first["regret"]
+    assert json.loads((moved_root / "sweep" / runs.SOURCE).read_text())["path"] == str(moved_root / "source")
+    third = tmp_path / "third"
+    shutil.copytree(moved_root, third)
+    weights = third / "source" / runs.WEIGHTS
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # other weights under the source's name
+    before = tree_bytes(third / "sweep")
+    with pytest.raises(UserError, match=r"another recipe \(backbone\.init_from"):
+        sweep_stage(recipe_from(third), third / "sweep", progress=False)
+    assert tree_bytes(third / "sweep") == before
+
+
 def test_trials_run_once_per_seed_for_every_budget(tmp_path, bert_dir, text_csv, monkeypatch) -> None:
     import nc_finetune.select.trial as trial
     from nc_finetune.sweep import sweep_stage

@@ -13,7 +13,6 @@ use. Adding a sibling (e.g. ``efficientnet-lite1`` from ``efficientnet-lite1-pyt
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import torch
 
 from nc_finetune.backbones.base import Backbone
 from nc_finetune.errors import ConfigError, UserError
-from nc_finetune.utils.io import atomic_write
+from nc_finetune.utils.io import atomic_write, sha256_file
 
 #: Default directory for converted weights when ``cache_dir`` is not given.
 DEFAULT_CACHE_DIR = Path("~/.cache/nc_finetune")
@@ -206,11 +205,7 @@ def verify_sha256(path: str | os.PathLike[str], expected: str, name: str) -> str
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     digest = _DIGESTS.get(key)
     if digest is None:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        digest = _DIGESTS[key] = h.hexdigest()
+        digest = _DIGESTS[key] = sha256_file(path)
     if digest != expected:
         raise UserError(
             f"sha256 mismatch for the weights of built-in backbone {name!r} at {path}: got {digest}, expected "

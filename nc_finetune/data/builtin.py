@@ -10,7 +10,6 @@ from __future__ import annotations
 import email
 import email.policy
 import gzip
-import hashlib
 import importlib.metadata
 import importlib.util
 import os
@@ -23,6 +22,7 @@ import numpy as np
 
 from nc_finetune.data.base import ClassificationData, Split, stratified_split
 from nc_finetune.errors import UserError
+from nc_finetune.utils.io import sha256_file
 
 BUILTIN_DATASETS: dict[str, str] = {
     "fashion-mnist": "Fashion-MNIST 28x28 gray, 10 classes, official 60000/10000 split (Debian dataset-fashion-mnist)",
@@ -75,15 +75,6 @@ def load_builtin(name: str) -> ClassificationData:
     if name not in loaders:
         raise UserError(f"unknown built-in dataset {name!r}; choose one of {', '.join(BUILTIN_DATASETS)}")
     return loaders[name]()
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _package_dir(package: str) -> Path | None:

@@ -103,6 +103,17 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, _write)
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented JSON atomically; NaN/inf are written as ``null``."""
     return write_text_atomic(path, json.dumps(_finite(obj), indent=2, sort_keys=False) + "\n")
