@@ -5,8 +5,9 @@ strategy's pick under each budget trained too — as its own process into ``<wor
 reruns the same command and continues cell by cell), then pools the per-setting ``sweep.json`` files:
 
 * per strategy and budget, ``mean_regret`` against the oracle block set with a 95% t-interval, and the paired
-  differences of test accuracy ``vs_random_k`` and ``vs_last_k``; the **unit of replication is one (setting, seed)
-  pair** (seeds resample the training, validation, test and probe subsets); an interval that contains zero is a tie;
+  differences of test accuracy ``vs_random_k`` and ``vs_last_k`` (a variant ``rule@key=value`` also ``vs_base``,
+  against ``rule``); the **unit of replication is one (setting, seed) pair** (seeds resample the training,
+  validation, test and probe subsets); an interval that contains zero is a tie;
 * ``default_strategy``: the strategy with the lowest pooled mean regret at the one-block budget, among those that
   need no trained model (the zero-cost and probe-based rules and the baselines) and among all, counting only the
   strategies measured on every pooled (setting, seed) unit.
@@ -197,7 +198,8 @@ def _pool_entry(sweeps: dict[str, dict[str, Any]], budget: str, name: str, table
 
     ``table_of(rep)`` returns a setting's ``{budget: {name: entry}}`` (``regret`` or the floors).
     """
-    regrets, vs = [], {"random_k": [], "last_k": []}
+    # a variant (``rule@key=value``) is also paired with its base rule: does the option help?
+    regrets, vs = [], {"random_k": [], "last_k": [], **({name.split("@")[0]: []} if "@" in name else {})}
     vs_refs: dict[str, list[float]] = {}
     shares: list[float] = []
     per_setting = {}
@@ -227,7 +229,8 @@ def _pool_entry(sweeps: dict[str, dict[str, Any]], budget: str, name: str, table
     for rival, diffs in vs.items():
         if rival != name and diffs:
             stat = mean_ci95(diffs)
-            entry[f"vs_{rival}"] = {**stat, "verdict": verdict(stat)}
+            key = f"vs_{rival}" if rival in ("random_k", "last_k") else "vs_base"
+            entry[key] = {**stat, "verdict": verdict(stat), **({"base": rival} if key == "vs_base" else {})}
     if vs_refs:
         entry["vs_references"] = {m: {**(stat := mean_ci95(d)), "verdict": verdict(stat)} for m, d in vs_refs.items()}
     if shares:
@@ -299,14 +302,15 @@ def tables(payload: dict[str, Any]) -> str:
             stab = r.get("bootstrap_stability")
             rows.append([strategy, _fmt_ci(r, "mean_regret"), r["n"],
                          *(_fmt_verdict(r.get(f"vs_{rival}")) for rival in ("random_k", "last_k")),
+                         _fmt_verdict(r.get("vs_base")) if r.get("vs_base") else "—",
                          *(_fmt_verdict(r.get("vs_references", {}).get(m)) for m in refs),
                          f"{100 * stab['mean']:.0f}% ({100 * stab[f'share_at_least_{STABLE_SHARE:g}']:.0f}% ≥ "
                          f"{100 * STABLE_SHARE:.0f}%)" if stab else "—"])
         measured = {name for r in table.values() for name in r.get("per_setting", {})}
         parts.append(f"**Budget {budget}** (pooled over {len(measured)} settings; unit: (setting, seed))\n\n"
                      + markdown_table(["strategy", "regret, points [95% CI]", "n", "vs random_k", "vs last_k",
-                                       *(f"vs {m}" for m in refs), "bootstrap stability"],
-                                      rows, ["l", "r", "r", "r", "r", *("r" for _ in refs), "r"])
+                                       "vs its base rule", *(f"vs {m}" for m in refs), "bootstrap stability"],
+                                      rows, ["l", "r", "r", "r", "r", "r", *("r" for _ in refs), "r"])
                      + ("\n\nfloor: = a hindsight choice, not a rule (exhaustive_val: each seed's best block set by "
                         "validation after training them all; other_seeds: the best by the other seeds' test "
                         "accuracy): the regret a perfect rule could still show here." if floors else ""))

@@ -304,6 +304,23 @@ def test_selection_regret_pools_references_and_bootstrap_stability_per_setting_s
     assert "vs full" in text and "bootstrap stability" in text
 
 
+def test_selection_regret_pairs_a_variant_with_its_base_rule(bench) -> None:
+    sr = importlib.import_module("selection_regret")
+
+    def entry(acc: dict[str, float]) -> dict:
+        return {"per_seed": {k: 1.0 for k in acc}, "mean": 1.0, "test_accuracy": acc}
+
+    sweeps = {"a": {"regret": {"1_block": {"knee": entry({"0": 0.80, "1": 0.70}),
+                                           "knee@bootstrap=50": entry({"0": 0.75, "1": 0.72})}}},
+              "b": {"regret": {"1_block": {"knee": entry({"0": 0.60}), "knee@bootstrap=50": entry({"0": 0.64})}}}}
+    pooled = sr.pool(sweeps)["1_block"]
+    base = pooled["knee@bootstrap=50"]["vs_base"]
+    assert base["base"] == "knee" and base["n"] == 3
+    assert base["mean"] == pytest.approx(100 * (-0.05 + 0.02 + 0.04) / 3)  # the variant's accuracy minus its base's
+    assert "vs_base" not in pooled["knee"]
+    assert "vs its base rule" in sr.tables({"pooled": {"1_block": pooled}, "settings": {}})
+
+
 def test_selection_regret_default_counts_only_strategies_measured_on_every_unit(bench) -> None:
     sr = importlib.import_module("selection_regret")
 
