@@ -143,9 +143,10 @@ def check_source(src_dir: Path, record: Path) -> None:
     The weights of a source stay in the workdir (not committed); a later session retrains it from the same recipe and
     seed. Cells packed from the first source are comparable only if the retrained weights are identical.
     """
-    import hashlib
+    from nc_finetune.runs import WEIGHTS
+    from nc_finetune.utils.io import sha256_file
 
-    digest = hashlib.sha256((src_dir / "trainable.safetensors").read_bytes()).hexdigest()
+    digest = sha256_file(src_dir / WEIGHTS)
     if record.is_file():
         saved = json.loads(record.read_text(encoding="utf-8"))
         if saved["sha256"] != digest:
@@ -389,8 +390,9 @@ def _sweep_key(key: str, example: str):
             parsed = getattr(from_dict(SweepConfig, {key: value}, "sweep"), key)
         except ConfigError as e:
             raise argparse.ArgumentTypeError(f"{e} (e.g. {example!r})") from None
-        # budgets travel to the sweep as the text given (it is also recorded in the pooled JSON)
-        return text if key == "budgets" else [float(x) for x in parsed] if key == "lr_grid" else parsed
+        if key == "budgets":
+            return text  # travels to the sweep as given (and is recorded so in the pooled JSON)
+        return [float(x) for x in parsed] if key == "lr_grid" else parsed
 
     parse.__name__ = f"sweep.{key}"  # argparse names the type in its error line
     return parse

@@ -93,9 +93,6 @@ _REGISTRY: dict[str, BuiltinAsset] = {
 #: Built-in short names -> one-line description (for ``nc-finetune ls``).
 BUILTIN_BACKBONES: dict[str, str] = {name: asset.description for name, asset in _REGISTRY.items()}
 
-# (path, size, mtime_ns) -> sha256, so repeated loads in one process hash a 90 MB file once
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-
 
 def get_asset(name: str) -> BuiltinAsset:
     """Registry entry of a built-in backbone.
@@ -201,11 +198,7 @@ def verify_sha256(path: str | os.PathLike[str], expected: str, name: str) -> str
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights of built-in backbone {name!r} not found at {path}")
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    digest = _DIGESTS.get(key)
-    if digest is None:
-        digest = _DIGESTS[key] = sha256_file(path)
+    digest = sha256_file(path)  # hashed once per process while the file is unchanged
     if digest != expected:
         raise UserError(
             f"sha256 mismatch for the weights of built-in backbone {name!r} at {path}: got {digest}, expected "

@@ -103,15 +103,25 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, _write)
 
 
+# (resolved path, size, mtime_ns) -> sha256: a file read again in one process (a backbone's weights at every load,
+# a source model at every sweep cell) is hashed once; a rewritten file has another size or mtime
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
 def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
+    """Hex sha256 of a file, read in 1 MiB blocks (remembered for the process while its size and mtime stay)."""
     import hashlib
 
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:

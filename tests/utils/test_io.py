@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from nc_finetune.errors import UserError
-from nc_finetune.utils.io import load_safetensors, load_torch_state, read_json, read_json_object
+from nc_finetune.utils.io import load_safetensors, load_torch_state, read_json, read_json_object, sha256_file
 
 
 def _cut(path) -> None:
@@ -57,3 +57,17 @@ def test_json_object_of_the_wrong_shape(tmp_path) -> None:
     path.write_text("{}")
     with pytest.raises(UserError, match=r"not a thing \(KeyError: 'blocks'\)"):
         read_json_object(path, lambda d: d["blocks"], "a thing")
+
+
+def test_sha256_file_is_the_digest_of_the_bytes_and_follows_a_rewritten_file(tmp_path) -> None:
+    import hashlib
+    import os
+
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"a" * 3_000_000)  # more than one 1 MiB block
+    assert sha256_file(path) == hashlib.sha256(b"a" * 3_000_000).hexdigest()
+    assert sha256_file(str(path)) == sha256_file(path)  # remembered, same answer
+    st = path.stat()
+    path.write_bytes(b"b" * 3_000_000)  # same size: the new mtime alone must invalidate the memo
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert sha256_file(path) == hashlib.sha256(b"b" * 3_000_000).hexdigest()
